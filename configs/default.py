@@ -1,0 +1,134 @@
+"""Full CPU-sized es->en run on the bundled Bible corpus (JoeyNMT anchor architecture).
+
+Command:
+  python train.py --config=configs/default.py --workdir=runs/es-en
+
+Expect: bidirectional LSTM 256x2 encoder, LSTM 256 decoder, Luong general attention and input
+feeding (~8.6M parameters), 12k steps; see BUILD_NOTES.md for the measured speed and BLEU.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    # Seed for parameter init, data order, dropout and scheduled sampling.
+    config.seed = 42
+    # Total number of optimizer steps.
+    config.num_train_steps = 12_000
+    # Print a progress line every this many steps.
+    config.log_every_steps = 50
+    # Dev loss / greedy dev BLEU every this many steps (and at the end).
+    config.eval_every_steps = 1000
+    # Save a checkpoint every this many steps (and at the end, and on SIGINT/SIGTERM).
+    config.checkpoint_every_steps = 500
+    # Keep this many most recent checkpoints (the best one by dev BLEU is kept apart).
+    config.keep_checkpoints = 2
+    # What to do with a non-finite loss or gradient: "stop" the run, or "skip" the update.
+    config.on_nonfinite = "stop"
+
+    config.data = data = ml_collections.ConfigDict()
+    # "files" reads {prefix}.{lang}; "copy" | "reverse" | "sort" are synthetic tasks.
+    data.task = "files"
+    # Training files prefix (relative paths resolve against the current directory).
+    data.train_prefix = "data/bible-es-en/train"
+    # Dev files prefix.
+    data.dev_prefix = "data/bible-es-en/dev"
+    # Source language suffix.
+    data.src_lang = "es"
+    # Target language suffix.
+    data.tgt_lang = "en"
+    # Sentencepiece vocabulary size, per side.
+    data.vocab_size = 8000
+    # Sentencepiece model type: "unigram" or "bpe".
+    data.spm_model_type = "unigram"
+    # Training pairs with more pieces than this on either side are dropped (dev never is).
+    data.max_len = 64
+    # Padded lengths of the batch buckets (one jit shape each); the last must be >= max_len + 1.
+    data.bucket_boundaries = (16, 24, 32, 48, 65)
+    # Sentences per batch.
+    data.batch_size = 64
+    # Empty lines in the training/dev files: "skip" (counted and logged) or "error".
+    data.on_empty = "skip"
+    # Use only the first N training pairs (0 = all).
+    data.max_train_pairs = 0
+    # Use only the first N dev pairs (0 = all).
+    data.max_dev_pairs = 0
+    # Synthetic tasks only: token vocabulary (ids 4..V-1 are symbols).
+    data.synthetic_vocab_size = 20
+    # Synthetic tasks only: shortest sequence.
+    data.synthetic_min_len = 2
+    # Synthetic tasks only: longest sequence.
+    data.synthetic_max_len = 10
+    # Synthetic tasks only: training examples.
+    data.synthetic_train_size = 5000
+    # Synthetic tasks only: dev examples.
+    data.synthetic_dev_size = 200
+    # Synthetic tasks only: data seed (dev uses seed + 1).
+    data.synthetic_seed = 0
+
+    config.model = model = ml_collections.ConfigDict()
+    # Embedding size (source and target embeddings are separate).
+    model.embed_dim = 256
+    # Encoder LSTM size per direction.
+    model.encoder_hidden = 256
+    # Encoder LSTM layers.
+    model.encoder_layers = 1
+    # Read the source in both directions.
+    model.bidirectional = True
+    # Feed the source reversed (Sutskever et al. 2014); attention still aligns to source order.
+    model.reverse_source = False
+    # Decoder LSTM size.
+    model.decoder_hidden = 256
+    # Decoder LSTM layers.
+    model.decoder_layers = 1
+    # Attention score: none | dot | general | concat | scaled_dot.
+    model.attention = "general"
+    # Hidden size of the concat (Bahdanau) score's MLP.
+    model.attention_dim = 256
+    # Feed the previous attentional vector into the decoder input (Luong).
+    model.input_feeding = True
+    # Dropout on embeddings, between encoder layers and before the output projection.
+    model.dropout = 0.2
+    # Matmul compute dtype: float32, or bfloat16 on accelerators (parameters stay float32).
+    model.dtype = "float32"
+
+    config.optimizer = opt = ml_collections.ConfigDict()
+    # Peak learning rate of Adam.
+    opt.learning_rate = 1e-3
+    # Linear warmup steps from 0 to the peak.
+    opt.warmup_steps = 200
+    # After warmup: "constant", "cosine" (to 10% of peak at the last step) or "rsqrt".
+    opt.decay = "constant"
+    # Adam beta1.
+    opt.b1 = 0.9
+    # Adam beta2.
+    opt.b2 = 0.999
+    # Clip gradients to this global norm (0 = off).
+    opt.clip_norm = 1.0
+    # Label smoothing of the cross-entropy (0 = off).
+    opt.label_smoothing = 0.0
+
+    config.teacher_forcing = tf = ml_collections.ConfigDict()
+    # Schedule of the ground-truth feeding ratio: constant | linear | exponential | inverse_sigmoid.
+    tf.schedule = "constant"
+    # Ratio at step 0 (1.0 = always ground truth).
+    tf.start = 1.0
+    # Ratio the schedule decays towards.
+    tf.end = 0.0
+    # Linear schedule: steps from start to end.
+    tf.decay_steps = 10_000
+    # Exponential: base k < 1; inverse_sigmoid: k >= 1 (larger = slower decay).
+    tf.k = 1.0
+
+    config.eval = ev = ml_collections.ConfigDict()
+    # Sentences per decoding batch.
+    ev.batch_size = 128
+    # Longest output, in pieces: min(max_decode_len, 2 * source bucket length + 10).
+    ev.max_decode_len = 128
+    # Decoding for dev BLEU: "greedy" or "beam" (beam also reports greedy).
+    ev.search = "greedy"
+    # Beam size when search = "beam".
+    ev.beam_size = 5
+    # GNMT length penalty exponent for beam search (0 = raw log-probability).
+    ev.alpha = 0.6
+    return config

@@ -1,0 +1,456 @@
+"""Data pipeline: parallel text, sentencepiece tokenizers, bucketed batches, synthetic tasks.
+
+Pure numpy/Python. Every batch has a fixed shape ``[batch_size, boundary]`` drawn from a
+small set, so a jitted train step compiles once per bucket.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import os
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import sentencepiece as spm
+
+from s2s_jax import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
+IdSeqs = list[list[int]]
+
+
+class DataError(ValueError):
+    """Bad input data; the message starts with 'path:line: ' (or 'path: ' when no line)."""
+
+
+def _error(path: str, message: str, line: int | None = None) -> DataError:
+    where = f"{path}:{line}" if line is not None else path
+    return DataError(f"{where}: {message}")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_lines(path: str) -> list[str]:
+    """Reads a strict UTF-8 file, one item per '\\n'-terminated line, without line endings.
+
+    Only '\\n' separates lines (a trailing '\\r' is dropped), so Unicode line separators
+    inside a sentence cannot shift the alignment of a parallel corpus. A leading BOM is dropped.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise _error(path, f"cannot read file ({e.strerror or e})") from e
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    raw = data.split(b"\n")
+    if raw[-1] == b"":
+        raw.pop()
+    lines = []
+    for number, line in enumerate(raw, start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            byte = line[e.start]
+            raise _error(path, f"invalid UTF-8 (byte 0x{byte:02x} at column {e.start + 1})", number) from None
+        lines.append(text.removesuffix("\r"))
+    return lines
+
+
+def read_parallel(src_path: str, tgt_path: str, *, on_empty: str = "skip") -> tuple[list[str], list[str], int]:
+    """Reads aligned source/target files; returns (src, tgt, number of skipped empty pairs).
+
+    A pair with an empty or whitespace-only side is dropped and counted (on_empty="skip")
+    or raises DataError (on_empty="error").
+    """
+    if on_empty not in ("skip", "error"):
+        raise ValueError(f"on_empty must be 'skip' or 'error', got {on_empty!r}")
+    src, tgt = read_lines(src_path), read_lines(tgt_path)
+    if len(src) != len(tgt):
+        raise _error(src_path, f"{len(src)} lines, but {tgt_path} has {len(tgt)} lines")
+    keep_src, keep_tgt = [], []
+    for number, (s, t) in enumerate(zip(src, tgt), start=1):
+        if s.strip() and t.strip():
+            keep_src.append(s)
+            keep_tgt.append(t)
+        elif on_empty == "error":
+            raise _error(src_path if not s.strip() else tgt_path, "empty line", number)
+    return keep_src, keep_tgt, len(src) - len(keep_src)
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def _content_ids(row) -> list[int]:
+    """Ids of one output row up to the first EOS, without PAD and BOS."""
+    ids = []
+    for i in row:
+        i = int(i)
+        if i == EOS_ID:
+            break
+        if i not in (PAD_ID, BOS_ID):
+            ids.append(i)
+    return ids
+
+
+class Tokenizer:
+    """Thin wrapper over a sentencepiece model with ids PAD=0 BOS=1 EOS=2 UNK=3."""
+
+    def __init__(self, sp: spm.SentencePieceProcessor, model_path: str):
+        self.sp = sp
+        self.model_path = model_path
+
+    @classmethod
+    def train(cls, lines: list[str], model_path: str, vocab_size: int, model_type: str = "unigram") -> Tokenizer:
+        """Trains deterministically on in-memory lines, writes model_path, returns the loaded tokenizer.
+
+        vocab_size is an upper bound: a corpus too small for it yields a smaller vocabulary.
+        """
+        if not lines:
+            raise ValueError("cannot train a tokenizer on no lines")
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(lines),
+                model_writer=model,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                pad_id=PAD_ID,
+                bos_id=BOS_ID,
+                eos_id=EOS_ID,
+                unk_id=UNK_ID,
+                character_coverage=1.0,
+                hard_vocab_limit=False,
+                minloglevel=2,
+            )
+        except RuntimeError as e:
+            raise ValueError(f"sentencepiece training for {model_path} failed: {e}") from e
+        os.makedirs(os.path.dirname(model_path) or ".", exist_ok=True)
+        tmp_path = f"{model_path}.tmp"
+        with open(tmp_path, "wb") as f:
+            f.write(model.getvalue())
+        os.replace(tmp_path, model_path)
+        return cls.load(model_path)
+
+    @classmethod
+    def load(cls, model_path: str) -> Tokenizer:
+        """Loads a model written by train(); DataError if missing, unreadable or with other special ids."""
+        if not os.path.isfile(model_path):
+            raise _error(model_path, "tokenizer model not found")
+        sp = spm.SentencePieceProcessor()
+        try:
+            sp.Load(model_path)
+        except (OSError, RuntimeError) as e:
+            raise _error(model_path, f"cannot load sentencepiece model ({e})") from e
+        specials = (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id())
+        if specials != (PAD_ID, BOS_ID, EOS_ID, UNK_ID):
+            raise _error(model_path, f"special ids (pad, bos, eos, unk) are {specials}, expected (0, 1, 2, 3)")
+        return cls(sp, model_path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, lines: list[str]) -> IdSeqs:
+        """Piece ids per line, without BOS/EOS."""
+        return self.sp.encode(list(lines), out_type=int)
+
+    def decode(self, ids_batch) -> list[str]:
+        """Text per row: stops at the first EOS, drops PAD/BOS, detokenizes."""
+        return self.sp.decode([_content_ids(row) for row in ids_batch])
+
+
+class IdTokenizer:
+    """Tokenizer for synthetic tasks: tokens are the ids themselves, written as space-separated ints."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, lines: list[str]) -> IdSeqs:
+        out = []
+        for line in lines:
+            ids = [int(tok) for tok in line.split()]
+            bad = [i for i in ids if not 0 <= i < self.vocab_size]
+            if bad:
+                raise ValueError(f"ids {bad} outside [0, {self.vocab_size}) in {line!r}")
+            out.append(ids)
+        return out
+
+    def decode(self, ids_batch) -> list[str]:
+        return [" ".join(map(str, _content_ids(row))) for row in ids_batch]
+
+
+# --------------------------------------------------------------------------- synthetic tasks
+
+_SYNTHETIC_TARGETS = {
+    "copy": lambda src: list(src),
+    "reverse": lambda src: src[::-1],
+    "sort": sorted,
+}
+
+
+def synthetic_task(
+    name: str, num_examples: int, vocab_size: int, min_len: int, max_len: int, seed: int
+) -> tuple[IdSeqs, IdSeqs]:
+    """(source, target) id sequences for "copy", "reverse" or "sort".
+
+    Source tokens are uniform in [4, vocab_size), lengths uniform in [min_len, max_len].
+    """
+    if name not in _SYNTHETIC_TARGETS:
+        raise ValueError(f"unknown synthetic task {name!r}; expected one of {sorted(_SYNTHETIC_TARGETS)}")
+    if vocab_size <= UNK_ID + 1:
+        raise ValueError(f"synthetic vocab_size must exceed {UNK_ID + 1}, got {vocab_size}")
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(min_len, max_len + 1, size=num_examples)
+    tokens = rng.integers(UNK_ID + 1, vocab_size, size=int(lengths.sum()))
+    src = [chunk.tolist() for chunk in np.split(tokens, np.cumsum(lengths)[:-1])] if num_examples else []
+    target = _SYNTHETIC_TARGETS[name]
+    return src, [target(s) for s in src]
+
+
+# --------------------------------------------------------------------------- batching
+
+
+class Batch(NamedTuple):
+    """A fixed-shape batch; all arrays int32. Filler rows have index -1 and carry no loss."""
+
+    src: np.ndarray  # [B, L] source ids + EOS, then PAD
+    src_len: np.ndarray  # [B] real source length incl. EOS (filler rows: 1, src=[EOS])
+    tgt_in: np.ndarray  # [B, L] BOS + target ids, then PAD
+    tgt_out: np.ndarray  # [B, L] target ids + EOS, then PAD
+    index: np.ndarray  # [B] position of the pair in the input lists; -1 for filler rows
+
+
+def pair_length(src: Sequence[int], tgt: Sequence[int]) -> int:
+    """Padded length a pair needs: room for EOS after the source and after the target."""
+    return max(len(src), len(tgt)) + 1
+
+
+def bucket_for(length: int, boundaries: Sequence[int]) -> int:
+    """Index of the smallest boundary >= length (boundaries ascending), or -1 if none."""
+    i = bisect.bisect_left(boundaries, length)
+    return i if i < len(boundaries) else -1
+
+
+def _check_boundaries(boundaries: Sequence[int]) -> list[int]:
+    b = [int(x) for x in boundaries]
+    if not b or b[0] < 2 or any(x >= y for x, y in zip(b, b[1:])):
+        raise ValueError(f"bucket boundaries must be strictly increasing integers >= 2, got {list(boundaries)}")
+    return b
+
+
+def make_batch(src_ids: IdSeqs, tgt_ids: IdSeqs, indices: Sequence[int], batch_size: int, length: int) -> Batch:
+    """Pads the pairs at `indices` to [batch_size, length]; missing rows become filler rows."""
+    if len(indices) > batch_size:
+        raise ValueError(f"{len(indices)} pairs do not fit a batch of {batch_size}")
+    shape = (batch_size, length)
+    src, tgt_in, tgt_out = (np.full(shape, PAD_ID, np.int32) for _ in range(3))
+    src_len = np.ones(batch_size, np.int32)
+    index = np.full(batch_size, -1, np.int32)
+    src[:, 0] = EOS_ID
+    tgt_in[:, 0] = BOS_ID
+    for row, i in enumerate(indices):
+        s, t = src_ids[i], tgt_ids[i]
+        if pair_length(s, t) > length:
+            raise ValueError(f"pair {i} (lengths {len(s)}, {len(t)}) does not fit length {length} with EOS")
+        src[row, : len(s)] = s
+        src[row, len(s)] = EOS_ID
+        src_len[row] = len(s) + 1
+        tgt_in[row, 1 : len(t) + 1] = t
+        tgt_out[row, : len(t)] = t
+        tgt_out[row, len(t)] = EOS_ID
+        index[row] = i
+    return Batch(src, src_len, tgt_in, tgt_out, index)
+
+
+class TrainBatches:
+    """Endless, deterministic stream of training batches, a pure function of the batch number.
+
+    Each pair goes to the bucket of the smallest boundary >= pair_length. Epoch e uses
+    rng = np.random.default_rng([seed, e]): pairs are shuffled within each bucket, each bucket
+    is cut into full batches (the remainder is dropped, different pairs each epoch), and the
+    order of all batches of the epoch is shuffled. Every epoch has the same number of batches.
+    """
+
+    def __init__(self, src_ids: IdSeqs, tgt_ids: IdSeqs, *, batch_size: int, boundaries: Sequence[int], seed: int):
+        if len(src_ids) != len(tgt_ids):
+            raise ValueError(f"{len(src_ids)} source but {len(tgt_ids)} target sequences")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.boundaries = _check_boundaries(boundaries)
+        self.src_ids, self.tgt_ids = src_ids, tgt_ids
+        self.batch_size, self.seed = batch_size, seed
+        buckets = [bucket_for(pair_length(s, t), self.boundaries) for s, t in zip(src_ids, tgt_ids)]
+        too_long = buckets.count(-1)
+        if too_long:
+            raise ValueError(
+                f"{too_long} pairs need more than the largest boundary {self.boundaries[-1]} "
+                "(length incl. EOS); filter them out first (filter_pairs)"
+            )
+        buckets = np.asarray(buckets, dtype=np.int64)
+        self._members = [np.flatnonzero(buckets == b) for b in range(len(self.boundaries))]
+        self._batches_per_bucket = [len(m) // batch_size for m in self._members]
+        self.batches_per_epoch = sum(self._batches_per_bucket)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"no bucket holds a full batch of {batch_size}: bucket sizes "
+                f"{[len(m) for m in self._members]} for boundaries {self.boundaries}; "
+                "use more training pairs or a smaller batch_size"
+            )
+        self.shapes = [(batch_size, L) for L, n in zip(self.boundaries, self._batches_per_bucket) if n]
+        self._plan_epoch: int | None = None
+        self._plan: list[tuple[int, np.ndarray]] = []
+
+    def _epoch_plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        """(length, pair indices) of every batch of the epoch, in order; cached for the current epoch."""
+        if epoch != self._plan_epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            batches = []
+            for length, members, n in zip(self.boundaries, self._members, self._batches_per_bucket):
+                chosen = rng.permutation(members)[: n * self.batch_size]
+                batches.extend((length, chunk) for chunk in chosen.reshape(n, self.batch_size))
+            self._plan = [batches[k] for k in rng.permutation(len(batches))]
+            self._plan_epoch = epoch
+        return self._plan
+
+    def batch(self, number: int) -> Batch:
+        """Batch number `number` (global counter; epoch = number // batches_per_epoch)."""
+        if number < 0:
+            raise ValueError(f"batch number must be >= 0, got {number}")
+        epoch, k = divmod(number, self.batches_per_epoch)
+        length, indices = self._epoch_plan(epoch)[k]
+        return make_batch(self.src_ids, self.tgt_ids, indices, self.batch_size, length)
+
+    def from_position(self, number: int) -> Iterator[tuple[int, Batch]]:
+        """Yields (n, batch(n)) for n = number, number+1, ... forever (resume from a checkpoint step)."""
+        while True:
+            yield number, self.batch(number)
+            number += 1
+
+    def __iter__(self) -> Iterator[tuple[int, Batch]]:
+        return self.from_position(0)
+
+
+def eval_batches(src_ids: IdSeqs, tgt_ids: IdSeqs, *, batch_size: int, boundaries: Sequence[int]) -> list[Batch]:
+    """Every pair exactly once, sorted by length and grouped by bucket (restore order via Batch.index).
+
+    Pairs longer than the largest boundary share one extra bucket whose length is the longest
+    pair rounded up to a multiple of 16. The last batch of each bucket is padded with filler rows.
+    """
+    if len(src_ids) != len(tgt_ids):
+        raise ValueError(f"{len(src_ids)} source but {len(tgt_ids)} target sequences")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    bounds = _check_boundaries(boundaries)
+    lengths = [pair_length(s, t) for s, t in zip(src_ids, tgt_ids)]
+    if lengths and max(lengths) > bounds[-1]:
+        bounds.append(-(-max(lengths) // 16) * 16)
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    groups: dict[int, list[int]] = {}
+    for i in order:
+        groups.setdefault(bounds[bucket_for(lengths[i], bounds)], []).append(i)
+    return [
+        make_batch(src_ids, tgt_ids, members[start : start + batch_size], batch_size, length)
+        for length, members in groups.items()
+        for start in range(0, len(members), batch_size)
+    ]
+
+
+def filter_pairs(src_ids: IdSeqs, tgt_ids: IdSeqs, max_len: int) -> tuple[IdSeqs, IdSeqs, int]:
+    """Keeps pairs with 1 <= len <= max_len on both sides; returns (src, tgt, number dropped)."""
+    keep = [i for i, (s, t) in enumerate(zip(src_ids, tgt_ids)) if 1 <= len(s) <= max_len and 1 <= len(t) <= max_len]
+    return [src_ids[i] for i in keep], [tgt_ids[i] for i in keep], len(src_ids) - len(keep)
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+class Corpus(NamedTuple):
+    """Tokenizers plus tokenized train/dev data and the raw dev text."""
+
+    src_tokenizer: Tokenizer | IdTokenizer
+    tgt_tokenizer: Tokenizer | IdTokenizer
+    train_src: IdSeqs
+    train_tgt: IdSeqs
+    dev_src: IdSeqs
+    dev_tgt: IdSeqs
+    dev_src_text: list[str]  # raw dev text; for synthetic tasks the space-joined ids
+    dev_tgt_text: list[str]
+    stats: dict  # counts: train_pairs_read, train_empty_skipped, train_too_long, train_pairs, dev_pairs, ...
+
+
+def _read_split(cfg, prefix: str, limit: int) -> tuple[list[str], list[str], int]:
+    """Reads f"{prefix}.{lang}" for both languages; keeps the first `limit` pairs (0 = all)."""
+    src_path, tgt_path = f"{prefix}.{cfg.src_lang}", f"{prefix}.{cfg.tgt_lang}"
+    src, tgt, skipped = read_parallel(src_path, tgt_path, on_empty=cfg.on_empty)
+    if not src:
+        raise _error(src_path, f"no non-empty pairs (with {tgt_path})")
+    if limit:
+        src, tgt = src[:limit], tgt[:limit]
+    return src, tgt, skipped
+
+
+def _tokenizers(cfg, train_src: list[str], train_tgt: list[str], workdir: str) -> tuple[Tokenizer, Tokenizer]:
+    """Loads workdir/tokenizers/{src,tgt}.model if both exist, else trains and saves them."""
+    paths = [os.path.join(workdir, "tokenizers", f"{side}.model") for side in ("src", "tgt")]
+    if all(os.path.isfile(p) for p in paths):
+        return Tokenizer.load(paths[0]), Tokenizer.load(paths[1])
+    return tuple(
+        Tokenizer.train(lines, path, cfg.vocab_size, cfg.spm_model_type)
+        for lines, path in zip((train_src, train_tgt), paths)
+    )
+
+
+def _load_files(cfg, workdir: str) -> Corpus:
+    train_src, train_tgt, train_skipped = _read_split(cfg, cfg.train_prefix, cfg.max_train_pairs)
+    dev_src, dev_tgt, dev_skipped = _read_split(cfg, cfg.dev_prefix, cfg.max_dev_pairs)
+    src_tok, tgt_tok = _tokenizers(cfg, train_src, train_tgt, workdir)
+    src_ids, tgt_ids, too_long = filter_pairs(src_tok.encode(train_src), tgt_tok.encode(train_tgt), cfg.max_len)
+    stats = {
+        "train_pairs_read": len(train_src),
+        "train_empty_skipped": train_skipped,
+        "train_too_long": too_long,
+        "train_pairs": len(src_ids),
+        "dev_pairs": len(dev_src),
+        "dev_empty_skipped": dev_skipped,
+    }
+    return Corpus(
+        src_tok, tgt_tok, src_ids, tgt_ids, src_tok.encode(dev_src), tgt_tok.encode(dev_tgt), dev_src, dev_tgt, stats
+    )
+
+
+def _load_synthetic(cfg) -> Corpus:
+    def make(size: int, seed: int) -> tuple[IdSeqs, IdSeqs]:
+        return synthetic_task(
+            cfg.task, size, cfg.synthetic_vocab_size, cfg.synthetic_min_len, cfg.synthetic_max_len, seed
+        )
+
+    train_src, train_tgt = make(cfg.synthetic_train_size, cfg.synthetic_seed)
+    dev_src, dev_tgt = make(cfg.synthetic_dev_size, cfg.synthetic_seed + 1)
+    src_ids, tgt_ids, too_long = filter_pairs(train_src, train_tgt, cfg.max_len)
+    tok = IdTokenizer(cfg.synthetic_vocab_size)
+    stats = {
+        "train_pairs_read": len(train_src),
+        "train_empty_skipped": 0,
+        "train_too_long": too_long,
+        "train_pairs": len(src_ids),
+        "dev_pairs": len(dev_src),
+        "dev_empty_skipped": 0,
+    }
+    return Corpus(tok, tok, src_ids, tgt_ids, dev_src, dev_tgt, tok.decode(dev_src), tok.decode(dev_tgt), stats)
+
+
+def load_corpus(cfg, workdir: str) -> Corpus:
+    """Builds the corpus for cfg (config.data): task "files" or a synthetic task.
+
+    For "files", every input file is read and validated before anything is written to workdir.
+    """
+    if cfg.task == "files":
+        return _load_files(cfg, workdir)
+    if cfg.task in _SYNTHETIC_TARGETS:
+        return _load_synthetic(cfg)
+    raise ValueError(f"unknown data task {cfg.task!r}; expected 'files' or one of {sorted(_SYNTHETIC_TARGETS)}")

@@ -1,0 +1,344 @@
+"""LSTM encoder, attentional LSTM decoder and the Seq2Seq model (flax linen).
+
+Modules declare parameters; the recurrences are pure functions run by `jax.lax.scan` over
+arrays read once outside the loop. Speed by design (DESIGN.md section 3):
+  * input projections of all time steps are one matmul; the scan carries only the recurrence;
+  * padding never changes a carry (the carry is frozen past each sequence's length);
+  * attention keys are projected once per batch (`Memory.keys`);
+  * teacher forcing: states in the scan, one [B*T, H] x [H, V] output projection after it.
+
+Public entry points (all through `model.apply(params, ..., method=...)`):
+  `Seq2Seq.__call__`   teacher-forced / scheduled-sampling forward -> dict(logits, fed_tokens, attention)
+  `Seq2Seq.encode`     source -> (Memory, initial decoder state with leaves [B, ...])
+  `Seq2Seq.decode_step` one token per hypothesis -> (log_probs [B, K, V], new state), the
+                        `step_fn` contract of `s2s_jax.decoding`.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from s2s_jax import attention as attn
+
+State = dict[str, jax.Array]  # decoder state: h, c [B, K, L, H]; feed [B, K, H]
+
+dense_init = nn.initializers.xavier_uniform()
+recurrent_init = nn.initializers.orthogonal()
+
+
+def lstm_bias_init(key, shape, dtype=jnp.float32):
+    """Zero bias with forget-gate bias 1 (gate order i, f, g, o)."""
+    hidden = shape[0] // 4
+    return jnp.zeros(shape, dtype).at[hidden:2 * hidden].set(1.0)
+
+
+def matmul(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
+    """x @ w computed in `dtype` (e.g. bfloat16 on accelerators), result in float32."""
+    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def lstm_cell(gates_in: jax.Array, h: jax.Array, c: jax.Array, w_h: jax.Array, dtype: Any):
+    """One LSTM step; `gates_in` [..., 4H] already holds W_i x + b."""
+    gates = gates_in + matmul(h, w_h, dtype)
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    return jax.nn.sigmoid(o) * jnp.tanh(c), c
+
+
+def reverse_padded(x: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Reverses each row of x [B, S, ...] within its length; padding stays at the end."""
+    positions = jnp.arange(x.shape[1])[None, :]                          # [1, S]
+    source = jnp.where(positions < lengths[:, None], lengths[:, None] - 1 - positions, positions)
+    source = source.reshape(source.shape + (1,) * (x.ndim - 2))          # [B, S, 1...]
+    return jnp.take_along_axis(x, source, axis=1)
+
+
+def dropout(x: jax.Array, rate: float, train: bool) -> jax.Array:
+    """Dropout from the module's 'dropout' rng stream (call inside a compact method)."""
+    return nn.Dropout(rate, deterministic=not train)(x) if rate > 0 else x
+
+
+class LSTMLayer(nn.Module):
+    """One unidirectional LSTM over [B, S, D] with per-row lengths."""
+    hidden: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, lengths: jax.Array):
+        """Returns outputs [B, S, H] (zero at padding) and the final (h, c) [B, H] at each length."""
+        w_i = self.param("w_i", dense_init, (inputs.shape[-1], 4 * self.hidden))
+        w_h = self.param("w_h", recurrent_init, (self.hidden, 4 * self.hidden))
+        bias = self.param("bias", lstm_bias_init, (4 * self.hidden,))
+        gates_in = matmul(inputs, w_i, self.dtype) + bias              # [B, S, 4H] in one matmul
+        valid = attn.source_mask(lengths, inputs.shape[1])            # [B, S]
+
+        def step(carry, xs):
+            gates_t, valid_t = xs                                     # [B, 4H], [B]
+            h, c = lstm_cell(gates_t, *carry, w_h, self.dtype)
+            keep = valid_t[:, None]
+            carry = (jnp.where(keep, h, carry[0]), jnp.where(keep, c, carry[1]))
+            return carry, jnp.where(keep, h, 0.0)
+
+        zeros = jnp.zeros((inputs.shape[0], self.hidden), jnp.float32)
+        final, outputs = jax.lax.scan(step, (zeros, zeros),
+                                      (gates_in.swapaxes(0, 1), valid.swapaxes(0, 1)))
+        return outputs.swapaxes(0, 1), final                          # [B, S, H]
+
+
+class Encoder(nn.Module):
+    """Embeddings, optional source reversal, `num_layers` (bi)directional LSTM layers."""
+    vocab_size: int
+    embed_dim: int
+    hidden: int          # per direction
+    num_layers: int = 1
+    bidirectional: bool = True
+    reverse_source: bool = False
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @property
+    def output_dim(self) -> int:
+        return self.hidden * (2 if self.bidirectional else 1)
+
+    @nn.compact
+    def __call__(self, src: jax.Array, src_len: jax.Array, train: bool = False):
+        """src [B, S] -> memory [B, S, output_dim], final hidden [B, output_dim] of the last layer.
+
+        With `reverse_source` the LSTMs read each sentence backwards, and the outputs are put back
+        in source order, so attention weights always line up with the source tokens.
+        """
+        x = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=dense_init)(src)
+        x = dropout(x, self.dropout_rate, train)
+        if self.reverse_source:
+            x = reverse_padded(x, src_len)
+        for layer in range(self.num_layers):
+            forward, (h_fw, _) = LSTMLayer(self.hidden, self.dtype, name=f"layer{layer}_fw")(x, src_len)
+            outputs, finals = [forward], [h_fw]
+            if self.bidirectional:
+                backward, (h_bw, _) = LSTMLayer(self.hidden, self.dtype, name=f"layer{layer}_bw")(
+                    reverse_padded(x, src_len), src_len)
+                outputs.append(reverse_padded(backward, src_len))
+                finals.append(h_bw)
+            x = jnp.concatenate(outputs, axis=-1)                     # [B, S, output_dim]
+            if layer + 1 < self.num_layers:
+                x = dropout(x, self.dropout_rate, train)
+        if self.reverse_source:
+            x = reverse_padded(x, src_len)
+        return x, jnp.concatenate(finals, axis=-1)
+
+
+class Decoder(nn.Module):
+    """Attentional LSTM decoder (Luong): input feeding, tanh(W_c [context; h]) -> vocabulary."""
+    vocab_size: int
+    embed_dim: int
+    hidden: int
+    memory_dim: int
+    num_layers: int = 1
+    attention: str = "general"   # none | dot | general | concat | scaled_dot
+    attention_dim: int = 256     # concat (Bahdanau) only
+    input_feeding: bool = True
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @property
+    def feeds(self) -> bool:
+        return self.input_feeding and self.attention != "none"
+
+    def setup(self):
+        if self.attention in ("dot", "scaled_dot") and self.memory_dim != self.hidden:
+            raise ValueError(f"attention={self.attention!r} needs decoder hidden ({self.hidden}) == "
+                             f"encoder output size ({self.memory_dim}); use general or concat")
+        h4 = 4 * self.hidden
+        self.embedding = self.param("embedding", dense_init, (self.vocab_size, self.embed_dim))
+        self.w_embed = self.param("w_embed", dense_init, (self.embed_dim, h4))
+        self.w_feed = self.param("w_feed", dense_init, (self.hidden, h4)) if self.feeds else None
+        self.w_i = [self.param(f"w_i{l}", dense_init, (self.hidden, h4)) for l in range(1, self.num_layers)]
+        self.w_h = [self.param(f"w_h{l}", recurrent_init, (self.hidden, h4)) for l in range(self.num_layers)]
+        self.bias = [self.param(f"bias{l}", lstm_bias_init, (h4,)) for l in range(self.num_layers)]
+        self.bridge = nn.Dense(2 * self.num_layers * self.hidden, kernel_init=dense_init)
+        if self.attention != "none":
+            self.attention_params = attn.AttentionParams(
+                self.attention, self.hidden, self.memory_dim, self.attention_dim)
+            self.w_combine = self.param("w_combine", dense_init, (self.memory_dim + self.hidden, self.hidden))
+        self.w_out = self.param("w_out", dense_init, (self.hidden, self.vocab_size))
+        self.b_out = self.param("b_out", nn.initializers.zeros, (self.vocab_size,))
+        self.output_dropout = nn.Dropout(self.dropout_rate)
+
+    def weights(self) -> dict:
+        """All parameters as plain arrays, read once outside any scan."""
+        return dict(w_feed=self.w_feed, w_i=self.w_i, w_h=self.w_h, bias=self.bias,
+                    attention=self.attention_params() if self.attention != "none" else None,
+                    w_combine=self.w_combine if self.attention != "none" else None)
+
+    def initial_state(self, encoder_final: jax.Array) -> State:
+        """Bridge: h = c = tanh(W [final forward; final backward]) for every layer; leaves [B, ...]."""
+        batch = encoder_final.shape[0]
+        hc = jnp.tanh(self.bridge(encoder_final)).reshape(batch, 2, self.num_layers, self.hidden)
+        return dict(h=hc[:, 0], c=hc[:, 1], feed=jnp.zeros((batch, self.hidden), jnp.float32))
+
+    def memory(self, values: jax.Array, src_len: jax.Array) -> attn.Memory:
+        keys = values if self.attention == "none" else attn.project_keys(
+            self.attention, self.attention_params(), values)
+        return attn.Memory(values, keys, attn.source_mask(src_len, values.shape[1]))
+
+    def embed_gates(self, tokens: jax.Array, train: bool, rng: jax.Array | None = None) -> jax.Array:
+        """tokens [...] -> embedding part of the first layer's gates [..., 4H] (+ bias)."""
+        x = jnp.take(self.embedding, tokens, axis=0)
+        if train and self.dropout_rate > 0:
+            x = self._drop(x, rng)
+        return matmul(x, self.w_embed, self.dtype) + self.bias[0]
+
+    def _drop(self, x: jax.Array, rng: jax.Array | None) -> jax.Array:
+        """Dropout with an explicit key inside a scan, or the module's 'dropout' stream outside."""
+        if rng is None:
+            return self.output_dropout(x, deterministic=False)
+        keep = jax.random.bernoulli(rng, 1.0 - self.dropout_rate, x.shape)
+        return jnp.where(keep, x / (1.0 - self.dropout_rate), 0.0)
+
+    def cell(self, w: dict, gates_in: jax.Array, state: State, memory: attn.Memory):
+        """One decoder step for every hypothesis: gates_in [B, K, 4H] -> (attentional vector
+        [B, K, H], attention weights [B, K, S], new state). A pure function of its arguments."""
+        if self.feeds:
+            gates_in = gates_in + matmul(state["feed"], w["w_feed"], self.dtype)
+        hs, cs = [], []
+        x = None
+        for layer in range(self.num_layers):
+            if layer > 0:
+                gates_in = matmul(x, w["w_i"][layer - 1], self.dtype) + w["bias"][layer]
+            x, c = lstm_cell(gates_in, state["h"][:, :, layer], state["c"][:, :, layer],
+                             w["w_h"][layer], self.dtype)
+            hs.append(x)
+            cs.append(c)
+        if self.attention == "none":
+            vector, weights = x, jnp.zeros(x.shape[:2] + memory.mask.shape[1:], jnp.float32)
+        else:
+            context, weights = attn.attend(self.attention, w["attention"], x, memory)  # [B, K, He]
+            vector = jnp.tanh(matmul(jnp.concatenate([context, x], -1), w["w_combine"], self.dtype))
+        new_state = dict(h=jnp.stack(hs, 2), c=jnp.stack(cs, 2), feed=vector)  # [B, K, L, H]
+        return vector, weights, new_state
+
+    def logits(self, vectors: jax.Array, train: bool, rng: jax.Array | None = None) -> jax.Array:
+        """Attentional vectors [..., H] -> vocabulary logits [..., V]."""
+        if train and self.dropout_rate > 0:
+            vectors = self._drop(vectors, rng)
+        return matmul(vectors, self.w_out, self.dtype) + self.b_out
+
+    def teacher_forced(self, tgt_in: jax.Array, state: State, memory: attn.Memory, train: bool):
+        """Ground truth at every step: the scan carries only the recurrence; one output
+        projection [B*T, H] x [H, V] after it. Returns logits [B, T, V], weights [B, T, S]."""
+        w = self.weights()
+        gates = self.embed_gates(tgt_in, train)                       # [B, T, 4H], hoisted
+        state = jax.tree.map(lambda x: x[:, None], state)             # [B, 1, ...]
+
+        def step(state, gates_t):
+            vector, weights, state = self.cell(w, gates_t[:, None], state, memory)
+            return state, (vector[:, 0], weights[:, 0])
+
+        _, (vectors, weights) = jax.lax.scan(step, state, gates.swapaxes(0, 1))
+        return self.logits(vectors.swapaxes(0, 1), train), weights.swapaxes(0, 1)
+
+    def scheduled_sampling(self, tgt_in: jax.Array, state: State, memory: attn.Memory,
+                           tf_ratio: jax.Array, rng: jax.Array, train: bool):
+        """Scheduled sampling (Bengio et al. 2015): at each step t > 0 the input is the ground
+        truth with probability `tf_ratio`, else the model's own argmax prediction of step t-1,
+        drawn per target token. Returns logits [B, T, V], weights [B, T, S], fed tokens [B, T]."""
+        w = self.weights()
+        batch, length = tgt_in.shape
+        coin_rng, drop_rng = jax.random.split(rng)
+        use_gold = jax.random.bernoulli(coin_rng, tf_ratio, (batch, length)).at[:, 0].set(True)
+        step_rngs = jax.random.split(drop_rng, (length, 2))
+        state = jax.tree.map(lambda x: x[:, None], state)             # [B, 1, ...]
+        previous = tgt_in[:, 0]
+
+        def step(carry, xs):
+            state, predicted = carry
+            gold_t, use_gold_t, (embed_rng, out_rng) = xs
+            token = jnp.where(use_gold_t, gold_t, predicted)          # [B]
+            gates_t = self.embed_gates(token, train, embed_rng)
+            vector, weights, state = self.cell(w, gates_t[:, None], state, memory)
+            logits_t = self.logits(vector[:, 0], train, out_rng)      # [B, V]
+            predicted = jnp.argmax(logits_t, -1).astype(tgt_in.dtype)
+            return (state, predicted), (logits_t, weights[:, 0], token)
+
+        xs = (tgt_in.swapaxes(0, 1), use_gold.swapaxes(0, 1), step_rngs)
+        _, (logits, weights, fed) = jax.lax.scan(step, (state, previous), xs)
+        return logits.swapaxes(0, 1), weights.swapaxes(0, 1), fed.swapaxes(0, 1)
+
+
+class Seq2Seq(nn.Module):
+    """Encoder + attentional decoder with separate parameters."""
+    src_vocab_size: int
+    tgt_vocab_size: int
+    embed_dim: int = 256
+    encoder_hidden: int = 256     # per direction
+    encoder_layers: int = 1
+    bidirectional: bool = True
+    reverse_source: bool = False
+    decoder_hidden: int = 256
+    decoder_layers: int = 1
+    attention: str = "general"
+    attention_dim: int = 256
+    input_feeding: bool = True
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.encoder = Encoder(self.src_vocab_size, self.embed_dim, self.encoder_hidden,
+                               self.encoder_layers, self.bidirectional, self.reverse_source,
+                               self.dropout_rate, self.dtype)
+        memory_dim = self.encoder_hidden * (2 if self.bidirectional else 1)
+        self.decoder = Decoder(self.tgt_vocab_size, self.embed_dim, self.decoder_hidden, memory_dim,
+                               self.decoder_layers, self.attention, self.attention_dim,
+                               self.input_feeding, self.dropout_rate, self.dtype)
+
+    def encode(self, src: jax.Array, src_len: jax.Array, train: bool = False):
+        """src [B, S], src_len [B] -> (Memory with leaves [B, S, ...], decoder state with leaves [B, ...])."""
+        values, final = self.encoder(src, src_len, train)
+        return self.decoder.memory(values, src_len), self.decoder.initial_state(final)
+
+    def decode_step(self, memory: attn.Memory, tokens: jax.Array, state: State):
+        """tokens [B, K], state leaves [B, K, ...] -> (log_probs [B, K, V], new state)."""
+        vector, _, state = self.decoder.cell(self.decoder.weights(), self.decoder.embed_gates(tokens, False),
+                                             state, memory)
+        return jax.nn.log_softmax(self.decoder.logits(vector, False)), state
+
+    def __call__(self, src, src_len, tgt_in, *, train: bool = False, tf_ratio=1.0,
+                 sampling_rng: jax.Array | None = None, fast_path_only: bool = False):
+        """Training forward. Returns dict(logits [B, T, V], attention [B, T, S], fed_tokens [B, T]).
+
+        `fast_path_only` (static): ratio is 1 for the whole run; compile only the teacher-forced
+        path. Otherwise the ratio is traced and `lax.cond` runs the fast path whenever it is >= 1.
+        """
+        memory, state = self.encode(src, src_len, train)
+        if fast_path_only:
+            logits, weights = self.decoder.teacher_forced(tgt_in, state, memory, train)
+            return dict(logits=logits, attention=weights, fed_tokens=tgt_in)
+        if sampling_rng is None:
+            raise ValueError("scheduled sampling (tf_ratio < 1) needs sampling_rng")
+        # Run the decoder as one function of its parameters, so lax.cond can pick a path.
+        return self._decode_either(tgt_in, state, memory, jnp.asarray(tf_ratio, jnp.float32),
+                                   sampling_rng, train)
+
+    def _decode_either(self, tgt_in, state, memory, tf_ratio, rng, train):
+        def fast(decoder, *_):
+            logits, weights = decoder.teacher_forced(tgt_in, state, memory, train)
+            return logits, weights, tgt_in
+
+        def sampled(decoder, ratio, rng):
+            return decoder.scheduled_sampling(tgt_in, state, memory, ratio, rng, train)
+
+        logits, weights, fed = nn.cond(tf_ratio >= 1.0, fast, sampled, self.decoder, tf_ratio, rng)
+        return dict(logits=logits, attention=weights, fed_tokens=fed)
+
+
+def make_model(model_cfg, src_vocab_size: int, tgt_vocab_size: int) -> Seq2Seq:
+    """Builds Seq2Seq from the `config.model` group."""
+    return Seq2Seq(
+        src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size,
+        embed_dim=model_cfg.embed_dim, encoder_hidden=model_cfg.encoder_hidden,
+        encoder_layers=model_cfg.encoder_layers, bidirectional=model_cfg.bidirectional,
+        reverse_source=model_cfg.reverse_source, decoder_hidden=model_cfg.decoder_hidden,
+        decoder_layers=model_cfg.decoder_layers, attention=model_cfg.attention,
+        attention_dim=model_cfg.attention_dim, input_feeding=model_cfg.input_feeding,
+        dropout_rate=model_cfg.dropout, dtype=jnp.dtype(model_cfg.dtype))

@@ -1,0 +1,301 @@
+"""Tests for s2s_jax.data."""
+
+import itertools
+import os
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+
+from s2s_jax import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from s2s_jax import data
+
+REPO = Path(__file__).resolve().parents[1]
+BIBLE = REPO / "data" / "bible-es-en"
+
+
+def write(path: Path, content: bytes | str) -> str:
+    path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bible_lines():
+    return data.read_lines(str(BIBLE / "train.es"))[:2000], data.read_lines(str(BIBLE / "train.en"))[:2000]
+
+
+@pytest.fixture(scope="module")
+def es_tokenizer(bible_lines, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizers" / "src.model"
+    return data.Tokenizer.train(bible_lines[0], str(path), vocab_size=500)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def test_read_lines_strips_endings_and_keeps_unicode_separators(tmp_path):
+    path = write(tmp_path / "a.es", "uno\r\ndos\u2028tres\n\ncuatro")
+    assert data.read_lines(path) == ["uno", "dos\u2028tres", "", "cuatro"]
+
+
+def test_read_lines_invalid_utf8_names_file_and_line(tmp_path):
+    path = write(tmp_path / "name.es", b"hola\nmundo\nma\xf1ana\n")
+    with pytest.raises(data.DataError, match=r"name\.es:3: invalid UTF-8 \(byte 0xf1 at column 3\)"):
+        data.read_lines(path)
+
+
+def test_read_lines_missing_file(tmp_path):
+    missing = str(tmp_path / "missing.en")
+    with pytest.raises(data.DataError) as e:
+        data.read_lines(missing)
+    assert str(e.value).startswith(f"{missing}: ")
+
+
+def test_read_parallel_line_count_mismatch(tmp_path):
+    src = write(tmp_path / "x.es", "a\nb\nc\n")
+    tgt = write(tmp_path / "x.en", "a\nb\n")
+    with pytest.raises(data.DataError) as e:
+        data.read_parallel(src, tgt)
+    msg = str(e.value)
+    assert msg.startswith(f"{src}: ") and tgt in msg and "3" in msg and "2" in msg
+
+
+def test_read_parallel_empty_lines(tmp_path):
+    src = write(tmp_path / "x.es", "a\n \nc\nd\n")
+    tgt = write(tmp_path / "x.en", "A\nB\nC\n\t\n")
+    assert data.read_parallel(src, tgt) == (["a", "c"], ["A", "C"], 2)
+    with pytest.raises(data.DataError, match=r"x\.es:2: empty line"):
+        data.read_parallel(src, tgt, on_empty="error")
+    with pytest.raises(ValueError, match="on_empty"):
+        data.read_parallel(src, tgt, on_empty="ignore")
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def test_tokenizer_special_ids(es_tokenizer):
+    sp = es_tokenizer.sp
+    for piece, i in [("<pad>", PAD_ID), ("<s>", BOS_ID), ("</s>", EOS_ID), ("<unk>", UNK_ID)]:
+        assert sp.id_to_piece(i) == piece and sp.piece_to_id(piece) == i
+    assert 400 <= es_tokenizer.vocab_size <= 500
+
+
+def test_tokenizer_round_trip(es_tokenizer, bible_lines):
+    lines = bible_lines[0][:100]
+    ids = es_tokenizer.encode(lines)
+    assert all(ids_row and min(ids_row) > UNK_ID for ids_row in ids)
+    assert es_tokenizer.decode(ids) == lines
+    # Decoding stops at EOS and ignores PAD/BOS.
+    row = [BOS_ID, *ids[0], EOS_ID, *ids[1], PAD_ID]
+    assert es_tokenizer.decode(np.array([row + [PAD_ID]])) == [lines[0]]
+
+
+def test_tokenizer_training_is_deterministic(es_tokenizer, bible_lines, tmp_path):
+    again = data.Tokenizer.train(bible_lines[0], str(tmp_path / "again.model"), vocab_size=500)
+    assert Path(again.model_path).read_bytes() == Path(es_tokenizer.model_path).read_bytes()
+
+
+def test_tokenizer_small_corpus_caps_vocab_and_load(tmp_path):
+    tok = data.Tokenizer.train(["hola mundo", "adios mundo"], str(tmp_path / "t.model"), vocab_size=8000)
+    assert tok.vocab_size < 100
+    assert data.Tokenizer.load(str(tmp_path / "t.model")).vocab_size == tok.vocab_size
+    with pytest.raises(data.DataError, match="nope.model"):
+        data.Tokenizer.load(str(tmp_path / "nope.model"))
+
+
+def test_id_tokenizer():
+    tok = data.IdTokenizer(20)
+    assert tok.encode(["4 5 19", ""]) == [[4, 5, 19], []]
+    assert tok.decode([[BOS_ID, 4, 5, EOS_ID, 7], [9, PAD_ID, PAD_ID]]) == ["4 5", "9"]
+    with pytest.raises(ValueError):
+        tok.encode(["4 20"])
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+@pytest.mark.parametrize("name", ["copy", "reverse", "sort"])
+def test_synthetic_tasks(name):
+    src, tgt = data.synthetic_task(name, 200, vocab_size=30, min_len=2, max_len=9, seed=3)
+    assert len(src) == len(tgt) == 200
+    assert (src, tgt) == data.synthetic_task(name, 200, vocab_size=30, min_len=2, max_len=9, seed=3)
+    assert {len(s) for s in src} == set(range(2, 10))
+    assert min(map(min, src)) >= 4 and max(map(max, src)) < 30
+    expected = {"copy": list, "reverse": lambda s: s[::-1], "sort": sorted}[name]
+    assert all(t == expected(s) for s, t in zip(src, tgt))
+    assert any(t != s for s, t in zip(src, tgt)) == (name != "copy")
+
+
+def test_synthetic_unknown_task():
+    with pytest.raises(ValueError, match="unknown"):
+        data.synthetic_task("add", 10, 30, 1, 5, 0)
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def random_pairs(n=500, max_len=40, seed=0):
+    rng = np.random.default_rng(seed)
+    src = [rng.integers(4, 50, size=rng.integers(1, max_len + 1)).tolist() for _ in range(n)]
+    tgt = [rng.integers(4, 50, size=rng.integers(1, max_len + 1)).tolist() for _ in range(n)]
+    return src, tgt
+
+
+def assert_batch_consistent(batch, src_ids, tgt_ids):
+    assert all(a.dtype == np.int32 for a in batch)
+    for row, i in enumerate(batch.index):
+        n = batch.src_len[row]
+        assert batch.src[row, n - 1] == EOS_ID and (batch.src[row, n:] == PAD_ID).all()
+        if i < 0:
+            assert n == 1 and (batch.tgt_out[row] == PAD_ID).all()
+            continue
+        s, t = src_ids[i], tgt_ids[i]
+        assert batch.src[row, : n - 1].tolist() == s
+        m = len(t) + 1
+        assert batch.tgt_in[row, 0] == BOS_ID and batch.tgt_out[row, m - 1] == EOS_ID
+        assert (batch.tgt_in[row, 1:m] == batch.tgt_out[row, : m - 1]).all()
+        assert batch.tgt_out[row, : m - 1].tolist() == t
+        assert (batch.tgt_in[row, m:] == PAD_ID).all() and (batch.tgt_out[row, m:] == PAD_ID).all()
+
+
+def test_bucket_for():
+    assert [data.bucket_for(n, [8, 16, 32]) for n in (1, 8, 9, 32, 33)] == [0, 0, 1, 2, -1]
+
+
+def test_make_batch_filler_rows():
+    batch = data.make_batch([[5, 6]], [[7]], [0], batch_size=3, length=4)
+    assert batch.src.tolist() == [[5, 6, EOS_ID, 0], [EOS_ID, 0, 0, 0], [EOS_ID, 0, 0, 0]]
+    assert batch.tgt_in[0].tolist() == [BOS_ID, 7, 0, 0] and batch.tgt_out[0].tolist() == [7, EOS_ID, 0, 0]
+    assert batch.src_len.tolist() == [3, 1, 1] and batch.index.tolist() == [0, -1, -1]
+    with pytest.raises(ValueError):
+        data.make_batch([[5, 6, 7, 8]], [[7]], [0], batch_size=1, length=4)
+
+
+def test_train_batches_deterministic_shapes_and_epochs():
+    src, tgt = random_pairs()
+    kwargs = dict(batch_size=16, boundaries=[12, 24, 48], seed=7)
+    stream = data.TrainBatches(src, tgt, **kwargs)
+    n = stream.batches_per_epoch
+    assert n > 0 and set(stream.shapes) <= {(16, 12), (16, 24), (16, 48)}
+    first = [b for _, b in itertools.islice(stream, 2 * n)]
+    again = [b for _, b in itertools.islice(data.TrainBatches(src, tgt, **kwargs), 2 * n)]
+    assert all(all((x == y).all() for x, y in zip(a, b)) for a, b in zip(first, again))
+    for epoch in (first[:n], first[n:]):
+        indices = np.concatenate([b.index for b in epoch])
+        assert (indices >= 0).all() and len(set(indices.tolist())) == len(indices)
+        assert len(indices) > len(src) - 3 * 16
+    assert [b.index.tolist() for b in first[:n]] != [b.index.tolist() for b in first[n:]]
+    for b in first:
+        assert b.src.shape in stream.shapes
+        assert_batch_consistent(b, src, tgt)
+    other_seed = data.TrainBatches(src, tgt, **{**kwargs, "seed": 8})
+    assert other_seed.batch(0).index.tolist() != first[0].index.tolist()
+
+
+def test_train_batches_resume_matches_iteration():
+    src, tgt = random_pairs()
+    stream = data.TrainBatches(src, tgt, batch_size=16, boundaries=[12, 24, 48], seed=1)
+    from_zero = list(itertools.islice(stream, 3 * stream.batches_per_epoch))
+    fresh = data.TrainBatches(src, tgt, batch_size=16, boundaries=[12, 24, 48], seed=1)
+    for number in (0, 5, stream.batches_per_epoch + 2, 3 * stream.batches_per_epoch - 1):
+        assert (fresh.batch(number).index == from_zero[number][1].index).all()
+    resumed = next(fresh.from_position(40))
+    assert resumed[0] == 40 and (resumed[1].src == from_zero[40][1].src).all()
+
+
+def test_train_batches_errors():
+    src, tgt = random_pairs(n=50)
+    with pytest.raises(ValueError, match="largest boundary"):
+        data.TrainBatches(src, tgt, batch_size=4, boundaries=[16, 32], seed=0)
+    with pytest.raises(ValueError, match="full batch"):
+        data.TrainBatches(src[:3], tgt[:3], batch_size=4, boundaries=[64], seed=0)
+
+
+def test_eval_batches_cover_every_pair_once():
+    src, tgt = random_pairs(n=203, max_len=40)
+    src.append(list(range(4, 74)))  # longer than every boundary: 71 with EOS -> extra bucket of 80
+    tgt.append([5])
+    batches = data.eval_batches(src, tgt, batch_size=16, boundaries=[12, 24, 32])
+    indices = np.concatenate([b.index for b in batches])
+    assert sorted(indices[indices >= 0].tolist()) == list(range(len(src)))
+    assert {b.src.shape[1] for b in batches} == {12, 24, 32, 80}  # 33..41 and 71 share the extra bucket
+    assert batches[-1].src.shape == (16, 80) and 203 in batches[-1].index
+    lengths = [max(len(src[i]), len(tgt[i])) + 1 for b in batches for i in b.index if i >= 0]
+    assert lengths == sorted(lengths)
+    for b in batches:
+        assert_batch_consistent(b, src, tgt)
+
+
+def test_filter_pairs():
+    src, tgt, dropped = data.filter_pairs([[4], [], [4] * 5, [4, 5]], [[4], [4], [4], [4] * 4], max_len=4)
+    assert (src, tgt, dropped) == ([[4], [4, 5]], [[4], [4] * 4], 2)
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def data_config(**overrides):
+    cfg = ml_collections.ConfigDict(
+        dict(
+            task="files",
+            train_prefix=str(BIBLE / "train"),
+            dev_prefix=str(BIBLE / "dev"),
+            src_lang="es",
+            tgt_lang="en",
+            vocab_size=500,
+            spm_model_type="unigram",
+            max_len=64,
+            on_empty="skip",
+            max_train_pairs=1500,
+            max_dev_pairs=50,
+            synthetic_vocab_size=20,
+            synthetic_min_len=1,
+            synthetic_max_len=10,
+            synthetic_train_size=300,
+            synthetic_dev_size=40,
+            synthetic_seed=5,
+        )
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def test_load_corpus_synthetic(tmp_path):
+    corpus = data.load_corpus(data_config(task="reverse", max_len=8), str(tmp_path))
+    assert isinstance(corpus.src_tokenizer, data.IdTokenizer) and corpus.tgt_tokenizer.vocab_size == 20
+    assert corpus.stats["train_pairs_read"] == 300 and corpus.stats["dev_pairs"] == 40
+    assert corpus.stats["train_pairs"] + corpus.stats["train_too_long"] == 300
+    assert max(map(len, corpus.train_src)) <= 8 and max(map(len, corpus.dev_src)) == 10
+    assert all(t == s[::-1] for s, t in zip(corpus.train_src, corpus.train_tgt))
+    assert corpus.dev_src != corpus.train_src[:40]
+    assert corpus.dev_src_text == [" ".join(map(str, s)) for s in corpus.dev_src]
+    assert not os.listdir(tmp_path)
+
+
+def test_load_corpus_files_trains_then_reloads(tmp_path):
+    cfg = data_config(max_len=40)
+    corpus = data.load_corpus(cfg, str(tmp_path))
+    models = [tmp_path / "tokenizers" / f"{side}.model" for side in ("src", "tgt")]
+    assert all(m.is_file() for m in models)
+    stats = corpus.stats
+    assert stats["train_pairs_read"] == 1500 and stats["dev_pairs"] == 50
+    assert stats["train_pairs"] == len(corpus.train_src) == 1500 - stats["train_too_long"]
+    assert max(max(map(len, corpus.train_src)), max(map(len, corpus.train_tgt))) <= 40
+    assert corpus.dev_src_text[0] == data.read_lines(str(BIBLE / "dev.es"))[0]
+    assert corpus.tgt_tokenizer.decode(corpus.dev_tgt[:5]) == corpus.dev_tgt_text[:5]
+
+    mtimes = [m.stat().st_mtime_ns for m in models]
+    again = data.load_corpus(cfg, str(tmp_path))
+    assert [m.stat().st_mtime_ns for m in models] == mtimes
+    assert again.train_src == corpus.train_src and again.dev_tgt == corpus.dev_tgt
+
+
+def test_load_corpus_bad_file_writes_nothing(tmp_path):
+    bad = tmp_path / "bad"
+    write(tmp_path / "bad.es", "hola\nmundo\n")
+    write(tmp_path / "bad.en", b"hello\nw\xffrld\n")
+    workdir = tmp_path / "work"
+    with pytest.raises(data.DataError, match=r"bad\.en:2: invalid UTF-8"):
+        data.load_corpus(data_config(dev_prefix=str(bad)), str(workdir))
+    assert not workdir.exists()
