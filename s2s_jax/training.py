@@ -7,6 +7,19 @@ in `train_and_evaluate` owns the Python side: data, checkpoints, logging, signal
 Exact resume: everything a step consumes is a function of (seed, step): the batch is
 `TrainBatches.batch(step)`, the dropout / sampling key is `fold_in(PRNGKey(seed), step)`. A
 checkpoint therefore needs only the state plus the open logging window to continue bit-identically.
+On resume, metrics.jsonl is cut back to the restored step (rows after it are written again) and
+TensorBoard hides its events after that step (purge_step).
+
+Failure handling (see tests/test_reliability.py):
+- every input (config values, data files, the workdir's config and checkpoints) is checked before
+  anything is compiled or written; the checkpoint is restored against `jax.eval_shape` of the state;
+- a non-finite loss, gradient or updated parameter is detected inside the jitted step, which then
+  keeps the old parameters; the loop stops (NonFiniteError naming the step and the last good
+  checkpoint) or skips the update, per `config.on_nonfinite`;
+- SIGINT / SIGTERM: the loop finishes the current step, saves a checkpoint and raises Interrupted
+  (a SystemExit whose message says how to resume); a second signal stops at once, without saving;
+- a SIGKILL at any moment loses at most the steps since the last complete checkpoint: checkpoints,
+  config.json, summary.json and the metrics.jsonl rewrite are all written atomically.
 """
 import functools
 import json
@@ -32,6 +45,18 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteError(RuntimeError):
     """The loss or the gradient of a step was NaN or infinite."""
+
+
+class Interrupted(SystemExit):
+    """SIGINT / SIGTERM: a checkpoint was saved. `code` is 128 + the signal number, `message` says
+    where the checkpoint is and how to resume."""
+
+    def __init__(self, signum: int, step: int, directory: str):
+        super().__init__(128 + signum)
+        self.signal_name = signal.Signals(signum).name
+        self.step = step
+        self.message = (f"{self.signal_name}: saved checkpoint step {step} in {directory}; "
+                        "rerun the same command to resume from it")
 
 
 class TrainState(train_state.TrainState):
@@ -80,8 +105,9 @@ def train_step(state: TrainState, batch: data.Batch, *, model: Seq2Seq, tf_sched
                fast_path_only: bool, label_smoothing: float, base_rng: jax.Array):
     """One optimizer step. Returns (new_state, metrics) with sums, not means.
 
-    A non-finite loss or gradient leaves params and optimizer state unchanged (the step counter
-    still advances); `metrics["finite"]` tells the loop, which stops or goes on as configured.
+    A non-finite loss, gradient or updated parameter leaves params and optimizer state unchanged
+    (the step counter still advances); `metrics["finite"]` tells the loop, which stops or goes on
+    as configured.
     """
     step_rng = jax.random.fold_in(base_rng, state.step)
     dropout_rng, sampling_rng = jax.random.split(step_rng)
@@ -96,8 +122,10 @@ def train_step(state: TrainState, batch: data.Batch, *, model: Seq2Seq, tf_sched
 
     (_, (loss_sum, tokens)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
     updated = state.apply_gradients(grads=grads)
+    # Finite loss and gradient can still overflow the parameters (an absurd learning rate).
+    params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(updated.params)]))
+    finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm) & params_finite
     keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
     new_state = updated.replace(params=jax.tree.map(keep, updated.params, state.params),
                                 opt_state=jax.tree.map(keep, updated.opt_state, state.opt_state))
@@ -192,11 +220,22 @@ class MetricsLog:
         rows = []
         if os.path.exists(self.path):
             with open(self.path, encoding="utf-8") as f:
-                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-        with open(self.path, "w", encoding="utf-8") as f:  # drop rows past the restored checkpoint
-            f.writelines(rows)
+                text = f.read()
+            for line in text.splitlines(keepends=True):
+                if not line.endswith("\n"):
+                    break  # torn last line of a killed run
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    logger.warning("%s: dropping unreadable line %r", self.path, line[:80])
+                    continue
+                if row["step"] <= resume_step:  # rows past the restored checkpoint are redone
+                    rows.append(line)
+        _write_atomic(self.path, "".join(rows))
         from tensorboardX import SummaryWriter
-        self.writer = SummaryWriter(os.path.join(workdir, "tb"))
+        # Hide events of the interrupted run after the restored step (TensorBoard's purge).
+        self.writer = SummaryWriter(os.path.join(workdir, "tb"),
+                                    purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, values: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -209,18 +248,34 @@ class MetricsLog:
         self.writer.close()
 
 
+def _write_atomic(path: str, text: str) -> None:
+    """Writes a whole file or nothing: a run killed mid-write leaves the old file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def _duration(seconds: float) -> str:
     minutes, seconds = divmod(int(seconds), 60)
     return f"{minutes}m{seconds:02d}s"
 
 
 class Window:
-    """Training metrics accumulated between two progress lines (saved in checkpoints)."""
+    """Training metrics accumulated between two progress lines (saved in checkpoints).
 
-    def __init__(self, loss_sum=0.0, tokens=0.0, steps=0, grad_norm_sum=0.0):
+    `steps` counts applied updates; `skipped` the non-finite steps skipped (on_nonfinite="skip"),
+    whose loss and gradient norm are left out of the averages.
+    """
+
+    def __init__(self, loss_sum=0.0, tokens=0.0, steps=0, grad_norm_sum=0.0, skipped=0):
         self.loss_sum, self.tokens, self.steps, self.grad_norm_sum = loss_sum, tokens, steps, grad_norm_sum
+        self.skipped = skipped
 
     def add(self, m: dict) -> None:
+        if not bool(m["finite"]):
+            self.skipped += 1
+            return
         self.loss_sum += float(m["loss_sum"])
         self.tokens += float(m["tokens"])
         self.grad_norm_sum += float(m["grad_norm"])
@@ -228,26 +283,38 @@ class Window:
 
     def as_dict(self) -> dict:
         return dict(loss_sum=self.loss_sum, tokens=self.tokens, steps=self.steps,
-                    grad_norm_sum=self.grad_norm_sum)
+                    grad_norm_sum=self.grad_norm_sum, skipped=self.skipped)
 
 
 # ----------------------------------------------------------------------------- the loop
 class _Signals:
-    """Turns SIGINT / SIGTERM into a flag the loop checks after each step."""
+    """Turns SIGINT / SIGTERM into a flag the loop checks after each step.
+
+    A second signal stops at once (KeyboardInterrupt, or SystemExit for SIGTERM) without a
+    checkpoint: the last complete one stays loadable. The handler only sets state; printing from
+    a signal handler can fail inside a write of the interrupted code.
+    """
 
     def __init__(self):
         self.received = None
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, _frame):
-        self.received = signum
+        if self.received is None:
+            self.received = signum
+            return
+        self.restore()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
 
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
 
-def init_state(config, model: Seq2Seq, corpus: data.Corpus) -> TrainState:
+def init_state(config, model: Seq2Seq) -> TrainState:
+    """Fresh parameters (from config.seed) and optimizer state."""
     tx, _ = make_optimizer(config.optimizer, config.num_train_steps)
     length = config.data.bucket_boundaries[0]
     dummy = jnp.ones((1, length), jnp.int32)
@@ -258,31 +325,44 @@ def init_state(config, model: Seq2Seq, corpus: data.Corpus) -> TrainState:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes) in `workdir`; returns the final dev metrics."""
+    # Inputs first: nothing is compiled or written until config, data and workdir are known good.
     configuration.check(config)
-    os.makedirs(workdir, exist_ok=True)
     configuration.check_workdir(config, workdir)
-    corpus = data.load_corpus(config.data, workdir)
-    configuration.save(config, workdir)
+    corpus = data.load_corpus(config.data, workdir)  # writes tokenizers only once all files read
     logger.info("seed %d; config:\n%s", config.seed, config)
     logger.info("data: %s", corpus.stats)
+    for split in ("train", "dev"):
+        if corpus.stats.get(f"{split}_empty_skipped"):
+            logger.warning("%s: skipped %d pairs with an empty side (data.on_empty='skip')",
+                           split, corpus.stats[f"{split}_empty_skipped"])
     stats = compile_stats()
     started = time.time()
 
     mesh = parallel.make_mesh()
-    parallel.check_batch_size(config.data.batch_size, mesh, "data.batch_size")
-    parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
+    try:
+        parallel.check_batch_size(config.data.batch_size, mesh, "data.batch_size")
+        parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
+        batches = data.TrainBatches(corpus.train_src, corpus.train_tgt, batch_size=config.data.batch_size,
+                                    boundaries=config.data.bucket_boundaries, seed=config.seed)
+    except ValueError as error:
+        raise configuration.ConfigError(f"config: {error}") from error
     model = make_model(config.model, corpus.src_tokenizer.vocab_size, corpus.tgt_tokenizer.vocab_size)
-    batches = data.TrainBatches(corpus.train_src, corpus.train_tgt, batch_size=config.data.batch_size,
-                                boundaries=config.data.bucket_boundaries, seed=config.seed)
-    state = init_state(config, model, corpus)
-    param_count = sum(x.size for x in jax.tree.leaves(state.params))
+    abstract_state = jax.eval_shape(lambda: init_state(config, model))  # shapes only: no compilation
+    param_count = sum(x.size for x in jax.tree.leaves(abstract_state.params))
     logger.info("model: %s parameters; %d batches per epoch; batch shapes %s",
                  f"{param_count:,}", batches.batches_per_epoch, batches.shapes)
 
     store = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
-    restored = store.restore_latest(state)
+    try:  # raises CheckpointError for a checkpoint of another model shape or vocabulary
+        restored = store.restore_latest(abstract_state)
+    except BaseException:
+        store.close()
+        raise
+    configuration.save(config, workdir)
     window = Window()
-    if restored is not None:
+    if restored is None:
+        state = init_state(config, model)
+    else:
         state, meta = restored
         window = Window(**meta["window"])
         logger.info("resumed from %s at step %d", store.directory, int(state.step))
@@ -314,12 +394,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def check_finite(step: int, m: dict) -> None:
         if bool(m["finite"]):
             return
-        last = store.latest.latest_step()
-        message = (f"non-finite loss or gradient at step {step + 1} (update skipped); "
-                   f"last good checkpoint: step {last} in {store.directory}")
+        last = (f"step {store.good_step} in {store.directory}" if store.good_step is not None
+                else f"none yet in {store.directory}")
+        message = (f"non-finite loss or gradient at step {step + 1} (training batch {step}); "
+                   f"the update was not applied; last good checkpoint: {last}")
         if config.on_nonfinite == "stop":
-            raise NonFiniteError(message)
-        logger.warning(message)
+            raise NonFiniteError(f"{message}; nothing was saved after it. Rerun with "
+                                 "--config.on_nonfinite=skip to skip such steps, or lower "
+                                 "--config.optimizer.learning_rate")
+        logger.warning("%s; skipped (on_nonfinite='skip')", message)
 
     signals = _Signals()
     timer = dict(time=time.time(), tokens=0.0, steps=0)
@@ -345,15 +428,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if done % config.log_every_steps == 0 or is_last:
                 elapsed = time.time() - timer["time"]
                 tokens_per_s = (window.tokens - timer["tokens"]) / max(elapsed, 1e-9)
-                row = dict(train_loss=window.loss_sum / max(window.tokens, 1.0),
-                           grad_norm=window.grad_norm_sum / window.steps,
+                row = dict(train_loss=window.loss_sum / max(window.tokens, 1.0) if window.steps else None,
+                           grad_norm=window.grad_norm_sum / window.steps if window.steps else None,
                            tf_ratio=float(step_metrics["tf_ratio"]),
                            learning_rate=float(learning_rate(step)), tokens_per_s=tokens_per_s,
                            elapsed_s=time.time() - started)
-                log.write(done, row)
-                seconds_per_step = elapsed / max(window.steps - timer["steps"], 1)
+                if window.skipped:
+                    row["nonfinite_skipped"] = window.skipped
+                log.write(done, {k: v for k, v in row.items() if v is not None})
+                seconds_per_step = elapsed / max(window.steps + window.skipped - timer["steps"], 1)
                 logger.info("step %d/%d | loss %.3f | %s tok/s | tf %.2f | %s elapsed, ~%s left",
-                             done, config.num_train_steps, row["train_loss"], f"{tokens_per_s:,.0f}",
+                             done, config.num_train_steps, row["train_loss"] if window.steps else float("nan"),
+                             f"{tokens_per_s:,.0f}",
                              row["tf_ratio"], _duration(row["elapsed_s"]),
                              _duration(seconds_per_step * (config.num_train_steps - done)))
                 window = Window()
@@ -368,10 +454,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if done % config.checkpoint_every_steps == 0 or is_last or signals.received or dev_bleu is not None:
                 save(done, dev_bleu)
             if signals.received:
-                name = signal.Signals(signals.received).name
-                logger.warning("%s: checkpoint saved at step %d in %s; rerun the same command to resume",
-                                name, done, store.directory)
-                raise SystemExit(128 + signals.received)
+                interrupted = Interrupted(signals.received, done, store.directory)
+                logger.warning("%s", interrupted.message)
+                raise interrupted
     finally:
         signals.restore()
         store.close()
@@ -381,8 +466,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         dev = evaluator(state.params)
     summary = dict(dev, steps=config.num_train_steps, wall_s=time.time() - started,
                    compilations=stats.count, compile_s=stats.seconds, parameters=param_count)
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    _write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
     print(f"final | step {config.num_train_steps} | dev loss {dev['dev_loss']:.3f} | "
           f"dev ppl {dev['dev_ppl']:.1f} | dev BLEU {dev['dev_bleu']:.2f} (greedy, sacrebleu) | "
           f"chrF {dev['dev_chrf']:.1f} | {_duration(summary['wall_s'])} | "
