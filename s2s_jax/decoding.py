@@ -180,9 +180,13 @@ def _beam_select(num_hyps: int):
   def select(step, log_probs, cand_sum, cand_valid):
     del step, log_probs
     batch, k_in, vocab = cand_sum.shape
-    key = jnp.where(cand_valid, cand_sum, _EMPTY).reshape(batch, k_in * vocab)  # [batch, beam * vocab]
-    _, flat = jax.lax.top_k(key, num_hyps)  # [batch, beam]
-    return flat // vocab, flat % vocab
+    key = jnp.where(cand_valid, cand_sum, _EMPTY)  # [batch, beam, vocab]
+    # Two-stage top-k (exact): the best num_hyps overall are among each beam's best num_hyps.
+    per_beam = min(num_hyps, vocab)
+    beam_best, beam_tokens = jax.lax.top_k(key, per_beam)  # [batch, beam, per_beam]
+    _, flat = jax.lax.top_k(beam_best.reshape(batch, k_in * per_beam), num_hyps)  # [batch, num_hyps]
+    tokens = jnp.take_along_axis(beam_tokens.reshape(batch, k_in * per_beam), flat, axis=1)
+    return flat // per_beam, tokens
 
   return select
 

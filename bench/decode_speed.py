@@ -1,0 +1,179 @@
+"""Decoding speed of s2s_jax.inference.decode_batch: beam 1, 5, 10 at batch 1, 32, 128.
+
+    python bench/decode_speed.py                      # random-init demo-sized model (~3 min, 2 CPU cores)
+    python bench/decode_speed.py --workdir=runs/demo  # a trained model on its dev sentences
+
+Per configuration: compile time (jit lower + XLA compile, ahead of time), then one untimed warm-up
+batch, then sentences/s and output tokens/s (best hypothesis, EOS counted) over the timed batches
+(the fastest of --repeats passes).
+All sources are padded to one length so each configuration compiles exactly once.
+
+Without --workdir the model is NOT trained: embed 128, bidirectional LSTM encoder 128 per
+direction, LSTM decoder 256, general attention, input feeding, V = 4000 on both sides, random
+sources of 10..30 ids, and a fixed output limit (--max_len, default 40). Such a model rarely emits
+EOS, so nearly every search runs all max_len steps: a worst case for the loop length.
+
+Writes bench/results/decode_speed.json next to this file.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from s2s_jax import EOS_ID, data, inference
+from s2s_jax.models import Seq2Seq
+
+# The model of configs/demo.py (its spm vocabulary of 4000 pieces per side), written out here so the
+# bench does not change when that config is tuned.
+DEMO = dict(src_vocab_size=4000, tgt_vocab_size=4000, embed_dim=128, encoder_hidden=128, bidirectional=True,
+            decoder_hidden=256, attention="general", attention_dim=128, input_feeding=True)
+
+
+def random_setup(args):
+    """A randomly initialised demo-sized model and random sources padded to one length."""
+    model = Seq2Seq(**DEMO)
+    rng = np.random.default_rng(args.seed)
+    lengths = rng.integers(10, 31, size=args.sentences)                 # source pieces, EOS excluded
+    src_ids = [rng.integers(4, DEMO["src_vocab_size"], size=n).tolist() for n in lengths]
+    source_len = 32
+    dummy = jnp.ones((1, source_len), jnp.int32)
+    params = model.init(jax.random.PRNGKey(args.seed), dummy, jnp.ones((1,), jnp.int32), dummy,
+                        fast_path_only=True)["params"]
+    description = ("random-init demo-sized model (NOT trained; outputs are meaningless): "
+                   + ", ".join(f"{k}={v}" for k, v in DEMO.items()))
+    return model, params, src_ids, source_len, args.max_len or 40, description
+
+
+def workdir_setup(args):
+    """A trained workdir and its dev sentences (or data/bible-es-en/dev.es)."""
+    from s2s_jax.translate import Translator
+    translator = Translator.from_workdir(args.workdir)
+    cfg = translator.config.data
+    if cfg.task == "files":
+        path = f"{cfg.dev_prefix}.{cfg.src_lang}"
+        if not os.path.exists(path):
+            path = "data/bible-es-en/dev.es"
+        lines = [line for line in data.read_lines(path) if line.strip()]
+        src_ids = translator.src_tokenizer.encode(lines)
+        origin = path
+    else:
+        src_ids, _ = data.synthetic_task(cfg.task, args.sentences, cfg.synthetic_vocab_size, cfg.synthetic_min_len,
+                                         cfg.synthetic_max_len, cfg.synthetic_seed + 1)
+        origin = f"synthetic {cfg.task} dev set"
+    src_ids = [ids[:translator.max_source_len] for ids in src_ids]
+    src_ids = (src_ids * (-(-args.sentences // len(src_ids))))[:args.sentences]  # repeat if too few
+    longest = max(len(ids) for ids in src_ids) + 1
+    bucket = data.bucket_for(longest, translator.boundaries)
+    source_len = translator.boundaries[bucket] if bucket >= 0 else -(-longest // 16) * 16
+    max_len = args.max_len or inference.max_decode_len(source_len, int(translator.config.eval.max_decode_len))
+    description = f"trained model from {args.workdir} (best checkpoint, else latest), sources: {origin}"
+    return translator.model, translator.params, src_ids, source_len, max_len, description
+
+
+def batches(src_ids, batch_size: int, source_len: int):
+    """Fixed-shape (src [batch, S], src_len [batch]) batches; the last is filled with short rows."""
+    out = []
+    for start in range(0, len(src_ids), batch_size):
+        chunk = src_ids[start:start + batch_size]
+        src = np.zeros((batch_size, source_len), np.int32)
+        src[:, 0] = EOS_ID
+        src_len = np.ones(batch_size, np.int32)
+        for row, ids in enumerate(chunk):
+            src[row, :len(ids)] = ids
+            src[row, len(ids)] = EOS_ID
+            src_len[row] = len(ids) + 1
+        out.append((jnp.asarray(src), jnp.asarray(src_len), len(chunk)))
+    return out
+
+
+def measure(model, params, src_ids, source_len, max_len, beam: int, batch_size: int, n: int, alpha: float,
+            repeats: int):
+    work = batches(src_ids[:n], batch_size, source_len)
+    options = dict(search="beam", beam_size=beam, max_len=max_len, alpha=alpha, n_best=1)
+    start = time.perf_counter()
+    compiled = inference.decode_batch.lower(model, params, work[0][0], work[0][1], **options).compile()
+    compile_s = time.perf_counter() - start
+    jax.block_until_ready(compiled(params, work[0][0], work[0][1]))  # warm-up, untimed
+    times = []
+    for _ in range(repeats):  # the fastest pass: other processes share the CPU cores
+        sentences = tokens = 0
+        start = time.perf_counter()
+        for src, src_len, real in work:
+            lengths = np.asarray(compiled(params, src, src_len).lengths)   # [batch, 1], blocks
+            sentences += real
+            tokens += int(lengths[:real, 0].sum())
+        times.append(time.perf_counter() - start)
+    seconds = min(times)
+    return dict(beam=beam, batch=batch_size, sentences=sentences, output_tokens=tokens,
+                mean_output_len=tokens / sentences, compile_s=compile_s, decode_s=seconds,
+                sentences_per_s=sentences / seconds, tokens_per_s=tokens / seconds,
+                ms_per_sentence=1000 * seconds / sentences)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", help="trained workdir; default: random-init demo-sized model")
+    parser.add_argument("--beams", default="1,5,10")
+    parser.add_argument("--batches", default="1,32,128")
+    parser.add_argument("--sentences", type=int, default=256, help="sentences per configuration (batch > 1)")
+    parser.add_argument("--sentences_batch1", type=int, default=32, help="sentences at batch 1")
+    parser.add_argument("--max_len", type=int, default=0, help="output limit; 0: 40 (random) or the inference rule")
+    parser.add_argument("--alpha", type=float, default=0.6)
+    parser.add_argument("--repeats", type=int, default=2, help="timed passes per configuration; the fastest counts")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    beams = [int(b) for b in args.beams.split(",")]
+    batch_sizes = [int(b) for b in args.batches.split(",")]
+
+    started = time.perf_counter()
+    setup = workdir_setup if args.workdir else random_setup
+    model, params, src_ids, source_len, max_len, description = setup(args)
+    print(f"model: {description}")
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores, "
+          f"load average {os.getloadavg()[0]:.1f}; source length {source_len} (padded), output limit "
+          f"{max_len}, alpha {args.alpha}")
+
+    rows = []
+    print(f"{'beam':>4} {'batch':>5} {'sents':>5} {'compile s':>9} {'decode s':>8} {'sent/s':>8} "
+          f"{'tok/s':>8} {'ms/sent':>8} {'out len':>7}")
+    for beam in beams:
+        for batch_size in batch_sizes:
+            n = args.sentences_batch1 if batch_size == 1 else args.sentences
+            row = measure(model, params, src_ids, source_len, max_len, beam, batch_size, n, args.alpha, args.repeats)
+            rows.append(row)
+            print(f"{beam:4d} {batch_size:5d} {row['sentences']:5d} {row['compile_s']:9.2f} {row['decode_s']:8.2f} "
+                  f"{row['sentences_per_s']:8.1f} {row['tokens_per_s']:8.0f} {row['ms_per_sentence']:8.2f} "
+                  f"{row['mean_output_len']:7.1f}", flush=True)
+
+    ratios = {}
+    smallest, largest = min(batch_sizes), max(batch_sizes)
+    print(f"per-sentence cost, batch {smallest} / batch {largest} (> 1: batching pays):")
+    for beam in beams:
+        cost = {r["batch"]: r["ms_per_sentence"] for r in rows if r["beam"] == beam}
+        ratios[f"beam{beam}"] = {f"batch{b}": cost[smallest] / cost[b] for b in batch_sizes}
+        steps = "  ".join(f"batch {b}: {cost[smallest] / cost[b]:6.1f}x" for b in batch_sizes)
+        print(f"  beam {beam:2d}: {steps}")
+    total_s = time.perf_counter() - started
+    print(f"total {total_s:.0f} s")
+
+    result = dict(command=" ".join([Path(sys.executable).name] + sys.argv), model=description,
+                  mode="workdir" if args.workdir else "random-init", source_len=source_len, max_len=max_len,
+                  alpha=args.alpha, repeats=args.repeats, rows=rows, per_sentence_cost_ratio_vs_smallest_batch=ratios,
+                  total_s=total_s, device=jax.devices()[0].device_kind, backend=jax.default_backend(),
+                  cpu_count=os.cpu_count(), load_average_1min=os.getloadavg()[0], jax_version=jax.__version__,
+                  python=platform.python_version(), machine=platform.machine())
+    out = Path(__file__).parent / "results" / "decode_speed.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Tests for s2s_jax.translate (Translator and the command line) and s2s_jax.plotting.
+
+All use the session's trained tiny model (configs/tiny.py: reverse sequences of 2..10 symbols).
+References are independent of the code under test: the reversed source, greedy search, one
+sentence at a time, and the model's own teacher-forced log-probs for the beam scores.
+"""
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from s2s_jax import BOS_ID, EOS_ID, data, metrics, translate
+from s2s_jax.checkpoints import CheckpointError
+from s2s_jax.translate import Translator
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def translator(tiny_workdir):
+    return Translator.from_workdir(tiny_workdir)
+
+
+@pytest.fixture(scope="module")
+def sentences(translator):
+    """40 dev-like sources (a seed the training and dev sets did not use), both length buckets,
+    in random length order, with an empty line in the middle."""
+    cfg = translator.config.data
+    src, _ = data.synthetic_task("reverse", 40, cfg.synthetic_vocab_size, cfg.synthetic_min_len,
+                                 cfg.synthetic_max_len, seed=1234)
+    lines = [" ".join(map(str, s)) for s in src]
+    lines.insert(17, "")
+    return lines
+
+
+@pytest.fixture(scope="module")
+def beam5(translator, sentences):
+    return translator.translate(sentences, beam_size=5)
+
+
+def reverse(line: str) -> str:
+    return " ".join(line.split()[::-1])
+
+
+def test_reverses_dev_like_inputs_in_input_order(sentences, beam5):
+    assert len(beam5) == len(sentences)
+    assert beam5[17] == ""
+    pairs = [(s, out) for s, out in zip(sentences, beam5) if s]
+    # 300 steps learn short sequences almost perfectly (~95% exact up to 7 symbols, ~20% at 10).
+    exact = np.mean([out == reverse(s) for s, out in pairs if len(s.split()) <= 7])
+    assert exact >= 0.8, f"only {exact:.0%} of the sources up to 7 symbols reversed exactly"
+    bleu = metrics.corpus_bleu([out.split() for _, out in pairs], [[reverse(s).split() for s, _ in pairs]])
+    assert bleu.score > 50, bleu
+
+
+def test_permuted_input_gives_permuted_output(translator, sentences, beam5):
+    perm = np.random.default_rng(0).permutation(len(sentences))
+    out = translator.translate([sentences[j] for j in perm], beam_size=5)
+    assert out == [beam5[j] for j in perm]
+
+
+def test_batch_equals_one_at_a_time(translator, sentences, beam5):
+    for i in (0, 3, 17, 21, 38):  # both buckets and the empty line
+        assert translator.translate([sentences[i]], beam_size=5) == [beam5[i]]
+
+
+def test_beam_one_is_greedy(translator, sentences):
+    greedy = translator.translate(sentences, search="greedy")
+    assert translator.translate(sentences, search="beam", beam_size=1) == greedy
+
+
+def test_n_best_sorted_distinct_and_scored_by_the_model(translator, sentences):
+    alpha = 0.6
+    picks = [s for s in sentences if 2 <= len(s.split()) <= 6][:2]
+    results = translator.hypotheses(picks, beam_size=4, n_best=4, alpha=alpha)
+    texts = translator.translate(picks, beam_size=4, n_best=4, alpha=alpha)
+    assert texts == [[h.text for h in hyps] for hyps in results]
+    for sentence, hyps in zip(picks, results):
+        assert len(hyps) == 4
+        assert len({h.text for h in hyps}) == 4
+        scores = [h.score for h in hyps]
+        assert scores == sorted(scores, reverse=True)
+        assert hyps[0].text == reverse(sentence)
+        # Independent check of each score: teacher-forced log-prob of ids + EOS, GNMT penalty.
+        src = translator.src_tokenizer.encode([sentence])[0] + [EOS_ID]
+        for h in hyps:
+            src_arr, tgt_arr = np.zeros((2, 1, 12), np.int32)  # one padded shape: one compilation
+            src_arr[0, :len(src)] = src
+            tgt_arr[0, :len(h.ids) + 1] = [BOS_ID] + h.ids
+            log_probs, _ = translate._teacher_forced(translator.model, translator.params, src_arr,
+                                                     np.array([len(src)], np.int32), tgt_arr)
+            total = sum(float(log_probs[0, t, tok]) for t, tok in enumerate(h.ids + [EOS_ID]))
+            length = len(h.ids) + 1
+            assert h.score == pytest.approx(total / ((5 + length) / 6) ** alpha, abs=1e-4)
+
+
+def test_attention_rows_sum_to_one_and_plot(translator, tmp_path):
+    weights, src, out = translator.attention("4 5 6 7", "7 6 5 4")
+    assert weights.shape == (5, 5)
+    assert src == ["4", "5", "6", "7", "</s>"] and out == ["7", "6", "5", "4", "</s>"]
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-5)
+    assert np.all(weights >= 0)
+    # The reverse model looks at the mirrored source position when writing each symbol.
+    assert list(weights[:4, :4].argmax(axis=1)) == [3, 2, 1, 0]
+    ids_weights, _, _ = translator.attention("4 5 6 7", [7, 6, 5, 4, EOS_ID, 9])  # stops at EOS
+    np.testing.assert_allclose(ids_weights, weights, atol=1e-6)
+    path = tmp_path / "a.png"
+    translator.plot_attention("4 5 6 7", "7 6 5 4", str(path), title="reverse")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plotting_checks_shapes(tmp_path):
+    from s2s_jax import plotting
+    with pytest.raises(ValueError, match=r"\[T, S\]"):
+        plotting.plot_attention(np.ones((2, 3)), ["a", "b"], ["x", "y"], str(tmp_path / "x.png"))
+
+
+def test_long_sentence_error_names_line_and_truncate_warns(translator, caplog):
+    long = " ".join(["5"] * (translator.max_source_len + 3))
+    lines = ["4 5", "6 7", long]
+    with pytest.raises(ValueError, match="line 3"):
+        translator.translate(lines, on_long="error")
+    with caplog.at_level(logging.WARNING, logger="s2s_jax.translate"):
+        out = translator.translate(lines, on_long="truncate")
+    assert len(out) == 3 and out[0] == "5 4"
+    assert any("sentence 2 (line 3)" in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(beam_size=0), "beam_size"),
+    (dict(max_len=0), "max_len"),
+    (dict(n_best=3, beam_size=2), "n_best"),
+    (dict(search="sample"), "search"),
+    (dict(on_long="drop"), "on_long"),
+    (dict(alpha=-1.0), "alpha"),
+])
+def test_bad_options_fail_before_decoding(translator, monkeypatch, options, match):
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded despite a bad option")
+    monkeypatch.setattr(translate.inference, "decode_batch", no_decoding)
+    with pytest.raises(ValueError, match=match):
+        translator.translate(["4 5 6"], **options)
+
+
+def test_workdir_without_checkpoint(tiny_workdir, tmp_path):
+    workdir = tmp_path / "empty"
+    workdir.mkdir()
+    shutil.copy(os.path.join(tiny_workdir, "config.json"), workdir / "config.json")
+    with pytest.raises(CheckpointError, match=str(workdir)):
+        Translator.from_workdir(str(workdir))
+    assert sorted(os.listdir(workdir)) == ["config.json"]  # nothing created
+
+
+def _cli(*args, stdin=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "s2s_jax.translate", *args], cwd=REPO, env=env, input=stdin,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_n_best_and_attention_pngs(tiny_workdir, tmp_path):
+    lines = ["4 5 6 7", "", "9 8 7 6 5", "12 13"]
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out, pngs = tmp_path / "out.txt", tmp_path / "att"
+    result = _cli(f"--workdir={tiny_workdir}", f"--input={src}", f"--output={out}", "--n_best=2",
+                  "--beam_size=3", f"--attention_dir={pngs}")
+    assert result.returncode == 0, result.stderr
+    written = out.read_text(encoding="utf-8").split("\n")
+    assert written[-1] == "" and len(written) - 1 == len(lines)
+    assert written[1] == ""
+    for line, text in zip(lines, written):
+        if line:
+            best, second = text.split("\t")
+            assert best == reverse(line) and second != best
+    files = sorted(os.listdir(pngs))
+    assert files == ["00001.png", "00003.png", "00004.png"]
+    for name in files:
+        assert (pngs / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_cli_invalid_utf8_names_file_and_line(tiny_workdir, tmp_path):
+    src = tmp_path / "bad.txt"
+    src.write_bytes(b"4 5\n6 7\n8 \xff 9\n")
+    result = _cli(f"--workdir={tiny_workdir}", f"--input={src}")
+    assert result.returncode != 0
+    assert f"{src}:3" in result.stderr and "UTF-8" in result.stderr
+    assert "Traceback" not in result.stderr
