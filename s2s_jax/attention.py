@@ -81,6 +81,7 @@ def attend(score: str, params: dict, queries: jax.Array, memory: Memory):
     """Softmax over real source positions; returns (context [B, Q, He], weights [B, Q, S])."""
     logits = scores(score, params, queries, memory.keys)
     logits = jnp.where(memory.mask[:, None, :], logits, MASK_VALUE)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    # Softmax in at least float32 (bfloat16 logits are upcast; float64 stays float64).
+    weights = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
     context = jnp.einsum("bqs,bsh->bqh", weights.astype(memory.values.dtype), memory.values)
     return context, weights

@@ -34,8 +34,10 @@ def lstm_bias_init(key, shape, dtype=jnp.float32):
 
 
 def matmul(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
-    """x @ w computed in `dtype` (e.g. bfloat16 on accelerators), result in float32."""
-    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    """x @ w computed in `dtype` (e.g. bfloat16 on accelerators), result in float32 (float64 if
+    `dtype` is float64)."""
+    return jnp.matmul(x.astype(dtype), w.astype(dtype),
+                      preferred_element_type=jnp.promote_types(dtype, jnp.float32))
 
 
 def lstm_cell(gates_in: jax.Array, h: jax.Array, c: jax.Array, w_h: jax.Array, dtype: Any):

@@ -4,7 +4,7 @@ A schedule maps the training step to the probability of feeding the ground-truth
 All schedules move from `start` towards `end` and work on Python ints and traced arrays alike:
 
   constant         start
-  linear           max(end, start - (start - end) * step / decay_steps)
+  linear           start - (start - end) * min(1, step / decay_steps)   (stays at end after)
   exponential      end + (start - end) * k ** step                 (0 < k < 1)
   inverse_sigmoid  end + (start - end) * k / (k + exp(step / k))   (k >= 1)
 """
@@ -26,7 +26,8 @@ def make_schedule(kind: str, *, start: float = 1.0, end: float = 0.0, decay_step
     if kind == "linear":
         if decay_steps < 1:
             raise ValueError(f"linear schedule needs decay_steps >= 1, got {decay_steps}")
-        return lambda step: jnp.maximum(end, start - span * jnp.asarray(step, jnp.float32) / decay_steps)
+        # Clamp the progress, not the value: correct whether end is below or above start.
+        return lambda step: start - span * jnp.minimum(jnp.asarray(step, jnp.float32) / decay_steps, 1.0)
     if kind == "exponential":
         if not 0.0 < k < 1.0:
             raise ValueError(f"exponential schedule needs 0 < k < 1, got {k}")

@@ -6,9 +6,9 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def tiny_config():
-    """configs/tiny.py (synthetic reverse task), as a fresh unlocked ConfigDict per call site."""
+    """configs/tiny.py (synthetic reverse task), a fresh ConfigDict for each test."""
     from configs import tiny
     return tiny.get_config()
 

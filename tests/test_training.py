@@ -1,0 +1,304 @@
+"""Tests for s2s_jax.training and s2s_jax.checkpoints.
+
+References: a float64 numpy cross-entropy (with and without label smoothing), exact leaf-by-leaf
+comparison of saved and restored train states, and an uninterrupted run as the reference for a
+resumed one. Thresholds for the tiny reverse task are the ones configs/tiny.py promises.
+"""
+import functools
+import json
+import logging
+import os
+
+import flax.serialization
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from s2s_jax import PAD_ID, checkpoints, configuration, data, training
+from s2s_jax.models import make_model
+from s2s_jax.schedules import make_schedule
+
+VOCAB = 20  # tiny config: synthetic_vocab_size (ids are the tokens)
+
+
+# ----------------------------------------------------------------------------- helpers
+def flat_state(state) -> dict:
+    """{'params/decoder/w_out': array, 'opt_state/1/0/mu/...': array, 'step': ...}."""
+    flat = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(state), sep="/")
+    return {k: np.asarray(v) for k, v in flat.items()}
+
+
+def assert_states_identical(a, b, equal_nan=False):
+    """Every leaf (step, params, optimizer state) has the same shape, dtype and bits."""
+    fa, fb = flat_state(a), flat_state(b)
+    assert sorted(fa) == sorted(fb)
+    for name in fa:
+        x, y = fa[name], fb[name]
+        assert x.shape == y.shape, name
+        if name == "step":  # a Python int in a fresh state, int32 after a jitted step: compare values
+            assert int(x) == int(y)
+            continue
+        assert x.dtype == y.dtype, name
+        assert np.array_equal(x, y, equal_nan=equal_nan and np.issubdtype(x.dtype, np.floating)), name
+
+
+def tiny_config():
+    """A fresh configs/tiny.py config (imported here: the repo root must be on sys.path, as with
+    `python -m pytest` run from it)."""
+    from configs import tiny
+    return tiny.get_config()
+
+
+def small_config():
+    config = tiny_config()
+    config.optimizer.warmup_steps = 1  # learn from the first step
+    return config
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """The tiny model, a fresh state, a fixed batch and a jitted train_step (compiled once)."""
+    config = small_config()
+    model = make_model(config.model, VOCAB, VOCAB)
+    state = training.init_state(config, model)
+    src, tgt = data.synthetic_task("reverse", 16, VOCAB, 2, 6, seed=0)
+    batch = data.make_batch(src, tgt, list(range(16)), batch_size=16, length=8)
+    step = jax.jit(functools.partial(
+        training.train_step, model=model, tf_schedule=make_schedule("constant"), fast_path_only=True,
+        label_smoothing=0.0, base_rng=jax.random.PRNGKey(0)))
+    return dict(config=config, model=model, state=state, batch=batch, step=step)
+
+
+@pytest.fixture(scope="module")
+def trained(setup):
+    """(state after 30 steps on the fixed batch, the per-step mean losses)."""
+    state, losses = setup["state"], []
+    for _ in range(30):
+        state, metrics = setup["step"](state, setup["batch"])
+        assert bool(metrics["finite"])
+        losses.append(float(metrics["loss_sum"]) / float(metrics["tokens"]))
+    return state, losses
+
+
+# ----------------------------------------------------------------------------- cross_entropy
+def np_cross_entropy(logits, targets, eps):
+    logits = logits.astype(np.float64)
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p = log_p - np.log(np.exp(log_p).sum(-1, keepdims=True))
+    vocab = logits.shape[-1]
+    total, count = 0.0, 0
+    for b, t in np.ndindex(targets.shape):
+        if targets[b, t] == PAD_ID:
+            continue
+        q = np.full(vocab, eps / vocab)
+        q[targets[b, t]] += 1.0 - eps
+        total += -(q * log_p[b, t]).sum()
+        count += 1
+    return total, count
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_cross_entropy_matches_numpy(eps):
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=(3, 5, 7)) * 3).astype(np.float32)
+    targets = rng.integers(1, 7, size=(3, 5)).astype(np.int32)
+    targets[0, 3:] = PAD_ID
+    targets[2, 1:] = PAD_ID
+    loss_sum, tokens = training.cross_entropy(jnp.asarray(logits), jnp.asarray(targets), eps)
+    ref_sum, ref_count = np_cross_entropy(logits, targets, eps)
+    assert float(tokens) == ref_count == 15 - 2 - 4
+    assert float(loss_sum) == pytest.approx(ref_sum, rel=1e-5)
+    # Logits at PAD positions do not matter.
+    noisy = logits.copy()
+    noisy[targets == PAD_ID] = rng.normal(size=noisy[targets == PAD_ID].shape) * 100
+    loss_noisy, _ = training.cross_entropy(jnp.asarray(noisy), jnp.asarray(targets), eps)
+    assert float(loss_noisy) == pytest.approx(float(loss_sum), rel=1e-6)
+
+
+def test_cross_entropy_all_padding_is_zero():
+    loss_sum, tokens = training.cross_entropy(jnp.ones((2, 3, 4)), jnp.zeros((2, 3), jnp.int32), 0.1)
+    assert float(loss_sum) == 0.0 and float(tokens) == 0.0
+
+
+# ----------------------------------------------------------------------------- train_step
+def test_train_step_lowers_loss_on_a_fixed_batch(setup, trained):
+    state, losses = trained
+    assert int(state.step) == 30
+    # Mean token loss falls by more than half in 30 Adam steps at lr 3e-3 on one batch of 16.
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    # The parameters moved and stayed finite.
+    before, after = flat_state(setup["state"]), flat_state(state)
+    assert any(not np.array_equal(before[k], after[k]) for k in before if k.startswith("params/"))
+    assert all(np.all(np.isfinite(v)) for v in after.values())
+
+
+def test_nan_params_give_finite_false_and_leave_state_unchanged(setup, trained):
+    state, _ = trained
+    params = jax.tree.map(lambda x: x, state.params)
+    params["decoder"]["w_out"] = params["decoder"]["w_out"].at[0, 0].set(jnp.nan)
+    bad = state.replace(params=params)
+    new_state, metrics = setup["step"](bad, setup["batch"])
+    assert not bool(metrics["finite"])
+    assert not np.isfinite(float(metrics["loss_sum"]))
+    assert int(new_state.step) == int(bad.step) + 1  # the counter still advances
+    assert_states_identical(new_state.replace(step=bad.step), bad, equal_nan=True)
+
+
+def test_nan_batch_gives_finite_false_and_leaves_state_unchanged(setup, trained):
+    state, _ = trained
+    batch = setup["batch"]
+    src = batch.src.copy()
+    src[0, 0] = 10 ** 6  # an id outside the vocabulary: the embedding lookup gives NaN
+    bad_batch = batch._replace(src=src)
+    new_state, metrics = setup["step"](state, bad_batch)
+    assert not np.isfinite(float(metrics["loss_sum"])), "precondition: this batch must give NaN"
+    assert not bool(metrics["finite"])
+    assert_states_identical(new_state.replace(step=state.step), state)
+    # Training goes on normally with the next good batch.
+    newer_state, metrics = setup["step"](new_state, batch)
+    assert bool(metrics["finite"])
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(newer_state.params),
+                                                         jax.tree.leaves(state.params))]
+    assert any(changed)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(newer_state.params))
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_tiny_model_overfits_reverse_task(tiny_workdir):
+    """configs/tiny.py promises: train loss well under 1 after 300 steps, dev BLEU > 50.
+    Thresholds here: final train_loss < 0.5 and dev_bleu > 50."""
+    with open(os.path.join(tiny_workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(tiny_workdir, "summary.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    train_rows = [r for r in rows if "train_loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(50, 301, 50))
+    assert train_rows[-1]["train_loss"] < 0.5, train_rows[-1]
+    assert train_rows[-1]["train_loss"] < train_rows[0]["train_loss"]
+    dev_rows = [r for r in rows if "dev_bleu" in r]
+    assert dev_rows and dev_rows[-1]["step"] == 300
+    assert summary["steps"] == 300
+    assert summary["dev_bleu"] > 50, summary
+    assert summary["dev_bleu"] == dev_rows[-1]["dev_bleu"]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_checkpoint_save_restore_is_exact(setup, trained, tmp_path):
+    state, _ = trained  # nonzero Adam moments and step count
+    meta = dict(step=int(state.step), window=dict(loss_sum=1.5, tokens=3.0, steps=1, grad_norm_sum=0.5),
+                param_shapes=checkpoints.param_shapes(state.params))
+    store = checkpoints.Checkpoints(str(tmp_path), 2)
+    store.save(int(state.step), state, meta)
+    store.close()
+
+    target = setup["state"]  # fresh init: different values, same structure
+    assert any(not np.array_equal(flat_state(target)[k], v) for k, v in flat_state(state).items())
+    store = checkpoints.Checkpoints(str(tmp_path), 2)
+    restored, restored_meta = store.restore_latest(target)
+    store.close()
+    assert {k: restored_meta[k] for k in meta} == meta  # the store may add records of its own
+    assert_states_identical(restored, state)
+    # The restored parameters and optimizer state train exactly like the originals. (Passed as host
+    # arrays, with the original step object: restored arrays are committed to a device and the
+    # restored counter is not weakly typed, which would only cost another train_step compilation.)
+    a, ma = setup["step"](state, setup["batch"])
+    b, mb = setup["step"](jax.tree.map(np.asarray, restored).replace(step=state.step), setup["batch"])
+    assert float(ma["loss_sum"]) == float(mb["loss_sum"])
+    assert_states_identical(a, b)
+
+
+@pytest.mark.parametrize("change", ["encoder_hidden", "vocabulary"])
+def test_checkpoint_of_another_model_shape_is_refused(setup, tmp_path, change):
+    state = setup["state"]
+    store = checkpoints.Checkpoints(str(tmp_path), 2)
+    store.save(1, state, dict(param_shapes=checkpoints.param_shapes(state.params)))
+    store.close()
+
+    config = small_config()
+    vocab = VOCAB
+    if change == "encoder_hidden":
+        config.model.encoder_hidden = 16
+    else:
+        vocab = VOCAB + 5
+    other = jax.eval_shape(lambda: training.init_state(config, make_model(config.model, vocab, vocab)))
+    ours, theirs = checkpoints.param_shapes(state.params), checkpoints.param_shapes(other.params)
+    differing = [name for name in ours if ours[name] != theirs.get(name)]
+    assert differing
+
+    store = checkpoints.Checkpoints(str(tmp_path), 2)
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        store.restore_latest(other)
+    store.close()
+    assert any(name in str(error.value) for name in differing), str(error.value)
+
+
+# ----------------------------------------------------------------------------- resume
+def read_rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def resume_config(num_train_steps):
+    config = tiny_config()
+    config.num_train_steps = num_train_steps
+    config.checkpoint_every_steps = 50
+    config.data.synthetic_dev_size = 16   # cheap dev evaluation
+    config.eval.batch_size = 16
+    config.data.bucket_boundaries = (12,)  # one batch shape: one train_step compilation per run
+    return config
+
+
+def latest_state(workdir, target):
+    store = checkpoints.Checkpoints(workdir, 2)
+    try:
+        steps = store.steps()
+        state, meta = store.restore_latest(target)
+    finally:
+        store.close()
+    return steps, state, meta
+
+
+def test_resume_continues_at_the_checkpoint_and_matches_an_uninterrupted_run(setup, tmp_path, caplog):
+    resumed, fresh = str(tmp_path / "resumed"), str(tmp_path / "fresh")
+    target = setup["state"]  # same model shapes as resume_config's (vocabulary 20)
+
+    training.train_and_evaluate(resume_config(100), resumed)
+    first_rows = read_rows(resumed)
+    assert [r["step"] for r in first_rows if "train_loss" in r] == [50, 100]
+    steps, _, meta = latest_state(resumed, target)
+    assert steps[-1] == 100 and meta["step"] == 100
+
+    with caplog.at_level(logging.INFO, logger="s2s_jax.training"):
+        summary = training.train_and_evaluate(resume_config(150), resumed)
+    assert any("resumed" in r.getMessage() and "step 100" in r.getMessage() for r in caplog.records)
+    rows = read_rows(resumed)
+    assert rows[:len(first_rows)] == first_rows  # history up to step 100 kept as it was
+    new_rows = rows[len(first_rows):]
+    assert [r["step"] for r in new_rows] == [150, 150]  # one train row, one dev row, nothing else
+    assert [r["step"] for r in rows if "train_loss" in r] == [50, 100, 150]
+    assert summary["steps"] == 150
+    with open(os.path.join(resumed, "summary.json"), encoding="utf-8") as f:
+        assert json.load(f)["steps"] == 150
+
+    training.train_and_evaluate(resume_config(150), fresh)
+    fresh_rows = read_rows(fresh)
+    assert [r["step"] for r in fresh_rows if "train_loss" in r] == [50, 100, 150]
+
+    # Exact resume: the same final state, bit for bit, and the same logged numbers.
+    steps_a, state_a, _ = latest_state(resumed, target)
+    steps_b, state_b, _ = latest_state(fresh, target)
+    assert steps_a[-1] == steps_b[-1] == 150 and int(state_a.step) == 150
+    assert_states_identical(state_a, state_b)
+    for key in ("train_loss", "grad_norm"):
+        assert new_rows[0][key] == fresh_rows[-2][key], key
+    for key in ("dev_loss", "dev_bleu"):
+        assert new_rows[1][key] == fresh_rows[-1][key], key
+
+    # A workdir made with another model shape is refused before anything runs, naming the key.
+    other = resume_config(200)
+    other.model.encoder_hidden = 16
+    with pytest.raises(configuration.ConfigError, match="encoder_hidden"):
+        training.train_and_evaluate(other, resumed)
