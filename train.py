@@ -2,16 +2,23 @@
 
   python train.py --config=configs/demo.py --workdir=runs/demo [--config.model.attention=concat ...]
 
-Rerunning the same command on the same workdir resumes from its last checkpoint.
+Rerunning the same command on the same workdir resumes from its last checkpoint. Bad input (an
+unknown config key or a value of the wrong type, a missing or malformed data file, a workdir made
+for another model, a checkpoint that cannot be written, a non-finite loss) ends the run with one
+`error: ...` line and exit status 2; SIGINT / SIGTERM save a checkpoint first and exit with
+128 + the signal number.
 """
+import difflib
 import logging
+import runpy
+import shlex
 import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from s2s_jax import training
+from s2s_jax import checkpoints, configuration, data, training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizers, metrics and plots.")
@@ -19,16 +26,85 @@ config_flags.DEFINE_config_file("config", None, "Training config file (a get_con
                                 lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
+USAGE_ERROR = 2  # bad flags, config, data or workdir: nothing was trained
+
+
+def _fail(message: str) -> None:
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    sys.exit(USAGE_ERROR)
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+    """Names the first --config.<key> override whose key the config file does not have."""
+    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if config_arg is None:
+        return None
+    path, _, arg = config_arg.partition(":")
+    try:
+        module = runpy.run_path(path)
+        config = module["get_config"](arg) if arg else module["get_config"]()
+    except Exception:  # noqa: BLE001 - the caller reports the original error
+        return None
+    for item in argv:
+        if not item.startswith("--config."):
+            continue
+        key = item[len("--config."):].split("=", 1)[0]
+        node, parts = config, key.split(".")
+        for depth, part in enumerate(parts):
+            if hasattr(node, "keys") and part in node.keys():
+                node = node[part]
+                continue
+            where = ".".join(parts[:depth])
+            close = difflib.get_close_matches(part, list(node.keys()) if hasattr(node, "keys") else [], n=1)
+            hint = f"; did you mean {'.'.join(parts[:depth] + [close[0]])!r}?" if close else ""
+            return (f"unknown config key {key!r} in {item} ({where or 'the config'} has no {part!r} "
+                    f"in {path}){hint}")
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every error (and config loading) reported as one line, status 2."""
+    try:
+        rest = FLAGS(argv)
+        FLAGS.config.keys()  # a config file that failed to load raises only when first used
+        return rest
+    except flags.Error as error:  # wrong type, missing required flag: the message names the flag
+        _fail(error)
+    except (KeyError, AttributeError, TypeError, ValueError, OSError, SyntaxError) as error:
+        unknown = _unknown_override(argv)
+        if unknown:
+            _fail(unknown)
+        # config_flags wraps errors in multi-line reports (a traceback, the paths it tried): the
+        # last line is the cause.
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [repr(error)]
+        config_arg = next((a for a in argv if a.startswith("--config=")), "--config")
+        _fail(f"{config_arg}: {lines[-1]}")
+    return []  # unreachable
+
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
     logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S", force=True)
     logging.getLogger("s2s_jax").setLevel(logging.INFO)
-    training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    command = shlex.join(["python"] + sys.argv)
+    try:
+        training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except training.Interrupted as interrupted:
+        print(f"resume with: {command}", flush=True)  # training logged where the checkpoint is
+        sys.exit(interrupted.code)
+    except (data.DataError, configuration.ConfigError, checkpoints.CheckpointError,
+            training.NonFiniteError) as error:
+        _fail(error)
+    except OSError as error:  # e.g. disk full or read-only while writing metrics or tokenizers
+        _fail(f"{error.filename or FLAGS.workdir}: {error.strerror or error}")
+    except KeyboardInterrupt:
+        print("interrupted without saving a checkpoint; the last complete one is kept; rerun the same "
+              f"command to resume from it: {command}", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,5 +1,6 @@
 """Config checks that run before anything is compiled or written, and the workdir's config.json."""
 import json
+import math
 import os
 
 import ml_collections
@@ -24,6 +25,12 @@ POSITIVE = (
     "model.encoder_hidden", "model.encoder_layers", "model.decoder_hidden", "model.decoder_layers",
     "model.attention_dim", "eval.batch_size", "eval.max_decode_len", "eval.beam_size",
 )
+NON_NEGATIVE = ("seed", "optimizer.warmup_steps", "data.max_train_pairs", "data.max_dev_pairs",
+                "data.synthetic_train_size", "data.synthetic_dev_size", "data.synthetic_seed")
+REALS = ("optimizer.learning_rate", "optimizer.b1", "optimizer.b2", "optimizer.clip_norm",
+         "optimizer.label_smoothing", "model.dropout", "eval.alpha", "teacher_forcing.start",
+         "teacher_forcing.end", "teacher_forcing.k")
+BOOLS = ("model.bidirectional", "model.reverse_source", "model.input_feeding")
 # Keys that fix the parameter shapes or the vocabulary: a workdir cannot change them.
 SHAPE_KEYS = ("model", "data.task", "data.vocab_size", "data.spm_model_type", "data.src_lang",
               "data.tgt_lang", "data.synthetic_vocab_size")
@@ -49,6 +56,17 @@ def check(config: ml_collections.ConfigDict) -> None:
         value = _get(config, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"config: {key}={value!r} must be a positive integer")
+    for key in NON_NEGATIVE:
+        value = _get(config, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"config: {key}={value!r} must be an integer >= 0")
+    for key in REALS:
+        value = _get(config, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"config: {key}={value!r} must be a finite number")
+    for key in BOOLS:
+        if not isinstance(_get(config, key), bool):
+            raise ConfigError(f"config: {key}={_get(config, key)!r} must be True or False")
     boundaries = list(config.data.bucket_boundaries)
     if boundaries != sorted(set(boundaries)) or boundaries[-1] < config.data.max_len + 1:
         raise ConfigError(f"config: data.bucket_boundaries={tuple(boundaries)} must increase and end at "
@@ -78,11 +96,15 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
+    saved = _read_json(path)
     current = to_json(config)
     for key in SHAPE_KEYS:
-        old, new = _get(saved, key), _get(current, key)
+        try:
+            old = _get(saved, key)
+        except (KeyError, TypeError):
+            raise ConfigError(f"{path}: has no {key}; this workdir was made by another version or "
+                              "program; use a new --workdir") from None
+        new = _get(current, key)
         if old != new:
             difference = next((f"{key}.{k}: {old.get(k)!r} there, {new.get(k)!r} here"
                                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)),
@@ -91,14 +113,25 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
                               f"({difference}); use a new --workdir")
 
 
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path}: unreadable ({error})") from error
+
+
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    """Writes workdir/config.json atomically (a killed run leaves the old file or the new one)."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
         json.dump(to_json(config), f, indent=2, sort_keys=True)
+    os.replace(f"{path}.tmp", path)
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"{path}: missing; is {workdir} a training workdir?")
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(_read_json(path))

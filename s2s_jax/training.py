@@ -396,7 +396,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             return
         last = (f"step {store.good_step} in {store.directory}" if store.good_step is not None
                 else f"none yet in {store.directory}")
-        message = (f"non-finite loss or gradient at step {step + 1} (training batch {step}); "
+        loss, grad_norm = float(m["loss_sum"]), float(m["grad_norm"])
+        what = (f"loss ({loss})" if not np.isfinite(loss) else
+                f"gradient (norm {grad_norm})" if not np.isfinite(grad_norm) else "parameters after the update")
+        message = (f"non-finite loss or gradient at step {step + 1} (training batch {step}): {what}; "
                    f"the update was not applied; last good checkpoint: {last}")
         if config.on_nonfinite == "stop":
             raise NonFiniteError(f"{message}; nothing was saved after it. Rerun with "
@@ -438,8 +441,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 log.write(done, {k: v for k, v in row.items() if v is not None})
                 seconds_per_step = elapsed / max(window.steps + window.skipped - timer["steps"], 1)
                 logger.info("step %d/%d | loss %.3f | %s tok/s | tf %.2f | %s elapsed, ~%s left",
-                             done, config.num_train_steps, row["train_loss"] if window.steps else float("nan"),
-                             f"{tokens_per_s:,.0f}",
+                             done, config.num_train_steps,
+                             row["train_loss"] if window.steps else float("nan"), f"{tokens_per_s:,.0f}",
                              row["tf_ratio"], _duration(row["elapsed_s"]),
                              _duration(seconds_per_step * (config.num_train_steps - done)))
                 window = Window()
