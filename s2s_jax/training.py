@@ -121,7 +121,7 @@ def train_step(state: TrainState, batch: data.Batch, *, model: Seq2Seq, tf_sched
         return loss_sum / jnp.maximum(tokens, 1.0), (loss_sum, tokens)
 
     (_, (loss_sum, tokens)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updated = state.apply_gradients(grads=grads)
     # Finite loss and gradient can still overflow the parameters (an absurd learning rate).
     params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(updated.params)]))
