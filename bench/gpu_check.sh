@@ -2,11 +2,12 @@
 # The accelerator check, in one call (about 2.5 minutes on an H200, start-up not counted):
 #   1. train-step throughput, ours vs the anchors' plain JAX and PyTorch loop, small and large;
 #   2. the attention tests on the GPU backend (the decoding tests passed there earlier).
-# Usage on the device machine (carry .whl: ml_collections, tensorboardX):
+# Usage on the device machine (carry .whl: ml_collections, tensorboardX wheels; and .anchors:
+# a copy of ../shared/anchors/rnn_bench.py, since ../shared does not travel):
 #   bench/gpu_check.sh OUTDIR
 set -u
 out=${1:-bench/results}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-timeout 100 python3 bench/train_speed.py --configs small,large --steps 10 --out "$out/train_speed_gpu.json"
+timeout 100 python3 bench/train_speed.py --anchor .anchors/rnn_bench.py --configs small,large --steps 10 --out "$out/train_speed_gpu.json"
 timeout 45 python3 -m pytest -q -x -p no:cacheprovider tests/test_attention.py 2>&1 | tail -3

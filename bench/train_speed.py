@@ -30,8 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ANCHOR = os.path.join(HERE, "..", "..", "shared", "anchors", "rnn_bench.py")
 
 
-def load_anchor():
-    spec = importlib.util.spec_from_file_location("rnn_bench", ANCHOR)
+def load_anchor(path: str):
+    spec = importlib.util.spec_from_file_location("rnn_bench", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -75,10 +75,11 @@ def main():
     ap.add_argument("--configs", default="small")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--anchors", default="jax,torch")
+    ap.add_argument("--anchor", default=ANCHOR, help="path of the anchors' rnn_bench.py")
     ap.add_argument("--dtype", default="float32", help="our matmul dtype (bfloat16 on accelerators)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "train_speed.json"))
     args = ap.parse_args()
-    anchor = load_anchor()
+    anchor = load_anchor(args.anchor)
     device = "cuda" if jax.default_backend() == "gpu" else "cpu"
     rows = []
     for name in args.configs.split(","):

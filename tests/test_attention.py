@@ -15,6 +15,13 @@ B, Q, S, HD, HE, A = 3, 2, 6, 5, 4, 7  # batch, queries, source, query dim, memo
 LENGTHS = np.array([6, 3, 1])           # one full row, one half padded, one with a single token
 
 
+@pytest.fixture(autouse=True)
+def full_float32_matmuls():
+    """Compare float32 maths with float64 references: no TF32 / bf16-pass matmuls on GPUs."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def dims(score):
     """(query_dim, memory_dim): dot products need equal sizes."""
     return (HE, HE) if score in ("dot", "scaled_dot") else (HD, HE)
