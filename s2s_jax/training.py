@@ -175,7 +175,7 @@ class Evaluator:
         self.batches = data.eval_batches(corpus.dev_src, corpus.dev_tgt, batch_size=config.eval.batch_size,
                                          boundaries=config.data.bucket_boundaries)
         self.eval_step = jax.jit(functools.partial(eval_step, model=model))
-        self.signature_logged = False
+        self.signature: str | None = None  # sacrebleu's, logged at the first evaluation
 
     def __call__(self, params) -> dict:
         loss_sum = tokens = 0.0
@@ -190,9 +190,9 @@ class Evaluator:
             suffix = "" if search == "greedy" else "_beam"
             result[f"dev_bleu{suffix}"] = bleu
             result[f"dev_chrf{suffix}"] = metrics.chrf_score(hyps, self.corpus.dev_tgt_text)
-            if not self.signature_logged:
+            if self.signature is None:
                 logger.info("dev BLEU: sacrebleu %s", signature)
-                self.signature_logged = True
+                self.signature = signature
         return result
 
     def translate(self, params, search: str) -> list[str]:
@@ -468,10 +468,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not dev:  # resumed a finished run
         dev = evaluator(state.params)
     summary = dict(dev, steps=config.num_train_steps, wall_s=time.time() - started,
-                   compilations=stats.count, compile_s=stats.seconds, parameters=param_count)
+                   compilations=stats.count, compile_s=stats.seconds,
+                   train_step_shapes=len(batches.shapes), parameters=param_count,
+                   bleu_signature=evaluator.signature)
     _write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
+    beam = (f" | beam {config.eval.beam_size} BLEU {dev['dev_bleu_beam']:.2f}"
+            if "dev_bleu_beam" in dev else "")
     print(f"final | step {config.num_train_steps} | dev loss {dev['dev_loss']:.3f} | "
-          f"dev ppl {dev['dev_ppl']:.1f} | dev BLEU {dev['dev_bleu']:.2f} (greedy, sacrebleu) | "
+          f"dev ppl {dev['dev_ppl']:.1f} | dev BLEU {dev['dev_bleu']:.2f} (greedy){beam} | "
           f"chrF {dev['dev_chrf']:.1f} | {_duration(summary['wall_s'])} | "
-          f"{stats.count} compilations, {stats.seconds:.0f}s compiling", flush=True)
+          f"{stats.count} compilations, {stats.seconds:.0f}s compiling | sacrebleu {evaluator.signature}",
+          flush=True)
     return summary
