@@ -3,7 +3,8 @@
 Command:
   python train.py --config=configs/tiny.py --workdir=runs/tiny
 
-Expect: train loss falls from ~3.0 to well under 1.0 in 300 steps; dev BLEU (on id tokens) > 50.
+Expect (measured on 2 CPU cores): ~25 s including ~20 s of compilation; train loss 2.7 at step 50,
+0.11 at step 300; dev loss 0.135, dev BLEU 93 (sacrebleu on the id tokens).
 """
 from configs import default
 
