@@ -62,9 +62,15 @@ def dropout(x: jax.Array, rate: float, train: bool) -> jax.Array:
 
 
 class LSTMLayer(nn.Module):
-    """One unidirectional LSTM over [B, S, D] with per-row lengths."""
+    """One unidirectional LSTM over [B, S, D] with per-row lengths.
+
+    `reverse` reads each row from its last real token back to the first: the scan runs from S-1
+    down to 0 and the carry stays at its initial zeros over the trailing padding, so no gather is
+    needed to reverse the rows.
+    """
     hidden: int
     dtype: Any = jnp.float32
+    reverse: bool = False
 
     @nn.compact
     def __call__(self, inputs: jax.Array, lengths: jax.Array):
@@ -84,7 +90,8 @@ class LSTMLayer(nn.Module):
 
         zeros = jnp.zeros((inputs.shape[0], self.hidden), jnp.float32)
         final, outputs = jax.lax.scan(step, (zeros, zeros),
-                                      (gates_in.swapaxes(0, 1), valid.swapaxes(0, 1)))
+                                      (gates_in.swapaxes(0, 1), valid.swapaxes(0, 1)),
+                                      reverse=self.reverse)
         return outputs.swapaxes(0, 1), final                          # [B, S, H]
 
 
@@ -118,9 +125,9 @@ class Encoder(nn.Module):
             forward, (h_fw, _) = LSTMLayer(self.hidden, self.dtype, name=f"layer{layer}_fw")(x, src_len)
             outputs, finals = [forward], [h_fw]
             if self.bidirectional:
-                backward, (h_bw, _) = LSTMLayer(self.hidden, self.dtype, name=f"layer{layer}_bw")(
-                    reverse_padded(x, src_len), src_len)
-                outputs.append(reverse_padded(backward, src_len))
+                backward, (h_bw, _) = LSTMLayer(self.hidden, self.dtype, reverse=True,
+                                                name=f"layer{layer}_bw")(x, src_len)
+                outputs.append(backward)
                 finals.append(h_bw)
             x = jnp.concatenate(outputs, axis=-1)                     # [B, S, output_dim]
             if layer + 1 < self.num_layers:
