@@ -285,6 +285,22 @@ class Window:
         return dict(loss_sum=self.loss_sum, tokens=self.tokens, steps=self.steps,
                     grad_norm_sum=self.grad_norm_sum, skipped=self.skipped)
 
+    def averages(self) -> dict:
+        """train_loss (per token) and grad_norm over the applied steps; nonfinite_skipped if any."""
+        row = {}
+        if self.steps:
+            row.update(train_loss=self.loss_sum / max(self.tokens, 1.0),
+                       grad_norm=self.grad_norm_sum / self.steps)
+        if self.skipped:
+            row["nonfinite_skipped"] = self.skipped
+        return row
+
+
+def _progress_line(done: int, total: int, row: dict, seconds_per_step: float) -> str:
+    return (f"step {done}/{total} | loss {row.get('train_loss', float('nan')):.3f} | "
+            f"{row['tokens_per_s']:,.0f} tok/s | tf {row['tf_ratio']:.2f} | "
+            f"{_duration(row['elapsed_s'])} elapsed, ~{_duration(seconds_per_step * (total - done))} left")
+
 
 # ----------------------------------------------------------------------------- the loop
 class _Signals:
@@ -408,7 +424,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logger.warning("%s; skipped (on_nonfinite='skip')", message)
 
     signals = _Signals()
-    timer = dict(time=time.time(), tokens=0.0, steps=0)
+    clock = dict(time=time.time(), tokens=window.tokens, steps=window.steps + window.skipped)
     dev = {}
     pending = None  # metrics of the previous step, read after the next step is dispatched
     try:
@@ -429,31 +445,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             window.add(pending[1])
             pending = None
             if done % config.log_every_steps == 0 or is_last:
-                elapsed = time.time() - timer["time"]
-                tokens_per_s = (window.tokens - timer["tokens"]) / max(elapsed, 1e-9)
-                row = dict(train_loss=window.loss_sum / max(window.tokens, 1.0) if window.steps else None,
-                           grad_norm=window.grad_norm_sum / window.steps if window.steps else None,
-                           tf_ratio=float(step_metrics["tf_ratio"]),
-                           learning_rate=float(learning_rate(step)), tokens_per_s=tokens_per_s,
+                elapsed = time.time() - clock["time"]
+                row = dict(window.averages(), tf_ratio=float(step_metrics["tf_ratio"]),
+                           learning_rate=float(learning_rate(step)),
+                           tokens_per_s=(window.tokens - clock["tokens"]) / max(elapsed, 1e-9),
                            elapsed_s=time.time() - started)
-                if window.skipped:
-                    row["nonfinite_skipped"] = window.skipped
-                log.write(done, {k: v for k, v in row.items() if v is not None})
-                seconds_per_step = elapsed / max(window.steps + window.skipped - timer["steps"], 1)
-                logger.info("step %d/%d | loss %.3f | %s tok/s | tf %.2f | %s elapsed, ~%s left",
-                             done, config.num_train_steps,
-                             row["train_loss"] if window.steps else float("nan"), f"{tokens_per_s:,.0f}",
-                             row["tf_ratio"], _duration(row["elapsed_s"]),
-                             _duration(seconds_per_step * (config.num_train_steps - done)))
+                log.write(done, row)
+                steps_timed = max(window.steps + window.skipped - clock["steps"], 1)
+                logger.info("%s", _progress_line(done, config.num_train_steps, row, elapsed / steps_timed))
                 window = Window()
-                timer = dict(time=time.time(), tokens=0.0, steps=0)
+                clock = dict(time=time.time(), tokens=0.0, steps=0)
             dev_bleu = None
             if done % config.eval_every_steps == 0 or is_last:
                 dev = evaluator(state.params)
                 dev_bleu = dev["dev_bleu"]
                 log.write(done, dev)
                 logger.info("eval step %d | %s", done, " | ".join(f"{k} {v:.3f}" for k, v in dev.items()))
-                timer["time"] = time.time()  # evaluation time is not training time
+                clock["time"] = time.time()  # evaluation time is not training time
             if done % config.checkpoint_every_steps == 0 or is_last or signals.received or dev_bleu is not None:
                 save(done, dev_bleu)
             if signals.received:
