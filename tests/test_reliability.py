@@ -691,10 +691,14 @@ def test_disk_full_during_checkpoint_write(env, wrapper, baseline, tmp_path, dis
     ckpt_dir = os.path.join(workdir, "checkpoints")
     match = re.fullmatch(r"error: cannot write checkpoint step (\d+) to (\S+): .*No space left on device.*; "
                          r"previous checkpoint: step (\d+) in (\S+), intact", error)
-    assert match and match.group(4) == ckpt_dir, error
-    assert match.group(2) in (ckpt_dir, os.path.join(workdir, "best")), error
-    failed, previous = int(match.group(1)), int(match.group(3))
-    assert previous == max(_steps(ckpt_dir)) and failed > previous
+    if match:
+        assert match.group(4) == ckpt_dir, error
+        assert match.group(2) in (ckpt_dir, os.path.join(workdir, "best")), error
+        failed, previous = int(match.group(1)), int(match.group(3))
+        assert previous == max(_steps(ckpt_dir)) and failed > previous
+    else:  # a real full disk can also hit metrics.jsonl or the TensorBoard events first
+        assert disk == "tmpfs" and "No space left on device" in error, error
+        previous = max(_steps(ckpt_dir))
     leaves, meta = _restore_raw(ckpt_dir, previous)  # the previous checkpoint restores fine
     assert meta["step"] == previous and int(leaves["step"]) == previous
 
