@@ -27,7 +27,6 @@ import logging
 import os
 import signal
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -9,7 +9,6 @@ import os
 import re
 
 import numpy as np
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "## Beam search from your own code"

@@ -380,7 +380,7 @@ def test_nonfinite_step_stops_with_step_and_last_good_checkpoint(env, wrapper, t
     result = _run(env, workdir, script=wrapper, S2S_BAD_BATCH="50")
     error = _one_error_line(result)
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    assert (f"non-finite loss or gradient at step 51 (training batch 50)" in error
+    assert ("non-finite loss or gradient at step 51 (training batch 50)" in error
             and f"last good checkpoint: step 40 in {ckpt_dir}" in error), error
     assert _all_finite(ckpt_dir) == [20, 40]
     assert _all_finite(os.path.join(workdir, "best")) == []
