@@ -2,11 +2,18 @@
 
   python train.py --config=configs/demo.py --workdir=runs/demo [--config.model.attention=concat ...]
 
-Rerunning the same command on the same workdir resumes from its last checkpoint. Bad input (an
-unknown config key or a value of the wrong type, a missing or malformed data file, a workdir made
-for another model, a checkpoint that cannot be written, a non-finite loss) ends the run with one
-`error: ...` line and exit status 2; SIGINT / SIGTERM save a checkpoint first and exit with
-128 + the signal number.
+Override any field of the config file with --config.<group>.<key>=<value>, or --config.<key>=<value>
+for a top-level one: --config.seed=1 --config.optimizer.learning_rate=3e-4
+--config.data.bucket_boundaries='(16,32,65)'. Every field is documented by the comment above it in
+configs/default.py (demo.py and tiny.py override some); valid ranges: s2s_jax/configuration.py.
+
+Rerunning the same command on the same workdir resumes from its last checkpoint; the logging,
+evaluation, checkpoint and eval.* settings may change, a setting that would change the training
+trajectory may not. Bad input (an unknown config key or a value of the wrong type or out of range,
+a missing or malformed data file, a workdir made for another model or with other settings, a
+workdir in use by another run, a checkpoint that cannot be written, a non-finite loss) ends the
+run with one `error: ...` line and exit status 2; SIGINT / SIGTERM save a checkpoint first and exit
+with 128 + the signal number.
 """
 import difflib
 import logging
@@ -22,8 +29,9 @@ from s2s_jax import checkpoints, configuration, data, training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizers, metrics and plots.")
-config_flags.DEFINE_config_file("config", None, "Training config file (a get_config() module).",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Training config file (a get_config() module), e.g. configs/demo.py; override its "
+    "fields with --config.<group>.<key>=<value> (documented in configs/default.py).", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
 USAGE_ERROR = 2  # bad flags, config, data or workdir: nothing was trained

@@ -1,6 +1,6 @@
 """Training-step throughput: s2s_jax's jitted train_step beside the anchor implementations.
 
-Runs, in one process and on the same random full-length batch shape, our `training.train_step`
+Runs, in one process and on the same random full-length batch shape, our `steps.train_step`
 (the Seq2Seq model configured like the anchor: bidirectional encoder H/2 per direction, decoder H,
 Luong general attention, input feeding, Adam) and the anchor's plain-JAX and PyTorch steps from
 `../shared/anchors/rnn_bench.py` (PyTorch only if it is installed). Speeds are only comparable as
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from s2s_jax import data, schedules, training
+from s2s_jax import data, schedules, steps
 from s2s_jax.models import Seq2Seq
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,7 +37,7 @@ def load_anchor(path: str):
     return module
 
 
-def bench_ours(cfg: dict, steps: int, dtype: str) -> dict:
+def bench_ours(cfg: dict, num_steps: int, dtype: str) -> dict:
     """Seconds per step and compile seconds of s2s_jax's train_step on the anchor's shapes."""
     B, S, T, E, H, V = (cfg[k] for k in "BSTEHV")
     model = Seq2Seq(V, V, embed_dim=E, encoder_hidden=H // 2, decoder_hidden=H, attention="general",
@@ -46,14 +46,14 @@ def bench_ours(cfg: dict, steps: int, dtype: str) -> dict:
                                          b2=0.999, clip_norm=0.0, label_smoothing=0.0))
     config = ml_collections.ConfigDict(dict(seed=0, num_train_steps=1000, optimizer=opt,
                                             data=dict(bucket_boundaries=(S,))))
-    state = training.init_state(config, model)
+    state = steps.init_state(config, model)
     rng = np.random.default_rng(0)
     tgt = rng.integers(4, V, (B, T + 1)).astype(np.int32)
     batch = data.Batch(src=jnp.asarray(rng.integers(4, V, (B, S)), jnp.int32),
                        src_len=jnp.full((B,), S, jnp.int32), tgt_in=jnp.asarray(tgt[:, :-1]),
                        tgt_out=jnp.asarray(tgt[:, 1:]), index=jnp.arange(B, dtype=jnp.int32))
     step = jax.jit(functools.partial(
-        training.train_step, model=model, tf_schedule=schedules.make_schedule("constant"),
+        steps.train_step, model=model, tf_schedule=schedules.make_schedule("constant"),
         fast_path_only=True, label_smoothing=0.0, base_rng=jax.random.PRNGKey(0)), donate_argnums=0)
     t0 = time.perf_counter()
     state, metrics = step(state, batch)
@@ -63,10 +63,10 @@ def bench_ours(cfg: dict, steps: int, dtype: str) -> dict:
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     t0 = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(num_steps):
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
-    seconds = (time.perf_counter() - t0) / steps
+    seconds = (time.perf_counter() - t0) / num_steps
     return dict(step_s=seconds, compile_s=compile_s, loss=float(metrics["loss_sum"] / metrics["tokens"]))
 
 

@@ -8,6 +8,10 @@ feeding (8,580,416 parameters with the 8000-piece vocabularies). Measured on 2 C
 per full-length 64x40 step when idle (bench/train_speed.py), ~4,200 tokens/s on the corpus while
 other jobs shared the cores; so 12k steps take roughly an hour. The full run's BLEU has not been
 measured yet (BUILD_NOTES.md).
+
+Each field's valid range is in s2s_jax/configuration.py (RANGES, CHOICES); configuration.check
+enforces them before anything is compiled or written. Override any field on the command line with
+--config.<group>.<key>=<value>, e.g. --config.teacher_forcing.k=500.
 """
 import ml_collections
 
@@ -40,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.src_lang = "es"
     # Target language suffix.
     data.tgt_lang = "en"
-    # Sentencepiece vocabulary size, per side.
+    # Sentencepiece vocabulary size, per side (>= 6: 4 special ids, the word boundary, a character).
     data.vocab_size = 8000
     # Sentencepiece model type: "unigram" or "bpe".
     data.spm_model_type = "unigram"
@@ -120,8 +124,9 @@ def get_config() -> ml_collections.ConfigDict:
     tf.end = 0.0
     # Linear schedule: steps from start to end.
     tf.decay_steps = 10_000
-    # Exponential: base k < 1; inverse_sigmoid: k >= 1 (larger = slower decay).
-    tf.k = 1.0
+    # Exponential: base 0 < k < 1; inverse_sigmoid: k >= 1 (larger = slower decay); 0 = auto: the
+    # ratio passes halfway from start to end at num_train_steps / 2 (s2s_jax/schedules.py).
+    tf.k = 0.0
 
     config.eval = ev = ml_collections.ConfigDict()
     # Sentences per decoding batch.

@@ -21,7 +21,7 @@ def get_config():
     config.checkpoint_every_steps = 100
     # Reverse a sequence of symbols.
     config.data.task = "reverse"
-    # Sequences of 2..10 symbols fit the 16 bucket.
+    # Two batch shapes: sequences of 2..7 symbols (+ EOS) pad to 8, of 8..10 symbols to 12.
     config.data.bucket_boundaries = (8, 12)
     # Longest sequence kept (must fit the last bucket with EOS).
     config.data.max_len = 11
@@ -43,6 +43,6 @@ def get_config():
     config.optimizer.warmup_steps = 20
     # Dev decoding batch.
     config.eval.batch_size = 64
-    # Outputs are at most 11 symbols + EOS.
+    # Outputs are at most 10 symbols + EOS; 16 leaves room to see a model that does not stop.
     config.eval.max_decode_len = 16
     return config

@@ -7,8 +7,12 @@ small set, so a jitted train step compiles once per bucket.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import io
+import json
 import os
+import re
+import shutil
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -98,15 +102,15 @@ def _content_ids(row) -> list[int]:
 class Tokenizer:
     """Thin wrapper over a sentencepiece model with ids PAD=0 BOS=1 EOS=2 UNK=3."""
 
-    def __init__(self, sp: spm.SentencePieceProcessor, model_path: str):
+    def __init__(self, sp: spm.SentencePieceProcessor):
         self.sp = sp
-        self.model_path = model_path
 
     @classmethod
-    def train(cls, lines: list[str], model_path: str, vocab_size: int, model_type: str = "unigram") -> Tokenizer:
-        """Trains deterministically on in-memory lines, writes model_path, returns the loaded tokenizer.
+    def train(cls, lines: list[str], vocab_size: int, model_type: str = "unigram") -> Tokenizer:
+        """Trains deterministically on lines, in memory (save_tokenizers writes the model).
 
         vocab_size is an upper bound: a corpus too small for it yields a smaller vocabulary.
+        ValueError (one line) when sentencepiece cannot train, e.g. vocab_size below the characters.
         """
         if not lines:
             raise ValueError("cannot train a tokenizer on no lines")
@@ -126,28 +130,32 @@ class Tokenizer:
                 minloglevel=2,
             )
         except RuntimeError as e:
-            raise ValueError(f"sentencepiece training for {model_path} failed: {e}") from e
-        os.makedirs(os.path.dirname(model_path) or ".", exist_ok=True)
-        tmp_path = f"{model_path}.tmp"
-        with open(tmp_path, "wb") as f:
-            f.write(model.getvalue())
-        os.replace(tmp_path, model_path)
-        return cls.load(model_path)
+            reason = " ".join(str(e).split("] ")[-1].split())
+            too_small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", reason)
+            if too_small:
+                raise ValueError(f"vocabulary too small: this text needs at least {too_small[2]} pieces "
+                                 "(one per distinct character, plus the special pieces)") from None
+            raise ValueError(f"sentencepiece cannot train ({reason})") from None
+        return cls(spm.SentencePieceProcessor(model_proto=model.getvalue()))
 
     @classmethod
     def load(cls, model_path: str) -> Tokenizer:
-        """Loads a model written by train(); DataError if missing, unreadable or with other special ids."""
+        """Loads a saved model; DataError if missing, unreadable or with other special ids."""
         if not os.path.isfile(model_path):
             raise _error(model_path, "tokenizer model not found")
-        sp = spm.SentencePieceProcessor()
         try:
-            sp.Load(model_path)
+            with open(model_path, "rb") as f:
+                sp = spm.SentencePieceProcessor(model_proto=f.read())
         except (OSError, RuntimeError) as e:
-            raise _error(model_path, f"cannot load sentencepiece model ({e})") from e
+            raise _error(model_path, f"cannot load sentencepiece model ({' '.join(str(e).split())})") from e
         specials = (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id())
         if specials != (PAD_ID, BOS_ID, EOS_ID, UNK_ID):
             raise _error(model_path, f"special ids (pad, bos, eos, unk) are {specials}, expected (0, 1, 2, 3)")
-        return cls(sp, model_path)
+        return cls(sp)
+
+    def model_proto(self) -> bytes:
+        """The serialized sentencepiece model: the bytes that save_tokenizers writes."""
+        return self.sp.serialized_model_proto()
 
     @property
     def vocab_size(self) -> int:
@@ -234,6 +242,12 @@ def bucket_for(length: int, boundaries: Sequence[int]) -> int:
     """Index of the smallest boundary >= length (boundaries ascending), or -1 if none."""
     i = bisect.bisect_left(boundaries, length)
     return i if i < len(boundaries) else -1
+
+
+def padded_length(length: int, boundaries: Sequence[int]) -> int:
+    """The smallest bucket boundary >= length, else length rounded up to a multiple of 16."""
+    bucket = bucket_for(length, boundaries)
+    return int(boundaries[bucket]) if bucket >= 0 else -(-length // 16) * 16
 
 
 def _check_boundaries(boundaries: Sequence[int]) -> list[int]:
@@ -348,7 +362,7 @@ def eval_batches(src_ids: IdSeqs, tgt_ids: IdSeqs, *, batch_size: int, boundarie
     bounds = _check_boundaries(boundaries)
     lengths = [pair_length(s, t) for s, t in zip(src_ids, tgt_ids)]
     if lengths and max(lengths) > bounds[-1]:
-        bounds.append(-(-max(lengths) // 16) * 16)
+        bounds.append(padded_length(max(lengths), bounds))
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     groups: dict[int, list[int]] = {}
     for i in order:
@@ -381,6 +395,7 @@ class Corpus(NamedTuple):
     dev_src_text: list[str]  # raw dev text; for synthetic tasks the space-joined ids
     dev_tgt_text: list[str]
     stats: dict  # counts: train_pairs_read, train_empty_skipped, train_too_long, train_pairs, dev_pairs, ...
+    provenance: dict | None = None  # what the tokenizers were trained from (provenance.json); None if synthetic
 
 
 def _read_split(cfg, prefix: str, limit: int) -> tuple[list[str], list[str], int]:
@@ -394,21 +409,137 @@ def _read_split(cfg, prefix: str, limit: int) -> tuple[list[str], list[str], int
     return src, tgt, skipped
 
 
-def _tokenizers(cfg, train_src: list[str], train_tgt: list[str], workdir: str) -> tuple[Tokenizer, Tokenizer]:
-    """Loads workdir/tokenizers/{src,tgt}.model if both exist, else trains and saves them."""
-    paths = [os.path.join(workdir, "tokenizers", f"{side}.model") for side in ("src", "tgt")]
-    if all(os.path.isfile(p) for p in paths):
-        return Tokenizer.load(paths[0]), Tokenizer.load(paths[1])
-    return tuple(
-        Tokenizer.train(lines, path, cfg.vocab_size, cfg.spm_model_type)
-        for lines, path in zip((train_src, train_tgt), paths)
+# workdir/tokenizers/ holds these files; provenance.json records what the models were trained from:
+# {"format": 1, "train_src": {"path", "bytes", "sha256"}, "train_tgt": {...}, "src_lang", "tgt_lang",
+#  "max_train_pairs", "vocab_size", "spm_model_type", "models": {"src.model": sha256, "tgt.model": sha256}}
+_MODEL_FILES = ("src.model", "tgt.model")
+_PROVENANCE = "provenance.json"
+_PROVENANCE_FORMAT = 1
+_PROVENANCE_KEYS = ("src_lang", "tgt_lang", "max_train_pairs", "vocab_size", "spm_model_type")
+
+
+def _file_record(path: str) -> dict:
+    """Absolute path, size and sha256 of a file."""
+    with open(path, "rb") as f:
+        content = f.read()
+    return {"path": os.path.abspath(path), "bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+
+
+def _training_record(cfg) -> dict:
+    """The provenance of tokenizers trained for cfg now, without the model hashes."""
+    return {
+        "format": _PROVENANCE_FORMAT,
+        "train_src": _file_record(f"{cfg.train_prefix}.{cfg.src_lang}"),
+        "train_tgt": _file_record(f"{cfg.train_prefix}.{cfg.tgt_lang}"),
+        **{key: cfg[key] for key in _PROVENANCE_KEYS},
+    }
+
+
+def _read_provenance(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise _error(path, f"cannot read tokenizer provenance ({e})") from e
+    if not (isinstance(record, dict) and record.get("format") == _PROVENANCE_FORMAT
+            and isinstance(record.get("models"), dict)):
+        raise _error(path, f"not a tokenizer provenance record of format {_PROVENANCE_FORMAT}")
+    return record
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """'what: old → new' for every training file (by content) and data setting that differs."""
+
+    def describe(file: dict) -> str:
+        return f"{file.get('path')} ({file.get('bytes')} bytes, sha256 {str(file.get('sha256'))[:12]})"
+
+    diffs = []
+    for side in ("train_src", "train_tgt"):
+        was = old.get(side) if isinstance(old.get(side), dict) else {}
+        if (was.get("bytes"), was.get("sha256")) != (new[side]["bytes"], new[side]["sha256"]):
+            diffs.append(f"training file {describe(was)} → {describe(new[side])}")
+    diffs.extend(
+        f"data.{key}: {old.get(key)!r} → {new[key]!r}" for key in _PROVENANCE_KEYS if old.get(key) != new[key]
     )
+    return diffs
+
+
+def _saved_tokenizers(folder: str, record: dict) -> tuple[Tokenizer, Tokenizer, dict]:
+    """Loads the tokenizers of `folder` after checking their provenance against `record`."""
+    path = os.path.join(folder, _PROVENANCE)
+    remedy = f"use a new --workdir, or delete {folder} to train new tokenizers"
+    if not os.path.isfile(path):
+        raise _error(path, f"missing, so nothing says what the tokenizers in {folder} were trained from "
+                           f"(made by an older version or an interrupted run); {remedy}")
+    old = _read_provenance(path)
+    diffs = _differences(old, record)
+    if diffs:
+        differences = "; ".join(diffs)
+        raise _error(path, f"the saved tokenizers were trained from other data or settings ({differences}); {remedy}")
+    tokenizers = []
+    for name in _MODEL_FILES:
+        model_path = os.path.join(folder, name)
+        tokenizers.append(Tokenizer.load(model_path))
+        digest = _file_record(model_path)["sha256"]
+        if digest != old["models"].get(name):
+            raise _error(model_path, f"sha256 {digest[:12]} differs from the one in {_PROVENANCE}; {remedy}")
+    return tokenizers[0], tokenizers[1], old
+
+
+def _tokenizers(cfg, train_src: list[str], train_tgt: list[str], workdir: str) -> tuple[Tokenizer, Tokenizer, dict]:
+    """The tokenizers of workdir/tokenizers/ if made from the same data, else new ones trained in
+    memory; with their provenance. Writes nothing (save_tokenizers does)."""
+    record = _training_record(cfg)
+    folder = os.path.join(workdir, "tokenizers")
+    if any(os.path.exists(os.path.join(folder, name)) for name in (*_MODEL_FILES, _PROVENANCE)):
+        return _saved_tokenizers(folder, record)
+    tokenizers = []
+    for lines, lang in zip((train_src, train_tgt), (cfg.src_lang, cfg.tgt_lang)):
+        try:
+            tokenizers.append(Tokenizer.train(lines, cfg.vocab_size, cfg.spm_model_type))
+        except ValueError as e:
+            raise _error(f"{cfg.train_prefix}.{lang}", f"data.vocab_size={cfg.vocab_size} "
+                                                       f"(data.spm_model_type={cfg.spm_model_type}): {e}") from e
+    models = {name: hashlib.sha256(tok.model_proto()).hexdigest() for name, tok in zip(_MODEL_FILES, tokenizers)}
+    return tokenizers[0], tokenizers[1], {**record, "models": models}
+
+
+def _write_synced(path: str, content: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_tokenizers(corpus: Corpus, workdir: str) -> None:
+    """Writes the corpus's tokenizers to workdir/tokenizers/: {src,tgt}.model and provenance.json.
+
+    Call once every check of the run has passed. The three files appear together (written to a
+    temporary folder that is then renamed). No-op when the folder already holds these tokenizers
+    or the task is synthetic.
+    """
+    if corpus.provenance is None:
+        return
+    folder = os.path.join(workdir, "tokenizers")
+    path = os.path.join(folder, _PROVENANCE)
+    if os.path.isfile(path) and _read_provenance(path) == corpus.provenance:
+        return
+    tmp = os.path.join(workdir, f".tokenizers.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        for name, tok in zip(_MODEL_FILES, (corpus.src_tokenizer, corpus.tgt_tokenizer)):
+            _write_synced(os.path.join(tmp, name), tok.model_proto())
+        _write_synced(os.path.join(tmp, _PROVENANCE), (json.dumps(corpus.provenance, indent=1) + "\n").encode())
+        os.replace(tmp, folder)  # atomic; replaces an empty folder, fails on a non-empty one
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_files(cfg, workdir: str) -> Corpus:
     train_src, train_tgt, train_skipped = _read_split(cfg, cfg.train_prefix, cfg.max_train_pairs)
     dev_src, dev_tgt, dev_skipped = _read_split(cfg, cfg.dev_prefix, cfg.max_dev_pairs)
-    src_tok, tgt_tok = _tokenizers(cfg, train_src, train_tgt, workdir)
+    src_tok, tgt_tok, provenance = _tokenizers(cfg, train_src, train_tgt, workdir)
     src_ids, tgt_ids, too_long = filter_pairs(src_tok.encode(train_src), tgt_tok.encode(train_tgt), cfg.max_len)
     stats = {
         "train_pairs_read": len(train_src),
@@ -418,9 +549,8 @@ def _load_files(cfg, workdir: str) -> Corpus:
         "dev_pairs": len(dev_src),
         "dev_empty_skipped": dev_skipped,
     }
-    return Corpus(
-        src_tok, tgt_tok, src_ids, tgt_ids, src_tok.encode(dev_src), tgt_tok.encode(dev_tgt), dev_src, dev_tgt, stats
-    )
+    dev_src_ids, dev_tgt_ids = src_tok.encode(dev_src), tgt_tok.encode(dev_tgt)
+    return Corpus(src_tok, tgt_tok, src_ids, tgt_ids, dev_src_ids, dev_tgt_ids, dev_src, dev_tgt, stats, provenance)
 
 
 def _load_synthetic(cfg) -> Corpus:
@@ -447,7 +577,10 @@ def _load_synthetic(cfg) -> Corpus:
 def load_corpus(cfg, workdir: str) -> Corpus:
     """Builds the corpus for cfg (config.data): task "files" or a synthetic task.
 
-    For "files", every input file is read and validated before anything is written to workdir.
+    Writes nothing. For "files", the tokenizers of workdir/tokenizers/ are used if their provenance
+    matches cfg and the training files (DataError naming the difference otherwise, or when they
+    have no provenance); without them new ones are trained in memory: save them with
+    save_tokenizers once the run's checks have passed.
     """
     if cfg.task == "files":
         return _load_files(cfg, workdir)

@@ -35,18 +35,31 @@ class BleuScore(NamedTuple):
     ref_len: int
 
 
-def _check_streams(n_hyps: int, streams: Sequence[Sequence]) -> None:
-    """Raise ValueError unless every reference stream has one entry per hypothesis."""
+def _is_sequence(x) -> bool:
+    return isinstance(x, (Sequence, np.ndarray)) and not isinstance(x, str)
+
+
+def _reference_streams(hypotheses, references, *, multi: bool) -> list:
+    """The reference streams (``references`` if multi, else ``[references]``), checked: ValueError
+    unless the hypotheses and every stream are lists with one entry per hypothesis."""
+    if not _is_sequence(hypotheses):
+        raise ValueError(f"hypotheses must be a list of sentences, got {type(hypotheses).__name__}")
+    streams = references if multi else [references]
+    if not _is_sequence(streams):
+        raise ValueError(f"references must be a list of reference streams, e.g. [refs], got {type(streams).__name__}")
+    for i, stream in enumerate(streams):
+        if not _is_sequence(stream):
+            name = f"reference stream {i}" if multi else "references"
+            raise ValueError(f"{name} must be a list of sentences, got {type(stream).__name__}")
     if not streams:
         raise ValueError("need at least one reference stream: corpus_bleu(hyps, [refs])")
     lengths = [len(s) for s in streams]
     if len(set(lengths)) > 1:
         raise ValueError(f"reference streams have unequal lengths: {lengths}")
-    if lengths[0] != n_hyps:
-        raise ValueError(
-            f"{n_hyps} hypotheses but {lengths[0]} references per stream "
-            "(BLEU references are a list of streams: corpus_bleu(hyps, [refs]))"
-        )
+    if lengths[0] != len(hypotheses):
+        hint = " per stream (BLEU references are a list of streams: corpus_bleu(hyps, [refs]))" if multi else ""
+        raise ValueError(f"{len(hypotheses)} hypotheses but {lengths[0]} references{hint}")
+    return list(streams)
 
 
 def _token_ids(streams: Sequence[Sequence[Tokens]]) -> tuple[np.ndarray, int]:
@@ -61,18 +74,18 @@ def _token_ids(streams: Sequence[Sequence[Tokens]]) -> tuple[np.ndarray, int]:
     return ids.astype(np.int64), len(vocab_tokens)
 
 
-def _sentence_stats(
-    hypotheses: Sequence[Tokens], references: Sequence[Sequence[Tokens]], max_order: int
-) -> np.ndarray:
-    """Per-sentence BLEU statistics, int64[N, 2 + 2 * max_order].
+def _sentence_stats(hypotheses: Sequence[Tokens], references, max_order: int, multi: bool = True) -> np.ndarray:
+    """Per-sentence BLEU statistics, int64[N, 2 + 2 * max_order]; references as in _reference_streams.
 
     Columns: hypothesis length, closest reference length (ties -> shorter), clipped n-gram
     matches for n = 1..max_order, hypothesis n-gram counts for n = 1..max_order.
     """
-    _check_streams(len(hypotheses), references)
-    streams = [hypotheses, *references]
-    if any(isinstance(seq, str) for stream in streams for seq in stream):
-        raise TypeError("BLEU takes token sequences, not strings: split them first")
+    streams = [hypotheses, *_reference_streams(hypotheses, references, multi=multi)]
+    for seq in chain.from_iterable(streams):
+        if isinstance(seq, str):
+            raise TypeError("BLEU takes token sequences, not strings: split them first")
+        if not _is_sequence(seq):
+            raise TypeError(f"a sentence must be a token sequence, got {type(seq).__name__}")
     n_sent = len(hypotheses)
     lengths = np.array([[len(seq) for seq in stream] for stream in streams], np.int64)
     tokens, vocab = _token_ids(streams)
@@ -176,6 +189,8 @@ def sentence_bleu(
     Like ``sacrebleu.sentence_bleu``, uses the effective order: n-gram orders the hypothesis
     is too short to have are left out of the geometric mean.
     """
+    if not _is_sequence(references):
+        raise ValueError(f"references must be a list of token sequences, got {type(references).__name__}")
     stats = _sentence_stats([hypothesis], [[ref] for ref in references], max_order)[0]
     return _bleu(stats, max_order, smooth_method, smooth_value, effective_order=True)
 
@@ -196,6 +211,7 @@ def bleu_by_length(
     e.g. ``"11-20"`` (``"41+"`` for an infinite bound). ``references`` and the BLEU options are
     as for `corpus_bleu`. Empty buckets are kept, with a BLEU of 0.
     """
+    stats = _sentence_stats(hypotheses, references, max_order)
     source_lengths = np.asarray(source_lengths)
     if len(source_lengths) != len(hypotheses):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(source_lengths)} source lengths")
@@ -203,7 +219,6 @@ def bleu_by_length(
         raise ValueError(f"buckets must be increasing, got {buckets}")
     if np.any(source_lengths > buckets[-1]):
         raise ValueError(f"a source length exceeds the last bucket bound {buckets[-1]}")
-    stats = _sentence_stats(hypotheses, references, max_order)
     which = np.searchsorted(buckets, source_lengths, side="left")
     result = []
     for i, upper in enumerate(buckets):
@@ -225,7 +240,7 @@ def precision_recall_f1(
     precision = matches / hypothesis tokens, recall = matches / reference tokens, F1 their
     harmonic mean; each is 0 when its denominator is 0.
     """
-    stats = _sentence_stats(hypotheses, [references], max_order=1).sum(axis=0)
+    stats = _sentence_stats(hypotheses, references, max_order=1, multi=False).sum(axis=0)
     hyp_tokens, ref_tokens, matches = (int(x) for x in stats[:3])
     precision = matches / hyp_tokens if hyp_tokens else 0.0
     recall = matches / ref_tokens if ref_tokens else 0.0
@@ -233,17 +248,25 @@ def precision_recall_f1(
     return precision, recall, f1
 
 
+def _sacrebleu_references(hyp_texts: Sequence[str], ref_texts: Sequence[str]) -> list[list[str]]:
+    """[ref_texts] for sacrebleu, checked: ValueError for unequal counts or no sentences (where
+    sacrebleu raises IndexError)."""
+    _reference_streams(hyp_texts, ref_texts, multi=False)
+    if not hyp_texts:
+        raise ValueError("no sentences to score: sacrebleu needs at least one hypothesis")
+    return [list(ref_texts)]
+
+
 def sacrebleu_score(
     hyp_texts: Sequence[str], ref_texts: Sequence[str], tokenize: str = "13a"
 ) -> tuple[float, str]:
     """sacrebleu BLEU of detokenized texts against ONE reference stream, and its signature."""
-    _check_streams(len(hyp_texts), [ref_texts])
+    references = _sacrebleu_references(hyp_texts, ref_texts)
     bleu = sacrebleu.BLEU(tokenize=tokenize)
-    score = bleu.corpus_score(list(hyp_texts), [list(ref_texts)]).score
+    score = bleu.corpus_score(list(hyp_texts), references).score
     return score, str(bleu.get_signature())
 
 
 def chrf_score(hyp_texts: Sequence[str], ref_texts: Sequence[str]) -> float:
     """sacrebleu corpus chrF of detokenized texts against ONE reference stream."""
-    _check_streams(len(hyp_texts), [ref_texts])
-    return sacrebleu.CHRF().corpus_score(list(hyp_texts), [list(ref_texts)]).score
+    return sacrebleu.CHRF().corpus_score(list(hyp_texts), _sacrebleu_references(hyp_texts, ref_texts)).score

@@ -172,7 +172,7 @@ class Decoder(nn.Module):
             self.w_combine = self.param("w_combine", dense_init, (self.memory_dim + self.hidden, self.hidden))
         self.w_out = self.param("w_out", dense_init, (self.hidden, self.vocab_size))
         self.b_out = self.param("b_out", nn.initializers.zeros, (self.vocab_size,))
-        self.output_dropout = nn.Dropout(self.dropout_rate)
+        self.dropout = nn.Dropout(self.dropout_rate)  # embeddings and attentional vectors
 
     def weights(self) -> dict:
         """All parameters as plain arrays, read once outside any scan."""
@@ -201,7 +201,7 @@ class Decoder(nn.Module):
     def _drop(self, x: jax.Array, rng: jax.Array | None) -> jax.Array:
         """Dropout with an explicit key inside a scan, or the module's 'dropout' stream outside."""
         if rng is None:
-            return self.output_dropout(x, deterministic=False)
+            return self.dropout(x, deterministic=False)
         keep = jax.random.bernoulli(rng, 1.0 - self.dropout_rate, x.shape)
         return jnp.where(keep, x / (1.0 - self.dropout_rate), 0.0)
 
@@ -317,10 +317,11 @@ class Seq2Seq(nn.Module):
         """Training forward. Returns dict(logits [B, T, V], attention [B, T, S], fed_tokens [B, T]).
 
         `fast_path_only` (static): ratio is 1 for the whole run; compile only the teacher-forced
-        path. Otherwise the ratio is traced and `lax.cond` runs the fast path whenever it is >= 1.
+        path (also taken when `tf_ratio` is a Python number >= 1, as by default). Otherwise the
+        ratio is traced and `lax.cond` runs the fast path whenever it is >= 1.
         """
         memory, state = self.encode(src, src_len, train)
-        if fast_path_only:
+        if fast_path_only or (isinstance(tf_ratio, (int, float)) and tf_ratio >= 1.0):
             logits, weights = self.decoder.teacher_forced(tgt_in, state, memory, train)
             return dict(logits=logits, attention=weights, fed_tokens=tgt_in)
         if sampling_rng is None:

@@ -5,13 +5,15 @@
 Python:
     translator = Translator.from_workdir("runs/demo")
     translator.translate(["Y dijo Dios: Sea la luz."], beam_size=5)          # -> ["..."]
+    translator.hypotheses(sentences, n_best=3)                               # -> [[Hypothesis, ...], ...]
     weights, src_pieces, out_pieces = translator.attention(sentence, output)  # [T, S]
 
-Sentences are tokenized, grouped into the config's length buckets (`data.eval_batches`, so jit
-compiles one shape per bucket and batch size), decoded with `inference.decode_batch`, and returned
-in input order. A source may hold at most `config.data.max_len` pieces (plus EOS): the model was
-trained on nothing longer, and the bucket boundaries end there. Longer sources are truncated with a
-warning (on_long="truncate") or rejected (on_long="error").
+Decoding is `inference.CorpusDecoder`, the same code that computes dev BLEU during training:
+sentences are grouped into the config's length buckets by source length, decoded, and returned in
+input order. Options default to the workdir's `config.eval` (beam size, alpha, batch size), so
+`--search=greedy` reproduces the run's dev BLEU. A source may hold at most `config.data.max_len`
+pieces (plus EOS): longer sources are truncated with a warning (on_long="truncate") or rejected
+(on_long="error").
 """
 from __future__ import annotations
 
@@ -20,60 +22,16 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from s2s_jax import BOS_ID, EOS_ID, checkpoints, configuration, data, inference, plotting, training
+from s2s_jax import BOS_ID, EOS_ID, checkpoints, configuration, data, inference, plotting, steps
+from s2s_jax.inference import ON_LONG, SEARCHES, Hypothesis, SearchOptions
 from s2s_jax.models import Seq2Seq, make_model
 
 logger = logging.getLogger(__name__)
-
-SEARCHES = ("beam", "greedy")
-ON_LONG = ("truncate", "error")
-
-
-class Hypothesis(NamedTuple):
-    """One output of the search."""
-    text: str          # detokenized
-    ids: list[int]     # target ids, EOS excluded
-    score: float       # beam: GNMT length-penalised log-prob; greedy: summed log-prob
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def check_options(*, search: str = "beam", beam_size: int = 5, alpha: float = 0.6, n_best: int = 1,
-                  max_len: int | None = None, batch_size: int = 64, on_long: str = "truncate") -> None:
-    """Raises ValueError naming the first bad option (before anything is loaded or compiled)."""
-    if search not in SEARCHES:
-        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
-    if on_long not in ON_LONG:
-        raise ValueError(f"on_long must be one of {ON_LONG}, got {on_long!r}")
-    for name, value in (("beam_size", beam_size), ("n_best", n_best), ("batch_size", batch_size)):
-        if not _is_int(value) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if max_len is not None and (not _is_int(max_len) or max_len < 1):
-        raise ValueError(f"max_len must be an integer >= 1 (or None for the default rule), got {max_len!r}")
-    if search == "beam" and n_best > beam_size:
-        raise ValueError(f"n_best must be <= beam_size, got n_best={n_best} > beam_size={beam_size}")
-    if search == "greedy" and n_best != 1:
-        raise ValueError(f"greedy search returns one hypothesis; got n_best={n_best}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) or not alpha >= 0:
-        raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _padded_length(length: int, boundaries: Sequence[int]) -> int:
-    """The smallest bucket boundary >= length, else length rounded up to a multiple of 16."""
-    bucket = data.bucket_for(length, boundaries)
-    return int(boundaries[bucket]) if bucket >= 0 else -(-length // 16) * 16
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -90,9 +48,9 @@ class Translator:
         self.config, self.model, self.params = config, model, params
         self.src_tokenizer, self.tgt_tokenizer = src_tokenizer, tgt_tokenizer
         self.workdir = workdir
-        self.boundaries = [int(b) for b in config.data.bucket_boundaries]
-        # Longest source in pieces (EOS excluded): what the model was trained on; fits the last bucket.
-        self.max_source_len = int(config.data.max_len)
+        self.decoder = inference.CorpusDecoder(config, model, src_tokenizer, tgt_tokenizer)
+        self.boundaries = self.decoder.boundaries
+        self.max_source_len = self.decoder.max_source_len
 
     # ------------------------------------------------------------------------------ loading
     @classmethod
@@ -115,7 +73,7 @@ class Translator:
             src_tok = tgt_tok = data.IdTokenizer(config.data.synthetic_vocab_size)
         model = make_model(config.model, src_tok.vocab_size, tgt_tok.vocab_size)
         # The train-state layout is what checkpoints hold; shapes only, nothing is initialised.
-        target = jax.eval_shape(lambda: training.init_state(config, model))
+        target = jax.eval_shape(lambda: steps.init_state(config, model))
         store = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
         try:
             state, meta = store.restore_best_or_latest(target)
@@ -124,82 +82,31 @@ class Translator:
         logger.info("loaded %s step %s", workdir, meta.get("step"))
         return cls(config, model, state.params, src_tok, tgt_tok, workdir)
 
+    def options(self, **overrides) -> SearchOptions:
+        """Search options: the workdir's config.eval (beam size, alpha, batch size) under `overrides`."""
+        base = SearchOptions.from_eval_config(self.config.eval, "beam")
+        unknown = sorted(set(overrides) - set(SearchOptions._fields))
+        if unknown:
+            raise TypeError(f"unknown search option(s) {unknown}; expected some of {list(SearchOptions._fields)}")
+        options = base._replace(**{k: v for k, v in overrides.items() if v is not None or k == "max_len"})
+        self.decoder.check(options)
+        return options
+
     # ------------------------------------------------------------------------------ translation
-    def translate(self, sentences: Sequence[str], *, search: str = "beam", beam_size: int = 5,
-                  alpha: float = 0.6, n_best: int = 1, max_len: int | None = None, batch_size: int = 64,
-                  on_long: str = "truncate") -> list[str] | list[list[str]]:
-        """Translations in input order: a string per sentence, or with n_best > 1 a list of up to
-        n_best strings, best first. An empty (or whitespace-only) sentence gives "" (or [""]).
+    def translate(self, sentences: Sequence[str], **options) -> list[str]:
+        """The best translation of each sentence, in input order ("" for a blank sentence).
 
-        max_len: output limit in pieces, EOS included; None = inference.max_decode_len of the
-        source bucket, capped at config.eval.max_decode_len.
+        options: any `inference.SearchOptions` field except n_best (search, beam_size, alpha,
+        max_len, batch_size, on_long); unset ones come from the workdir's config.eval.
         """
-        results = self.hypotheses(sentences, search=search, beam_size=beam_size, alpha=alpha, n_best=n_best,
-                                  max_len=max_len, batch_size=batch_size, on_long=on_long)
-        if n_best == 1:
-            return [hyps[0].text for hyps in results]
-        return [[h.text for h in hyps] for hyps in results]
+        if "n_best" in options:
+            raise TypeError("translate returns the best hypothesis only; use hypotheses(..., n_best=N)")
+        return [hyps[0].text for hyps in self.hypotheses(sentences, **options)]
 
-    def hypotheses(self, sentences: Sequence[str], *, search: str = "beam", beam_size: int = 5,
-                   alpha: float = 0.6, n_best: int = 1, max_len: int | None = None, batch_size: int = 64,
-                   on_long: str = "truncate") -> list[list[Hypothesis]]:
-        """Like `translate`, with ids and scores: per sentence a list of Hypothesis, best first."""
-        check_options(search=search, beam_size=beam_size, alpha=alpha, n_best=n_best, max_len=max_len,
-                      batch_size=batch_size, on_long=on_long)
-        if isinstance(sentences, str):
-            raise TypeError("translate takes a list of sentences, not one string")
-        sentences = list(sentences)
-        src_ids = [self._source_ids(s, i, on_long) for i, s in enumerate(sentences)]
-        todo = [i for i, ids in enumerate(src_ids) if ids]  # empty lines are not decoded
-        results: list[list[Hypothesis]] = [[Hypothesis("", [], 0.0)] for _ in sentences]
-        if not todo:
-            return results
-        if search == "greedy":  # one static signature for greedy, whatever the beam options say
-            beam_size, alpha, n_best_arg = 1, 0.0, None
-        else:
-            alpha, n_best_arg = float(alpha), n_best
-        rows = min(batch_size, _pow2_at_least(len(todo)))
-        batches = data.eval_batches([src_ids[i] for i in todo], [[] for _ in todo], batch_size=rows,
-                                    boundaries=self.boundaries)
-        for batch in batches:
-            real = int(np.sum(batch.index >= 0))
-            keep = _pow2_at_least(real)  # drop most filler rows; powers of two bound the jit shapes
-            src, src_len = batch.src[:keep], batch.src_len[:keep]
-            limit = max_len or inference.max_decode_len(src.shape[1], int(self.config.eval.max_decode_len))
-            beams = inference.decode_batch(self.model, self.params, src, src_len, search=search,
-                                           beam_size=beam_size, max_len=limit, alpha=alpha, n_best=n_best_arg)
-            sequences, scores, lengths = (np.asarray(x) for x in beams)  # [b, N, L], [b, N], [b, N]
-            for row in range(real):
-                hyps = []
-                for k in range(sequences.shape[1]):
-                    if lengths[row, k] == 0:  # an empty result slot (fewer distinct sequences than N)
-                        continue
-                    ids = [int(t) for t in sequences[row, k, :lengths[row, k]] if t != EOS_ID]
-                    hyps.append(Hypothesis("", ids, float(scores[row, k])))
-                texts = self.tgt_tokenizer.decode([h.ids for h in hyps])
-                results[todo[batch.index[row]]] = [h._replace(text=t) for h, t in zip(hyps, texts)]
-        return results
-
-    def _source_ids(self, sentence: str, index: int, on_long: str) -> list[int]:
-        """Piece ids of one sentence (EOS excluded), at most max_source_len of them."""
-        if not isinstance(sentence, str):
-            raise TypeError(f"sentence {index + 1} is a {type(sentence).__name__}, not a string")
-        if not sentence.strip():
-            return []
-        try:
-            ids = self.src_tokenizer.encode([sentence])[0]
-        except ValueError as error:
-            raise ValueError(f"line {index + 1}: cannot tokenize {_preview(sentence)}: {error}") from None
-        limit = self.max_source_len
-        if len(ids) > limit:
-            message = (f"{len(ids)} source pieces, more than the {limit} the model was trained on "
-                       f"(data.max_len)")
-            if on_long == "error":
-                raise ValueError(f"line {index + 1}: {message}: {_preview(sentence)}; shorten it or use "
-                                 "on_long='truncate'")
-            logger.warning("sentence %d (line %d): %s; truncated to the first %d", index, index + 1, message, limit)
-            ids = ids[:limit]
-        return ids
+    def hypotheses(self, sentences: Sequence[str], **options) -> list[list[Hypothesis]]:
+        """Per sentence, up to n_best Hypothesis(text, ids, score), best first."""
+        return self.decoder(self.params, list(sentences) if not isinstance(sentences, str) else sentences,
+                            self.options(**options))
 
     # ------------------------------------------------------------------------------ attention
     def attention(self, sentence: str, output: str | Sequence[int]):
@@ -209,7 +116,7 @@ class Translator:
         Returns (weights float32[T, S], src_pieces [S], out_pieces [T]): row t is the attention
         while the decoder emits out_pieces[t]; both piece lists end with "</s>" (the EOS).
         """
-        src = self._source_ids(sentence, 0, "truncate") + [EOS_ID]
+        src = self.decoder.source_ids(sentence, 0, "truncate") + [EOS_ID]
         if isinstance(output, str):
             out = self.tgt_tokenizer.encode([output])[0] if output.strip() else []
         else:
@@ -222,7 +129,8 @@ class Translator:
         if bad:
             raise ValueError(f"output ids {bad} outside the target vocabulary [0, {self.tgt_tokenizer.vocab_size})")
         tgt_in = [BOS_ID] + out                                     # T = len(out) + 1 decoder steps
-        s_pad, t_pad = _padded_length(len(src), self.boundaries), _padded_length(len(tgt_in), self.boundaries)
+        s_pad, t_pad = (data.padded_length(len(src), self.boundaries),
+                        data.padded_length(len(tgt_in), self.boundaries))
         src_arr = np.zeros((1, s_pad), np.int32)
         src_arr[0, :len(src)] = src
         tgt_arr = np.zeros((1, t_pad), np.int32)
@@ -242,10 +150,6 @@ def _has_steps(directory: str) -> bool:
     return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
-def _preview(sentence: str, width: int = 60) -> str:
-    return repr(sentence if len(sentence) <= width else sentence[:width] + "...")
-
-
 def _pieces(tokenizer, ids: Sequence[int]) -> list[str]:
     """Readable token strings for plot labels."""
     if isinstance(tokenizer, data.Tokenizer):
@@ -259,18 +163,33 @@ def _define_flags() -> None:
     from absl import flags
     flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizers/, checkpoints).", required=True)
     flags.DEFINE_string("input", None, "Source text, one sentence per line (strict UTF-8); default stdin.")
-    flags.DEFINE_string("output", None, "Where to write one translation per line; default stdout.")
+    flags.DEFINE_string("output", None, "Where to write one translation per line (its directory is created); "
+                        "default stdout.")
     flags.DEFINE_enum("search", "beam", list(SEARCHES), "Decoding: beam or greedy.")
-    flags.DEFINE_integer("beam_size", 5, "Beam size (beam search).")
-    flags.DEFINE_float("alpha", 0.6, "GNMT length-penalty exponent (beam search; 0 = raw log-prob).")
+    flags.DEFINE_integer("beam_size", None, "Beam size (beam search; at most the target vocabulary); "
+                         "default: the workdir's eval.beam_size.")
+    flags.DEFINE_float("alpha", None, "GNMT length-penalty exponent (beam search; 0 = raw log-prob); "
+                       "default: the workdir's eval.alpha.")
     flags.DEFINE_integer("n_best", 1, "Hypotheses per sentence; > 1 writes them tab-separated, best first.")
-    flags.DEFINE_integer("max_len", 0, "Output limit in pieces incl. EOS; 0 = min(eval.max_decode_len, "
-                         "2 * source bucket length + 10).")
-    flags.DEFINE_integer("batch_size", 64, "Sentences per decoding batch.")
+    flags.DEFINE_integer("max_len", None, "Output limit in pieces incl. EOS, at most 4x data.max_len + 4; "
+                         "default: min(eval.max_decode_len, 2 * source bucket length + 10).")
+    flags.DEFINE_integer("batch_size", None, "Sentences per decoding batch; default: the workdir's eval.batch_size "
+                         "(the batching of dev BLEU during training).")
     flags.DEFINE_enum("on_long", "truncate", list(ON_LONG),
                       "A source longer than data.max_len pieces: truncate (with a warning) or error.")
     flags.DEFINE_string("attention_dir", None, "Write one attention heat map per sentence here, "
                         "{line:05d}.png (best hypothesis; none for empty lines).")
+
+
+def _make_parent(path: str) -> None:
+    """Creates the directory `path` goes into; a one-line SystemExit if it cannot be."""
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"translate: cannot create the directory of {path}: {error.strerror or error}") from None
+    if os.path.isdir(path):
+        raise SystemExit(f"translate: --output={path} is a directory; give a file name")
 
 
 def main(argv) -> None:
@@ -281,16 +200,17 @@ def main(argv) -> None:
     f = flags.FLAGS
     if not f["verbosity"].present:  # keep stderr to warnings and errors (orbax logs a lot at INFO)
         absl_logging.set_verbosity(absl_logging.WARNING)
-    options = dict(search=f.search, beam_size=f.beam_size, alpha=f.alpha, n_best=f.n_best,
-                   max_len=f.max_len or None, batch_size=f.batch_size, on_long=f.on_long)
+    if f.output:
+        _make_parent(f.output)
     try:
-        check_options(**options)
         lines = data.read_lines(f.input if f.input else "/dev/stdin")
         translator = Translator.from_workdir(f.workdir)
-        results = translator.hypotheses(lines, **options)
+        results = translator.hypotheses(lines, search=f.search, beam_size=f.beam_size, alpha=f.alpha,
+                                        n_best=f.n_best, max_len=f.max_len, batch_size=f.batch_size,
+                                        on_long=f.on_long)
     except (ValueError, checkpoints.CheckpointError) as error:  # DataError, ConfigError are ValueErrors
         raise SystemExit(f"translate: {error}") from None
-    text = "".join("\t".join(h.text for h in hyps[:f.n_best]) + "\n" for hyps in results)
+    text = "".join("\t".join(h.text for h in hyps) + "\n" for hyps in results)
     if f.output:
         with open(f.output, "w", encoding="utf-8", newline="\n") as out:
             out.write(text)

@@ -1,6 +1,8 @@
 """Tests for s2s_jax.data."""
 
+import hashlib
 import itertools
+import json
 import os
 from pathlib import Path
 
@@ -26,9 +28,8 @@ def bible_lines():
 
 
 @pytest.fixture(scope="module")
-def es_tokenizer(bible_lines, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok") / "tokenizers" / "src.model"
-    return data.Tokenizer.train(bible_lines[0], str(path), vocab_size=500)
+def es_tokenizer(bible_lines):
+    return data.Tokenizer.train(bible_lines[0], vocab_size=500)
 
 
 # --------------------------------------------------------------------------- reading
@@ -91,17 +92,24 @@ def test_tokenizer_round_trip(es_tokenizer, bible_lines):
     assert es_tokenizer.decode(np.array([row + [PAD_ID]])) == [lines[0]]
 
 
-def test_tokenizer_training_is_deterministic(es_tokenizer, bible_lines, tmp_path):
-    again = data.Tokenizer.train(bible_lines[0], str(tmp_path / "again.model"), vocab_size=500)
-    assert Path(again.model_path).read_bytes() == Path(es_tokenizer.model_path).read_bytes()
+def test_tokenizer_training_is_deterministic(es_tokenizer, bible_lines):
+    assert data.Tokenizer.train(bible_lines[0], vocab_size=500).model_proto() == es_tokenizer.model_proto()
 
 
 def test_tokenizer_small_corpus_caps_vocab_and_load(tmp_path):
-    tok = data.Tokenizer.train(["hola mundo", "adios mundo"], str(tmp_path / "t.model"), vocab_size=8000)
+    tok = data.Tokenizer.train(["hola mundo", "adios mundo"], vocab_size=8000)
     assert tok.vocab_size < 100
-    assert data.Tokenizer.load(str(tmp_path / "t.model")).vocab_size == tok.vocab_size
+    path = write(tmp_path / "t.model", tok.model_proto())
+    assert data.Tokenizer.load(path).vocab_size == tok.vocab_size
     with pytest.raises(data.DataError, match="nope.model"):
         data.Tokenizer.load(str(tmp_path / "nope.model"))
+    with pytest.raises(data.DataError, match=r"bad\.model: cannot load sentencepiece model"):
+        data.Tokenizer.load(write(tmp_path / "bad.model", b"not a model"))
+
+
+def test_tokenizer_vocab_below_characters_is_one_line():
+    with pytest.raises(ValueError, match=r"^vocabulary too small: this text needs at least 13 pieces"):
+        data.Tokenizer.train(["hola mundo"], vocab_size=5)  # 8 letters, the word boundary, 4 specials
 
 
 def test_id_tokenizer():
@@ -161,6 +169,12 @@ def assert_batch_consistent(batch, src_ids, tgt_ids):
 
 def test_bucket_for():
     assert [data.bucket_for(n, [8, 16, 32]) for n in (1, 8, 9, 32, 33)] == [0, 0, 1, 2, -1]
+
+
+def test_padded_length():
+    lengths = (1, 8, 9, 32, 33, 48, 49, 100)
+    assert [data.padded_length(n, [8, 16, 32]) for n in lengths] == [8, 8, 16, 32, 48, 48, 64, 112]
+    assert all(isinstance(data.padded_length(n, np.array([8, 16])), int) for n in (3, 20))
 
 
 def test_make_batch_filler_rows():
@@ -273,11 +287,11 @@ def test_load_corpus_synthetic(tmp_path):
     assert not os.listdir(tmp_path)
 
 
-def test_load_corpus_files_trains_then_reloads(tmp_path):
+def test_load_corpus_files_writes_nothing_then_saves_and_reloads(tmp_path):
     cfg = data_config(max_len=40)
-    corpus = data.load_corpus(cfg, str(tmp_path))
-    models = [tmp_path / "tokenizers" / f"{side}.model" for side in ("src", "tgt")]
-    assert all(m.is_file() for m in models)
+    workdir = tmp_path / "work"
+    corpus = data.load_corpus(cfg, str(workdir))
+    assert not workdir.exists()
     stats = corpus.stats
     assert stats["train_pairs_read"] == 1500 and stats["dev_pairs"] == 50
     assert stats["train_pairs"] == len(corpus.train_src) == 1500 - stats["train_too_long"]
@@ -285,10 +299,119 @@ def test_load_corpus_files_trains_then_reloads(tmp_path):
     assert corpus.dev_src_text[0] == data.read_lines(str(BIBLE / "dev.es"))[0]
     assert corpus.tgt_tokenizer.decode(corpus.dev_tgt[:5]) == corpus.dev_tgt_text[:5]
 
-    mtimes = [m.stat().st_mtime_ns for m in models]
-    again = data.load_corpus(cfg, str(tmp_path))
-    assert [m.stat().st_mtime_ns for m in models] == mtimes
+    data.save_tokenizers(corpus, str(workdir))
+    folder = workdir / "tokenizers"
+    assert sorted(os.listdir(workdir)) == ["tokenizers"]
+    assert sorted(os.listdir(folder)) == ["provenance.json", "src.model", "tgt.model"]
+    for side, tok in (("src", corpus.src_tokenizer), ("tgt", corpus.tgt_tokenizer)):  # as translate loads them
+        assert data.Tokenizer.load(str(folder / f"{side}.model")).model_proto() == tok.model_proto()
+
+    mtimes = {name: (folder / name).stat().st_mtime_ns for name in os.listdir(folder)}
+    again = data.load_corpus(cfg, str(workdir))
+    data.save_tokenizers(again, str(workdir))
+    assert {name: (folder / name).stat().st_mtime_ns for name in os.listdir(folder)} == mtimes
     assert again.train_src == corpus.train_src and again.dev_tgt == corpus.dev_tgt
+
+
+def small_corpus(folder: Path, **overrides):
+    """The first 300 train and 20 dev pairs of the Bible corpus copied to folder; their data config."""
+    for split, n in (("train", 300), ("dev", 20)):
+        for lang in ("es", "en"):
+            write(folder / f"{split}.{lang}", "\n".join(data.read_lines(str(BIBLE / f"{split}.{lang}"))[:n]) + "\n")
+    return data_config(**{"train_prefix": str(folder / "train"), "dev_prefix": str(folder / "dev"),
+                          "vocab_size": 200, "max_train_pairs": 0, **overrides})
+
+
+def test_provenance_records_training_files_and_settings(tmp_path):
+    cfg = small_corpus(tmp_path)
+    data.save_tokenizers(data.load_corpus(cfg, str(tmp_path / "w")), str(tmp_path / "w"))
+    record = json.loads((tmp_path / "w" / "tokenizers" / "provenance.json").read_text())
+    train_es = (tmp_path / "train.es").read_bytes()
+    assert record["train_src"] == {"path": str(tmp_path / "train.es"), "bytes": len(train_es),
+                                   "sha256": hashlib.sha256(train_es).hexdigest()}
+    assert record["train_tgt"]["path"] == str(tmp_path / "train.en")
+    assert {k: record[k] for k in ("src_lang", "tgt_lang", "max_train_pairs", "vocab_size", "spm_model_type")} == {
+        "src_lang": "es", "tgt_lang": "en", "max_train_pairs": 0, "vocab_size": 200, "spm_model_type": "unigram"}
+    model = (tmp_path / "w" / "tokenizers" / "src.model").read_bytes()
+    assert record["models"]["src.model"] == hashlib.sha256(model).hexdigest()
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"vocab_size": 300}, "data.vocab_size: 200 → 300"),
+    ({"max_train_pairs": 100}, "data.max_train_pairs: 0 → 100"),
+    ({"spm_model_type": "bpe"}, "data.spm_model_type: 'unigram' → 'bpe'"),
+    ("train.en", "training file {folder}/train.en ("),
+], ids=["vocab_size", "max_train_pairs", "spm_model_type", "train_file"])
+def test_stale_tokenizers_are_refused_by_name(tmp_path, change, expected):
+    cfg = small_corpus(tmp_path)
+    workdir = tmp_path / "w"
+    data.save_tokenizers(data.load_corpus(cfg, str(workdir)), str(workdir))
+    if change == "train.en":
+        lines = data.read_lines(str(tmp_path / "train.en"))
+        write(tmp_path / "train.en", "\n".join(["In the beginning, a new verse.", *lines[1:]]) + "\n")
+    else:
+        cfg.update(change)
+    with pytest.raises(data.DataError) as e:
+        data.load_corpus(cfg, str(workdir))
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{workdir}/tokenizers/provenance.json: ")
+    assert expected.format(folder=tmp_path) in message
+    assert message.endswith(f"use a new --workdir, or delete {workdir}/tokenizers to train new tokenizers")
+    assert message.count("→") == 1
+
+
+def test_tokenizers_without_provenance_are_refused(tmp_path):
+    cfg = small_corpus(tmp_path)
+    workdir = tmp_path / "w"
+    data.save_tokenizers(data.load_corpus(cfg, str(workdir)), str(workdir))
+    folder = workdir / "tokenizers"
+    model = folder / "src.model"
+    model.write_bytes(data.Tokenizer.train(["hola mundo"], vocab_size=20).model_proto())
+    with pytest.raises(data.DataError, match=rf"^{model}: sha256 [0-9a-f]{{12}} differs from the one in provenance"):
+        data.load_corpus(cfg, str(workdir))
+    (folder / "provenance.json").unlink()
+    (folder / "tgt.model").unlink()  # an older version's half-written folder: src.model only
+    with pytest.raises(data.DataError) as e:
+        data.load_corpus(cfg, str(workdir))
+    assert str(e.value) == (f"{folder}/provenance.json: missing, so nothing says what the tokenizers in {folder} "
+                            "were trained from (made by an older version or an interrupted run); "
+                            f"use a new --workdir, or delete {folder} to train new tokenizers")
+    (folder / "provenance.json").write_text("{}")
+    with pytest.raises(data.DataError, match=r"provenance\.json: not a tokenizer provenance record of format 1$"):
+        data.load_corpus(cfg, str(workdir))
+
+
+def test_save_tokenizers_is_atomic(tmp_path, monkeypatch):
+    cfg = small_corpus(tmp_path)
+    workdir = tmp_path / "w"
+    corpus = data.load_corpus(cfg, str(workdir))
+    written = []
+
+    def disk_full(path, content):
+        if path.endswith("provenance.json"):
+            raise OSError(28, "No space left on device")
+        written.append(path)
+
+    monkeypatch.setattr(data, "_write_synced", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        data.save_tokenizers(corpus, str(workdir))
+    assert len(written) == 2 and os.listdir(workdir) == []  # models written, then nothing left behind
+    monkeypatch.undo()
+    (workdir / "tokenizers").mkdir()  # an empty folder is replaced
+    data.save_tokenizers(corpus, str(workdir))
+    assert sorted(os.listdir(workdir)) == ["tokenizers"]
+    assert data.load_corpus(cfg, str(workdir)).provenance == corpus.provenance
+
+
+def test_vocab_size_too_small_is_one_line_naming_key_and_file(tmp_path):
+    cfg = small_corpus(tmp_path, vocab_size=5)
+    with pytest.raises(data.DataError) as e:
+        data.load_corpus(cfg, str(tmp_path / "w"))
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith(f"{tmp_path}/train.es: data.vocab_size=5 (data.spm_model_type=unigram): "
+                              "vocabulary too small: this text needs at least ")
+    assert not (tmp_path / "w").exists()
 
 
 def test_load_corpus_bad_file_writes_nothing(tmp_path):

@@ -163,6 +163,40 @@ def test_mismatched_counts_raise():
         corpus_bleu(["a b"], [["a b"]])
 
 
+def test_empty_corpus_for_sacrebleu_is_a_value_error():
+    # sacrebleu defines no score for an empty corpus (it raises IndexError), so the wrappers refuse it.
+    with pytest.raises(IndexError):
+        sacrebleu.corpus_bleu([], [[]])
+    with pytest.raises(IndexError):
+        sacrebleu.corpus_chrf([], [[]])
+    for score in (sacrebleu_score, chrf_score):
+        with pytest.raises(ValueError, match="^no sentences to score: sacrebleu needs at least one hypothesis$"):
+            score([], [])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: corpus_bleu(None, None), "hypotheses must be a list of sentences, got NoneType"),
+    (lambda: corpus_bleu([[1]], None), r"references must be a list of reference streams, e\.g\. \[refs\], got None"),
+    (lambda: corpus_bleu([[1]], [[[1]], None]), "reference stream 1 must be a list of sentences, got NoneType"),
+    (lambda: sentence_bleu([1], None), "references must be a list of token sequences, got NoneType"),
+    (lambda: precision_recall_f1([[1]], None), "references must be a list of sentences, got NoneType"),
+    (lambda: bleu_by_length(None, [[]], [], (10,)), "hypotheses must be a list of sentences, got NoneType"),
+    (lambda: sacrebleu_score(None, ["a"]), "hypotheses must be a list of sentences, got NoneType"),
+    (lambda: chrf_score(["a"], "a"), "references must be a list of sentences, got str"),
+    (lambda: chrf_score(["a", "b"], ["a"]), "2 hypotheses but 1 references$"),
+])
+def test_bad_containers_are_one_line_value_errors(call, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        call()
+
+
+def test_bad_sentences_are_type_errors():
+    with pytest.raises(TypeError, match="a sentence must be a token sequence, got NoneType"):
+        corpus_bleu([[1], None], [[[1], [2]]])
+    with pytest.raises(TypeError, match="a sentence must be a token sequence, got int"):
+        sentence_bleu(5, [[5]])
+
+
 def test_sacrebleu_wrappers():
     hyps = ["The cat sat on the mat.", "A dog barked, loudly!"]
     refs = ["The cat sat on a mat.", "The dog barked loudly!"]

@@ -1,6 +1,6 @@
-"""The README's "Beam search from your own code" examples run as written.
+"""The README's "Beam search from your own code" and "Metrics" examples run as written.
 
-Each ```python block of that section is executed in a fresh namespace. The trained-model example
+Each ```python block of those sections is executed in a fresh namespace. The trained-model example
 reads `WORKDIR = "runs/demo"` and a Spanish sentence; here they become the session's tiny workdir
 (synthetic reverse task) and a sentence of its id vocabulary.
 """
@@ -14,11 +14,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "## Beam search from your own code"
 
 
-def section_blocks(language: str) -> list[str]:
+def section_blocks(language: str, section: str = SECTION) -> list[str]:
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         text = f.read()
-    start = text.index(SECTION + "\n")
-    end = text.find("\n## ", start + len(SECTION))
+    start = text.index(section + "\n")
+    end = text.find("\n## ", start + len(section))
     body = text[start:end if end >= 0 else len(text)]
     return re.findall(rf"^```{language}\n(.*?)^```$", body, flags=re.DOTALL | re.MULTILINE)
 
@@ -59,3 +59,14 @@ def test_trained_model_example(tiny_workdir, capsys):
     assert lines[0] == str(["7 6 5 4"])  # translator.translate(...)
     best_three = ast.literal_eval(lines[1])  # the printed list of the 3 best
     assert len(best_three) == 3 and best_three[0] == "7 6 5 4"
+
+
+def test_metrics_example_prints_what_its_comments_say(capsys):
+    """Each print line's trailing comment is its output ("..." at the end: a prefix of it)."""
+    [code] = section_blocks("python", "## Metrics")
+    exec(compile(code, "README.md: metrics example", "exec"), {"__name__": "readme_metrics"})
+    expected = [line.split("# ", 1)[1] for line in code.splitlines() if line.startswith("print(")]
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == len(expected) == 3
+    for out, comment in zip(printed, expected):
+        assert out.startswith(comment.removesuffix("...")) if comment.endswith("...") else out == comment

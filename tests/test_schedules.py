@@ -107,3 +107,45 @@ def test_is_always_one():
     assert schedules.is_always_one("constant", 1.0)
     assert not schedules.is_always_one("constant", 0.9)
     assert not schedules.is_always_one("linear", 1.0)
+
+
+def _config(schedule, k, num_train_steps=1000, start=1.0, end=0.0, decay_steps=100):
+    from configs import tiny
+    config = tiny.get_config()
+    config.num_train_steps = num_train_steps
+    config.teacher_forcing.update(schedule=schedule, k=k, start=start, end=end, decay_steps=decay_steps)
+    return config
+
+
+@pytest.mark.parametrize("num_train_steps", [1, 2, 10, 300, 12_000, 10**9])
+def test_auto_k_solves_its_equations(num_train_steps):
+    half = num_train_steps / 2
+    k = schedules.auto_k("inverse_sigmoid", num_train_steps)
+    assert k > 1.0 and k * math.log(k) == pytest.approx(half, rel=1e-9)
+    assert schedules.auto_k("exponential", num_train_steps) ** half == pytest.approx(0.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["exponential", "inverse_sigmoid"])
+@pytest.mark.parametrize("num_train_steps", [300, 12_000])
+def test_from_config_auto_k_is_halfway_at_half_the_run(schedule, num_train_steps):
+    config = _config(schedule, schedules.AUTO_K, num_train_steps, start=0.8, end=0.2)
+    assert schedules.uses_num_train_steps(config)
+    ratio = schedules.from_config(config)
+    assert float(ratio(num_train_steps // 2)) == pytest.approx(0.5, abs=1e-4)
+    assert float(ratio(0)) == pytest.approx(0.8, abs=0.015)
+    assert float(ratio(num_train_steps)) < 0.36  # exponential: a quarter of the span left; sigmoid less
+
+
+@pytest.mark.parametrize("schedule, k, kwargs", [
+    ("inverse_sigmoid", 500.0, dict(k=500.0)),
+    ("exponential", 0.99, dict(k=0.99)),
+    ("linear", 0.0, dict(decay_steps=100)),
+    ("constant", 0.0, dict()),
+])
+def test_from_config_honours_an_explicit_k_and_ignores_num_train_steps(schedule, k, kwargs):
+    config = _config(schedule, k, start=0.8, end=0.2)
+    assert not schedules.uses_num_train_steps(config)
+    expected = make_schedule(schedule, start=0.8, end=0.2, **kwargs)
+    for num_train_steps in (1000, 50):
+        config.num_train_steps = num_train_steps
+        assert values(schedules.from_config(config), [0, 10, 400]) == values(expected, [0, 10, 400])

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from s2s_jax import PAD_ID, checkpoints, configuration, data, training
+from s2s_jax import BOS_ID, PAD_ID, checkpoints, configuration, data, steps, training
 from s2s_jax.models import make_model
 from s2s_jax.schedules import make_schedule
 
@@ -62,11 +62,11 @@ def setup():
     """The tiny model, a fresh state, a fixed batch and a jitted train_step (compiled once)."""
     config = small_config()
     model = make_model(config.model, VOCAB, VOCAB)
-    state = training.init_state(config, model)
+    state = steps.init_state(config, model)
     src, tgt = data.synthetic_task("reverse", 16, VOCAB, 2, 6, seed=0)
     batch = data.make_batch(src, tgt, list(range(16)), batch_size=16, length=8)
     step = jax.jit(functools.partial(
-        training.train_step, model=model, tf_schedule=make_schedule("constant"), fast_path_only=True,
+        steps.train_step, model=model, tf_schedule=make_schedule("constant"), fast_path_only=True,
         label_smoothing=0.0, base_rng=jax.random.PRNGKey(0)))
     return dict(config=config, model=model, state=state, batch=batch, step=step)
 
@@ -84,42 +84,58 @@ def trained(setup):
 
 # ----------------------------------------------------------------------------- cross_entropy
 def np_cross_entropy(logits, targets, eps):
+    """float64 reference: (NLL sum, smoothed sum, count). The smoothed target puts 1 - eps on the
+    gold token and eps uniformly over the ids that can be targets (all but PAD and BOS)."""
     logits = logits.astype(np.float64)
     log_p = logits - logits.max(-1, keepdims=True)
     log_p = log_p - np.log(np.exp(log_p).sum(-1, keepdims=True))
     vocab = logits.shape[-1]
-    total, count = 0.0, 0
+    nll, smoothed, count = 0.0, 0.0, 0
     for b, t in np.ndindex(targets.shape):
         if targets[b, t] == PAD_ID:
             continue
-        q = np.full(vocab, eps / vocab)
+        q = np.full(vocab, eps / (vocab - 2))
+        q[[PAD_ID, BOS_ID]] = 0.0
         q[targets[b, t]] += 1.0 - eps
-        total += -(q * log_p[b, t]).sum()
+        nll += -log_p[b, t, targets[b, t]]
+        smoothed += -(q * log_p[b, t]).sum()
         count += 1
-    return total, count
+    return nll, smoothed, count
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
 def test_cross_entropy_matches_numpy(eps):
     rng = np.random.default_rng(0)
     logits = (rng.normal(size=(3, 5, 7)) * 3).astype(np.float32)
-    targets = rng.integers(1, 7, size=(3, 5)).astype(np.int32)
+    targets = rng.integers(2, 7, size=(3, 5)).astype(np.int32)
     targets[0, 3:] = PAD_ID
     targets[2, 1:] = PAD_ID
-    loss_sum, tokens = training.cross_entropy(jnp.asarray(logits), jnp.asarray(targets), eps)
-    ref_sum, ref_count = np_cross_entropy(logits, targets, eps)
+    nll_sum, smoothed_sum, tokens = steps.cross_entropy(jnp.asarray(logits), jnp.asarray(targets), eps)
+    ref_nll, ref_smoothed, ref_count = np_cross_entropy(logits, targets, eps)
     assert float(tokens) == ref_count == 15 - 2 - 4
-    assert float(loss_sum) == pytest.approx(ref_sum, rel=1e-5)
+    assert float(nll_sum) == pytest.approx(ref_nll, rel=1e-5)
+    assert float(smoothed_sum) == pytest.approx(ref_smoothed, rel=1e-5)
     # Logits at PAD positions do not matter.
     noisy = logits.copy()
     noisy[targets == PAD_ID] = rng.normal(size=noisy[targets == PAD_ID].shape) * 100
-    loss_noisy, _ = training.cross_entropy(jnp.asarray(noisy), jnp.asarray(targets), eps)
-    assert float(loss_noisy) == pytest.approx(float(loss_sum), rel=1e-6)
+    _, noisy_smoothed, _ = steps.cross_entropy(jnp.asarray(noisy), jnp.asarray(targets), eps)
+    assert float(noisy_smoothed) == pytest.approx(float(smoothed_sum), rel=1e-6)
+
+
+def test_label_smoothing_puts_no_mass_on_pad_and_bos():
+    """The smoothed loss's gradient pushes PAD and BOS logits down only through the softmax: it
+    equals softmax - q with q zero on PAD and BOS (optax.smooth_labels would give them eps / V)."""
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(1, 1, 6)), jnp.float32)
+    targets = jnp.asarray([[4]], jnp.int32)
+    grad = jax.grad(lambda x: steps.cross_entropy(x, targets, 0.3)[1])(logits)[0, 0]
+    q = np.array([0.0, 0.0, 0.075, 0.075, 0.775, 0.075])
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.nn.softmax(logits[0, 0])) - q, atol=1e-6)
 
 
 def test_cross_entropy_all_padding_is_zero():
-    loss_sum, tokens = training.cross_entropy(jnp.ones((2, 3, 4)), jnp.zeros((2, 3), jnp.int32), 0.1)
-    assert float(loss_sum) == 0.0 and float(tokens) == 0.0
+    nll_sum, smoothed_sum, tokens = steps.cross_entropy(jnp.ones((2, 3, 4)), jnp.zeros((2, 3), jnp.int32), 0.1)
+    assert float(nll_sum) == float(smoothed_sum) == float(tokens) == 0.0
 
 
 # ----------------------------------------------------------------------------- train_step
@@ -223,7 +239,7 @@ def test_checkpoint_of_another_model_shape_is_refused(setup, tmp_path, change):
         config.model.encoder_hidden = 16
     else:
         vocab = VOCAB + 5
-    other = jax.eval_shape(lambda: training.init_state(config, make_model(config.model, vocab, vocab)))
+    other = jax.eval_shape(lambda: steps.init_state(config, make_model(config.model, vocab, vocab)))
     ours, theirs = checkpoints.param_shapes(state.params), checkpoints.param_shapes(other.params)
     differing = [name for name in ours if ours[name] != theirs.get(name)]
     assert differing
@@ -302,3 +318,148 @@ def test_resume_continues_at_the_checkpoint_and_matches_an_uninterrupted_run(set
     other.model.encoder_hidden = 16
     with pytest.raises(configuration.ConfigError, match="encoder_hidden"):
         training.train_and_evaluate(other, resumed)
+
+
+# ----------------------------------------------------------------------------- optimizer
+def opt_config(decay, warmup=10, peak=1e-2, clip_norm=0.0):
+    from ml_collections import ConfigDict
+    return ConfigDict(dict(learning_rate=peak, warmup_steps=warmup, decay=decay, b1=0.9, b2=0.999,
+                           clip_norm=clip_norm, label_smoothing=0.0))
+
+
+@pytest.mark.parametrize("decay", ["constant", "cosine", "rsqrt"])
+@pytest.mark.parametrize("warmup", [0, 1, 10])
+def test_learning_rate_is_finite_at_every_step_python_int_or_traced(decay, warmup):
+    """The loop calls the schedule with Python ints from step 0 (rsqrt used to divide by zero)."""
+    schedule = steps.make_learning_rate(opt_config(decay, warmup), 100)
+    for step in range(0, 101):
+        value = float(schedule(step))
+        assert np.isfinite(value) and 0.0 <= value <= 1e-2 + 1e-9, (step, value)
+        assert value == pytest.approx(float(jax.jit(schedule)(jnp.int32(step))), rel=1e-6)
+
+
+@pytest.mark.parametrize("decay", ["constant", "cosine", "rsqrt"])
+def test_learning_rate_shapes(decay):
+    peak, warmup, total = 1e-2, 10, 110
+    schedule = steps.make_learning_rate(opt_config(decay, warmup, peak), total)
+    lr = lambda step: float(schedule(step))  # noqa: E731
+    assert lr(0) == 0.0
+    assert lr(5) == pytest.approx(peak / 2)          # linear warmup
+    assert lr(warmup) == pytest.approx(peak)         # reaches the peak at the end of warmup
+    if decay == "constant":
+        assert lr(total) == pytest.approx(peak)
+    elif decay == "cosine":
+        assert lr(warmup + (total - warmup) // 2) == pytest.approx(peak * 0.55)  # halfway down to 10%
+        assert lr(total) == pytest.approx(peak * 0.1)
+    else:
+        assert lr(4 * warmup) == pytest.approx(peak / 2)  # peak * sqrt(warmup / step)
+        assert lr(100 * warmup) == pytest.approx(peak / 10)
+
+
+def test_gradient_clipping_matches_a_numpy_clip_then_adam():
+    """Three updates with gradients of global norm 50, 0.3 and 7 against a float64 numpy
+    reference of clip_by_global_norm(1.0) followed by Adam."""
+    lr, b1, b2, eps, clip = 1e-2, 0.9, 0.999, 1e-8, 1.0
+    tx, _ = steps.make_optimizer(opt_config("constant", warmup=0, peak=lr, clip_norm=clip), 100)
+    rng = np.random.default_rng(0)
+    params = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+    opt_state = tx.init(params)
+    m = {k: np.zeros(v.shape) for k, v in params.items()}
+    v = {k: np.zeros(v.shape) for k, v in params.items()}
+    for t, norm in enumerate([50.0, 0.3, 7.0], start=1):
+        grads = {k: rng.normal(size=x.shape) for k, x in params.items()}
+        scale = norm / np.sqrt(sum((g ** 2).sum() for g in grads.values()))
+        grads = {k: g * scale for k, g in grads.items()}
+        updates, opt_state = tx.update({k: jnp.asarray(g, jnp.float32) for k, g in grads.items()}, opt_state)
+        factor = min(1.0, clip / norm)
+        for k, g in grads.items():
+            g = g * factor
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v[k] = b2 * v[k] + (1 - b2) * g ** 2
+            expected = -lr * (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
+            np.testing.assert_allclose(np.asarray(updates[k]), expected, rtol=2e-4, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- train_step variants
+def variant_step(setup, *, dropout=0.0, smoothing=0.0, schedule=None, dtype="float32", seed=0):
+    config = small_config()
+    config.model.dropout = dropout
+    config.model.dtype = dtype
+    model = make_model(config.model, VOCAB, VOCAB)
+    tf_schedule = schedule or make_schedule("constant")
+    return jax.jit(functools.partial(
+        steps.train_step, model=model, tf_schedule=tf_schedule, fast_path_only=schedule is None,
+        label_smoothing=smoothing, base_rng=jax.random.PRNGKey(seed)))
+
+
+def test_train_step_with_dropout_is_random_per_seed_and_reproducible(setup):
+    state, batch = setup["state"], setup["batch"]
+    _, m0 = setup["step"](state, batch)
+    dropped = variant_step(setup, dropout=0.3)
+    _, a = dropped(state, batch)
+    _, b = dropped(state, batch)
+    _, c = variant_step(setup, dropout=0.3, seed=1)(state, batch)
+    assert bool(a["finite"])
+    assert float(a["loss_sum"]) == float(b["loss_sum"])           # same seed, same step: same mask
+    assert float(a["loss_sum"]) != float(c["loss_sum"])           # another seed: another mask
+    assert float(a["loss_sum"]) != float(m0["loss_sum"])          # dropout changed the forward pass
+
+
+def test_train_step_with_label_smoothing_logs_plain_nll(setup, trained):
+    state, batch = trained[0], setup["batch"]  # a confident model: smoothing costs it loss
+    _, plain = setup["step"](state, batch)
+    _, smooth = variant_step(setup, smoothing=0.2)(state, batch)
+    # train_loss stays the NLL whatever the smoothing; the objective is reported on its own.
+    assert float(smooth["loss_sum"]) == pytest.approx(float(plain["loss_sum"]), rel=1e-6)
+    assert float(smooth["smoothed_loss_sum"]) > 1.2 * float(smooth["loss_sum"])
+    assert float(plain["smoothed_loss_sum"]) == float(plain["loss_sum"])
+
+
+def test_train_step_with_decaying_scheduled_sampling(setup):
+    """Linear decay from 1 to 0 over 4 steps: ratio 1 at step 0 (teacher-forced), then below 1
+    (predictions fed back), and the losses differ from teacher forcing once the ratio drops."""
+    schedule = make_schedule("linear", start=1.0, end=0.0, decay_steps=4)
+    step = variant_step(setup, schedule=schedule)
+    state, batch = setup["state"], setup["batch"]
+    ratios = []
+    tf_state = state
+    for _ in range(4):
+        new_state, m = step(state, batch)
+        tf_state, tf_m = setup["step"](tf_state, batch)
+        ratios.append(float(m["tf_ratio"]))
+        assert bool(m["finite"])
+        if ratios[-1] == 1.0:
+            assert float(m["loss_sum"]) == pytest.approx(float(tf_m["loss_sum"]), rel=1e-5)
+        state = new_state
+    assert ratios == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    assert float(m["loss_sum"]) != pytest.approx(float(tf_m["loss_sum"]), rel=1e-3)
+
+
+def test_train_step_in_bfloat16_stays_close_to_float32(setup):
+    """bfloat16 matmuls, float32 parameters: loss within 2% of float32 over 5 steps; params float32."""
+    state, batch = setup["state"], setup["batch"]
+    bf16 = variant_step(setup, dtype="bfloat16")
+    s32, s16 = state, state
+    for _ in range(5):
+        s32, m32 = setup["step"](s32, batch)
+        s16, m16 = bf16(s16, batch)
+        assert float(m16["loss_sum"]) == pytest.approx(float(m32["loss_sum"]), rel=2e-2)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.params))
+
+
+def test_seq2seq_call_with_default_arguments(setup):
+    """Teacher forcing by default: no sampling key needed."""
+    model, batch = setup["model"], setup["batch"]
+    out = model.apply({"params": setup["state"].params}, batch.src, batch.src_len, batch.tgt_in)
+    assert out["logits"].shape == batch.tgt_in.shape + (VOCAB,)
+
+
+def test_compile_stats_count_only_their_own_compilations():
+    from s2s_jax import logbook
+    first = logbook.CompileStats()
+    jax.jit(lambda x: x * 3 + 1)(jnp.ones(7))
+    before_second = first.count
+    second = logbook.CompileStats()
+    assert before_second >= 1 and second.count == 0 and second.seconds == 0.0
+    jax.jit(lambda x: x * 5 - 2)(jnp.ones(9))
+    assert second.count >= 1 and first.count == before_second + second.count

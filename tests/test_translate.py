@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from s2s_jax import BOS_ID, EOS_ID, data, metrics, translate
+from s2s_jax import BOS_ID, EOS_ID, data, inference, metrics, translate
 from s2s_jax.checkpoints import CheckpointError
 from s2s_jax.translate import Translator
 
@@ -78,8 +78,10 @@ def test_n_best_sorted_distinct_and_scored_by_the_model(translator, sentences):
     alpha = 0.6
     picks = [s for s in sentences if 2 <= len(s.split()) <= 6][:2]
     results = translator.hypotheses(picks, beam_size=4, n_best=4, alpha=alpha)
-    texts = translator.translate(picks, beam_size=4, n_best=4, alpha=alpha)
-    assert texts == [[h.text for h in hyps] for hyps in results]
+    best = translator.translate(picks, beam_size=4, alpha=alpha)
+    assert best == [hyps[0].text for hyps in results]  # translate returns strings, one per sentence
+    with pytest.raises(TypeError, match="hypotheses"):
+        translator.translate(picks, n_best=2)
     for sentence, hyps in zip(picks, results):
         assert len(hyps) == 4
         assert len({h.text for h in hyps}) == 4
@@ -125,7 +127,7 @@ def test_long_sentence_error_names_line_and_truncate_warns(translator, caplog):
     lines = ["4 5", "6 7", long]
     with pytest.raises(ValueError, match="line 3"):
         translator.translate(lines, on_long="error")
-    with caplog.at_level(logging.WARNING, logger="s2s_jax.translate"):
+    with caplog.at_level(logging.WARNING, logger="s2s_jax.inference"):
         out = translator.translate(lines, on_long="truncate")
     assert len(out) == 3 and out[0] == "5 4"
     assert any("sentence 2 (line 3)" in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
@@ -138,13 +140,15 @@ def test_long_sentence_error_names_line_and_truncate_warns(translator, caplog):
     (dict(search="sample"), "search"),
     (dict(on_long="drop"), "on_long"),
     (dict(alpha=-1.0), "alpha"),
+    (dict(max_len=10 ** 8), "max_len"),     # would take gigabytes per sentence
+    (dict(beam_size=21), "beam_size"),      # more than the 20-symbol vocabulary
 ])
 def test_bad_options_fail_before_decoding(translator, monkeypatch, options, match):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded despite a bad option")
-    monkeypatch.setattr(translate.inference, "decode_batch", no_decoding)
+    monkeypatch.setattr(inference, "decode_batch", no_decoding)
     with pytest.raises(ValueError, match=match):
-        translator.translate(["4 5 6"], **options)
+        translator.hypotheses(["4 5 6"], **options)
 
 
 def test_workdir_without_checkpoint(tiny_workdir, tmp_path):
@@ -190,3 +194,41 @@ def test_cli_invalid_utf8_names_file_and_line(tiny_workdir, tmp_path):
     assert result.returncode != 0
     assert f"{src}:3" in result.stderr and "UTF-8" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cli_creates_the_output_directory_and_refuses_a_directory(tiny_workdir, tmp_path):
+    out = tmp_path / "new" / "deeper" / "out.txt"
+    result = _cli(f"--workdir={tiny_workdir}", f"--output={out}", "--search=greedy", stdin="4 5 6\n")
+    assert result.returncode == 0, result.stderr
+    assert out.read_text(encoding="utf-8") == "6 5 4\n"
+    result = _cli(f"--workdir={tiny_workdir}", f"--output={tmp_path}", stdin="4 5 6\n")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is a directory" in lines[0]
+
+
+def test_cli_refuses_sizes_beyond_what_the_model_allows(tiny_workdir):
+    for flag, name in (("--max_len=100000000", "max_len"), ("--beam_size=5000", "beam_size")):
+        result = _cli(f"--workdir={tiny_workdir}", flag, stdin="4 5 6\n")
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and name in lines[0], result.stderr
+
+
+def test_dev_bleu_of_training_equals_translate_on_the_dev_file(tiny_workdir, tmp_path):
+    """The run's dev BLEU (summary.json) is what the translate command gives on the dev sources,
+    with the workdir's options, scored by sacrebleu: the same number, to every digit."""
+    import json
+    config = translate.configuration.load(tiny_workdir)
+    cfg = config.data
+    src, tgt = data.synthetic_task(cfg.task, cfg.synthetic_dev_size, cfg.synthetic_vocab_size, cfg.synthetic_min_len,
+                                   cfg.synthetic_max_len, cfg.synthetic_seed + 1)
+    dev_src = tmp_path / "dev.src"
+    dev_src.write_text("".join(" ".join(map(str, s)) + "\n" for s in src), encoding="utf-8")
+    out = tmp_path / "dev.hyp"
+    result = _cli(f"--workdir={tiny_workdir}", f"--input={dev_src}", f"--output={out}", "--search=greedy")
+    assert result.returncode == 0, result.stderr
+    hyps = out.read_text(encoding="utf-8").splitlines()
+    bleu, _ = metrics.sacrebleu_score(hyps, [" ".join(map(str, t)) for t in tgt])
+    with open(os.path.join(tiny_workdir, "summary.json"), encoding="utf-8") as f:
+        assert json.load(f)["dev_bleu"] == bleu

@@ -1,0 +1,52 @@
+"""Dev evaluation during training: teacher-forced loss / perplexity, and dev BLEU + chrF of the
+decoded dev sources (sacrebleu on detokenized text).
+
+Dev BLEU decodes the dev source text with the same `inference.CorpusDecoder` as
+`python -m s2s_jax.translate`, with the options of `config.eval`: it depends on the sources only
+and equals what translate gives for the same model, options and dev file.
+"""
+import functools
+import logging
+
+import jax
+import numpy as np
+
+from s2s_jax import data, inference, metrics, parallel, steps
+from s2s_jax.models import Seq2Seq
+
+logger = logging.getLogger(__name__)
+
+
+class Evaluator:
+    """`evaluator(params)` -> dict(dev_loss, dev_ppl, dev_bleu, dev_chrf[, dev_bleu_beam, dev_chrf_beam])."""
+
+    def __init__(self, config, corpus: data.Corpus, model: Seq2Seq, mesh):
+        self.config, self.corpus, self.mesh = config, corpus, mesh
+        self.loss_batches = data.eval_batches(corpus.dev_src, corpus.dev_tgt, batch_size=config.eval.batch_size,
+                                              boundaries=config.data.bucket_boundaries)
+        self.eval_step = jax.jit(functools.partial(steps.eval_step, model=model))
+        self.decoder = inference.CorpusDecoder(config, model, corpus.src_tokenizer, corpus.tgt_tokenizer)
+        self.searches = ["greedy"] + (["beam"] if config.eval.search == "beam" else [])
+        self.signature: str | None = None  # sacrebleu's, logged at the first evaluation
+
+    def __call__(self, params) -> dict:
+        loss_sum = tokens = 0.0
+        for batch in self.loss_batches:
+            s, n = self.eval_step(params, parallel.shard_batch(batch, self.mesh))
+            loss_sum, tokens = loss_sum + float(s), tokens + float(n)
+        result = dict(dev_loss=loss_sum / tokens, dev_ppl=float(np.exp(loss_sum / tokens)))
+        for search in self.searches:
+            hyps = self.translate(params, search)
+            bleu, signature = metrics.sacrebleu_score(hyps, self.corpus.dev_tgt_text)
+            suffix = "" if search == "greedy" else "_beam"
+            result[f"dev_bleu{suffix}"] = bleu
+            result[f"dev_chrf{suffix}"] = metrics.chrf_score(hyps, self.corpus.dev_tgt_text)
+            if self.signature is None:
+                logger.info("dev BLEU: sacrebleu %s", signature)
+                self.signature = signature
+        return result
+
+    def translate(self, params, search: str) -> list[str]:
+        """Detokenized translations of the dev source text, in corpus order."""
+        options = inference.SearchOptions.from_eval_config(self.config.eval, search)
+        return [hyps[0].text for hyps in self.decoder(params, self.corpus.dev_src_text, options)]

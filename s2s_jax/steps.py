@@ -1,0 +1,124 @@
+"""The pure, jittable side of training: optimizer, loss, `train_step`, `eval_step`, `init_state`.
+
+`train_step(state, batch, *, model, ...)` and `eval_step(params, batch, *, model)` are module-level
+pure functions; static arguments are bound with functools.partial, as in the Flax examples. Both
+return sums plus a token count, never means, so windows of steps and sharded batches add up.
+"""
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from s2s_jax import BOS_ID, PAD_ID, data
+from s2s_jax.models import Seq2Seq
+
+# Ids that are never a target token: label smoothing puts no mass on them.
+NEVER_TARGETS = (PAD_ID, BOS_ID)
+
+
+class TrainState(train_state.TrainState):
+    """Flax TrainState: step, params, opt_state (and the optax transformation)."""
+
+
+# ----------------------------------------------------------------------------- optimizer
+def make_learning_rate(opt_cfg, num_train_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to the peak over `warmup_steps`, then (by `decay`):
+
+      constant  peak
+      cosine    cosine from the peak at the end of warmup to 10% of it at `num_train_steps`
+      rsqrt     peak * sqrt(warmup / step) (the Transformer's inverse square root; 1 at the
+                end of warmup, halved at 4x the warmup steps)
+    """
+    # Only cosine reads num_train_steps: configuration._depends_on_num_train_steps relies on it.
+    peak, warmup = float(opt_cfg.learning_rate), int(opt_cfg.warmup_steps)
+    decay_steps = max(num_train_steps - warmup, 1)
+    after = {
+        "constant": optax.constant_schedule(peak),
+        "cosine": optax.cosine_decay_schedule(peak, decay_steps, alpha=0.1),
+        # Called with the steps since the end of warmup (join_schedules), >= 0 where it is used.
+        "rsqrt": lambda since: peak * jnp.sqrt(max(warmup, 1) / (jnp.maximum(since, 0) + max(warmup, 1))),
+    }[opt_cfg.decay]
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def make_optimizer(opt_cfg, num_train_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Adam on the learning-rate schedule, after global-norm clipping (when clip_norm > 0)."""
+    learning_rate = make_learning_rate(opt_cfg, num_train_steps)
+    clip = [optax.clip_by_global_norm(opt_cfg.clip_norm)] if opt_cfg.clip_norm > 0 else []
+    tx = optax.chain(*clip, optax.adam(learning_rate, b1=opt_cfg.b1, b2=opt_cfg.b2))
+    return tx, learning_rate
+
+
+def init_state(config, model: Seq2Seq) -> TrainState:
+    """Fresh parameters (from config.seed) and optimizer state."""
+    tx, _ = make_optimizer(config.optimizer, config.num_train_steps)
+    length = config.data.bucket_boundaries[0]
+    dummy = jnp.ones((1, length), jnp.int32)
+    params = model.init(jax.random.PRNGKey(config.seed), dummy, jnp.ones((1,), jnp.int32), dummy,
+                        fast_path_only=True)["params"]
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+# ----------------------------------------------------------------------------- loss
+def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0):
+    """Token cross-entropy summed over non-PAD targets: (nll_sum, smoothed_sum, token_count).
+
+    logits [B, T, V], targets [B, T]. `nll_sum` is the plain negative log-likelihood (comparable
+    across runs whatever their smoothing); `smoothed_sum` is the training objective: the target
+    distribution puts 1 - eps on the gold token and spreads eps uniformly over the V - 2 ids that
+    can be targets (every id but PAD and BOS). It equals nll_sum when eps = 0.
+    """
+    mask = (targets != PAD_ID).astype(jnp.float32)                       # [B, T]
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))           # [B, T, V]
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # [B, T]
+    if label_smoothing > 0:
+        vocab = log_probs.shape[-1]
+        never = sum(log_probs[..., i] for i in NEVER_TARGETS)            # [B, T]
+        uniform = -(jnp.sum(log_probs, axis=-1) - never) / (vocab - len(NEVER_TARGETS))
+        smoothed = (1.0 - label_smoothing) * nll + label_smoothing * uniform
+    else:
+        smoothed = nll
+    return jnp.sum(nll * mask), jnp.sum(smoothed * mask), jnp.sum(mask)
+
+
+# ----------------------------------------------------------------------------- steps
+def train_step(state: TrainState, batch: data.Batch, *, model: Seq2Seq, tf_schedule,
+               fast_path_only: bool, label_smoothing: float, base_rng: jax.Array):
+    """One optimizer step on the smoothed loss. Returns (new_state, metrics), sums not means:
+    loss_sum (plain NLL), smoothed_loss_sum, tokens, grad_norm, tf_ratio, finite.
+
+    A non-finite loss, gradient or updated parameter leaves params and optimizer state unchanged
+    (the step counter still advances); `metrics["finite"]` tells the loop, which stops or goes on
+    as configured.
+    """
+    step_rng = jax.random.fold_in(base_rng, state.step)
+    dropout_rng, sampling_rng = jax.random.split(step_rng)
+    tf_ratio = tf_schedule(state.step)
+
+    def loss_fn(params):
+        out = model.apply({"params": params}, batch.src, batch.src_len, batch.tgt_in, train=True,
+                          tf_ratio=tf_ratio, sampling_rng=sampling_rng,
+                          fast_path_only=fast_path_only, rngs={"dropout": dropout_rng})
+        nll_sum, smoothed_sum, tokens = cross_entropy(out["logits"], batch.tgt_out, label_smoothing)
+        return smoothed_sum / jnp.maximum(tokens, 1.0), (nll_sum, smoothed_sum, tokens)
+
+    (_, (nll_sum, smoothed_sum, tokens)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    updated = state.apply_gradients(grads=grads)
+    # Finite loss and gradient can still overflow the parameters (an absurd learning rate).
+    params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(updated.params)]))
+    finite = jnp.isfinite(smoothed_sum) & jnp.isfinite(grad_norm) & params_finite
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    new_state = updated.replace(params=jax.tree.map(keep, updated.params, state.params),
+                                opt_state=jax.tree.map(keep, updated.opt_state, state.opt_state))
+    return new_state, dict(loss_sum=nll_sum, smoothed_loss_sum=smoothed_sum, tokens=tokens,
+                           grad_norm=grad_norm, tf_ratio=tf_ratio, finite=finite)
+
+
+def eval_step(params, batch: data.Batch, *, model: Seq2Seq):
+    """Teacher-forced dev loss: (nll_sum, token_count)."""
+    out = model.apply({"params": params}, batch.src, batch.src_len, batch.tgt_in, fast_path_only=True)
+    nll_sum, _, tokens = cross_entropy(out["logits"], batch.tgt_out)
+    return nll_sum, tokens
