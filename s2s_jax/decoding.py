@@ -14,7 +14,8 @@ extensions (`_beam_select`, `_sample_select`) and in how a finished hypothesis i
 
 Conventions (see DESIGN.md section 2):
   * Step 1 feeds `bos_id`; returned sequences hold no BOS, include the EOS within `lengths`, and are
-    `pad_id` after the end.
+    `pad_id` after the end. `pad_id` and `bos_id` are forbidden at every step, whatever the model
+    prefers, so neither ever appears inside a hypothesis; `eos_id` must differ from both.
   * Log-probs are clamped to >= NEG_INF (-1e7, never -inf); a log-prob at or below NEG_INF / 2
     marks a forbidden token (min_len, no_repeat_ngram_size, or a model that masks with -inf/-1e9):
     such an extension is never kept.
@@ -30,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from s2s_jax.validate import check_int
+
 __all__ = ["Beams", "NEG_INF", "beam_search", "greedy_search", "sample_search"]
 
 NEG_INF = -1e7  # mask value for log-probs: large finite negative, never -inf (no NaNs)
@@ -40,23 +43,23 @@ StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 
 
 class Beams(NamedTuple):
-  """Search result, best first. N = number of hypotheses returned per batch element."""
+    """Search result, best first. N = number of hypotheses returned per batch element."""
 
-  sequences: jax.Array  # int32[B, N, max_len], no BOS, EOS included, pad_id after the end
-  scores: jax.Array  # float32[B, N], descending
-  lengths: jax.Array  # int32[B, N], number of tokens including the EOS (0 = empty slot)
+    sequences: jax.Array  # int32[B, N, max_len], no BOS, EOS included, pad_id after the end
+    scores: jax.Array  # float32[B, N], descending
+    lengths: jax.Array  # int32[B, N], number of tokens including the EOS (0 = empty slot)
 
 
 class _Carry(NamedTuple):
-  step: jax.Array  # int32[], steps done so far == index where the next token is written
-  tokens: jax.Array  # int32[B, K], last token of each hypothesis (input of the next step)
-  state: Any  # pytree, leaves [B, K, ...]
-  alive_seq: jax.Array  # int32[B, K, max_len]
-  alive_sum: jax.Array  # float32[B, K], summed log-probs (NEG_INF where not alive)
-  alive: jax.Array  # bool[B, K]
-  fin_seq: jax.Array  # int32[B, N, max_len]
-  fin_score: jax.Array  # float32[B, N], descending (_EMPTY for empty slots)
-  fin_len: jax.Array  # int32[B, N] (0 for empty slots)
+    step: jax.Array  # int32[], steps done so far == index where the next token is written
+    tokens: jax.Array  # int32[B, K], last token of each hypothesis (input of the next step)
+    state: Any  # pytree, leaves [B, K, ...]
+    alive_seq: jax.Array  # int32[B, K, max_len]
+    alive_sum: jax.Array  # float32[B, K], summed log-probs (NEG_INF where not alive)
+    alive: jax.Array  # bool[B, K]
+    fin_seq: jax.Array  # int32[B, N, max_len]
+    fin_score: jax.Array  # float32[B, N], descending (_EMPTY for empty slots)
+    fin_len: jax.Array  # int32[B, N] (0 for empty slots)
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,26 +67,23 @@ class _Carry(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def _is_int(x) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-  if not _is_int(value) or value < minimum:
-    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 def _check_nonneg(name: str, value) -> None:
-  """Checks a possibly traced scalar: only concrete values can be checked."""
-  if isinstance(value, jax.core.Tracer):
-    return
-  if float(value) < 0:
-    raise ValueError(f"{name} must be >= 0, got {value!r}")
+    """Checks a possibly traced scalar: only concrete values can be checked."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    if float(value) < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
-def _check_common(max_len, min_len) -> None:
-  _check_int("max_len", max_len, 1)
-  _check_nonneg("min_len", min_len)
+def _check_common(max_len, min_len, eos_id, bos_id, pad_id) -> None:
+    check_int("max_len", max_len, 1)
+    _check_nonneg("min_len", min_len)
+    for name, value in (("eos_id", eos_id), ("bos_id", bos_id), ("pad_id", pad_id)):
+        check_int(name, value, 0)
+    if eos_id in (bos_id, pad_id):  # pad_id == bos_id is fine: both are forbidden anyway
+        raise ValueError(
+            f"eos_id must differ from bos_id and pad_id (both are forbidden in hypotheses), got "
+            f"eos_id={eos_id}, bos_id={bos_id}, pad_id={pad_id}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,148 +92,149 @@ def _check_common(max_len, min_len) -> None:
 
 
 def _batch_size(init_state) -> int:
-  leaves = jax.tree.leaves(init_state)
-  if not leaves:
-    raise ValueError(
-        "init_state must contain at least one array with leading batch dim [B, ...] "
-        "(the search reads the batch size from it)")
-  sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
-  if len(sizes) != 1 or None in sizes:
-    raise ValueError(
-        "every leaf of init_state must have the same leading batch dim [B, ...]; got shapes "
-        f"{[np.shape(x) for x in leaves]}")
-  return sizes.pop()
+    leaves = jax.tree.leaves(init_state)
+    if not leaves:
+        raise ValueError(
+            "init_state must contain at least one array with leading batch dim [B, ...] "
+            "(the search reads the batch size from it)")
+    sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            "every leaf of init_state must have the same leading batch dim [B, ...]; got shapes "
+            f"{[np.shape(x) for x in leaves]}")
+    return sizes.pop()
 
 
 def _tile_state(init_state, num_hyps: int):
-  """[B, ...] -> [B, K, ...] for every leaf (the only broadcast the search does)."""
+    """[B, ...] -> [B, K, ...] for every leaf (the only broadcast the search does)."""
 
-  def tile(x):
-    x = jnp.asarray(x)
-    return jnp.broadcast_to(x[:, None], (x.shape[0], num_hyps) + x.shape[1:])  # [batch, beam, ...]
+    def tile(x):
+        x = jnp.asarray(x)
+        return jnp.broadcast_to(x[:, None], (x.shape[0], num_hyps) + x.shape[1:])  # [batch, beam, ...]
 
-  return jax.tree.map(tile, init_state)
+    return jax.tree.map(tile, init_state)
 
 
 def _gather_beams(tree, parent: jax.Array):
-  """Reorders every leaf [B, K, ...] along axis 1 by parent int32[B, K]."""
+    """Reorders every leaf [B, K, ...] along axis 1 by parent int32[B, K]."""
 
-  def gather(x):
-    idx = parent.reshape(parent.shape + (1,) * (x.ndim - 2))  # [batch, beam, 1, ...]
-    return jnp.take_along_axis(x, idx, axis=1)
+    def gather(x):
+        idx = parent.reshape(parent.shape + (1,) * (x.ndim - 2))  # [batch, beam, 1, ...]
+        return jnp.take_along_axis(x, idx, axis=1)
 
-  return jax.tree.map(gather, tree)
+    return jax.tree.map(gather, tree)
 
 
 def _check_step_fn(step_fn: StepFn, tokens: jax.Array, state) -> int:
-  """Traces step_fn abstractly once, checks its output, returns the vocabulary size V."""
-  out = jax.eval_shape(step_fn, tokens, state)
-  if not isinstance(out, (tuple, list)) or len(out) != 2:
-    raise ValueError("step_fn must return a pair (log_probs, new_state)")
-  log_probs, new_state = out
-  batch, num_hyps = tokens.shape
-  if len(log_probs.shape) != 3 or log_probs.shape[:2] != (batch, num_hyps):
-    raise ValueError(
-        f"step_fn must return log_probs of shape [B, K, V] = [{batch}, {num_hyps}, V]; "
-        f"got {log_probs.shape}")
-  if log_probs.shape[2] < 1:
-    raise ValueError("step_fn returned an empty vocabulary (V = 0)")
-  in_def, out_def = jax.tree.structure(state), jax.tree.structure(new_state)
-  if in_def != out_def:
-    raise ValueError(f"step_fn must return a state with the input's structure: {in_def} vs {out_def}")
-  for old, new in zip(jax.tree.leaves(state), jax.tree.leaves(new_state)):
-    if old.shape != new.shape:
-      raise ValueError(
-          f"step_fn changed a state leaf's shape from {old.shape} to {new.shape}; state leaves "
-          "must keep their leading [B, K] dims and shape")
-  return log_probs.shape[2]
+    """Traces step_fn abstractly once, checks its output, returns the vocabulary size V."""
+    out = jax.eval_shape(step_fn, tokens, state)
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise ValueError("step_fn must return a pair (log_probs, new_state)")
+    log_probs, new_state = out
+    batch, num_hyps = tokens.shape
+    if len(log_probs.shape) != 3 or log_probs.shape[:2] != (batch, num_hyps):
+        raise ValueError(
+            f"step_fn must return log_probs of shape [B, K, V] = [{batch}, {num_hyps}, V]; "
+            f"got {log_probs.shape}")
+    if log_probs.shape[2] < 1:
+        raise ValueError("step_fn returned an empty vocabulary (V = 0)")
+    in_def, out_def = jax.tree.structure(state), jax.tree.structure(new_state)
+    if in_def != out_def:
+        raise ValueError(f"step_fn must return a state with the input's structure: {in_def} vs {out_def}")
+    for old, new in zip(jax.tree.leaves(state), jax.tree.leaves(new_state)):
+        if old.shape != new.shape:
+            raise ValueError(
+                f"step_fn changed a state leaf's shape from {old.shape} to {new.shape}; state leaves "
+                "must keep their leading [B, K] dims and shape")
+    return log_probs.shape[2]
 
 
 def _ngram_banned(seq: jax.Array, step: jax.Array, n: int, vocab: int) -> jax.Array:
-  """bool[B, K, V]: tokens that would complete an n-gram already in the hypothesis.
+    """bool[B, K, V]: tokens that would complete an n-gram already in the hypothesis.
 
-  seq: int32[B, K, L], the first `step` tokens generated (BOS excluded), the rest padding.
-  A token v is banned at position `step` if some earlier n-gram seq[j : j + n] lies fully inside
-  the generated prefix (j + n <= step), matches the last n - 1 tokens seq[step - n + 1 : step] on
-  its first n - 1 tokens, and ends in v.
-  """
-  batch, num_hyps, max_len = seq.shape
-  num_starts = max_len - n + 1  # candidate start positions j of an earlier n-gram
-  if n == 1:
-    match = jnp.ones((batch, num_hyps, num_starts), bool)  # [batch, beam, start]
-  else:
-    context = jax.lax.dynamic_slice_in_dim(seq, jnp.maximum(step - (n - 1), 0), n - 1, axis=2)
-    windows = jnp.stack([seq[:, :, m:m + num_starts] for m in range(n - 1)], axis=-1)  # [batch, beam, start, n-1]
-    match = jnp.all(windows == context[:, :, None, :], axis=-1)  # [batch, beam, start]
-  match &= jnp.arange(num_starts) <= step - n  # the earlier n-gram must be complete
-  completing = seq[:, :, n - 1:]  # [batch, beam, start]: last token of the n-gram at j
-  b_idx = jnp.arange(batch)[:, None, None]
-  k_idx = jnp.arange(num_hyps)[None, :, None]
-  banned = jnp.zeros((batch, num_hyps, vocab), jnp.int32)
-  banned = banned.at[b_idx, k_idx, completing].max(match.astype(jnp.int32))  # [batch, beam, vocab]
-  return banned > 0
+    seq: int32[B, K, L], the first `step` tokens generated (BOS excluded), the rest padding.
+    A token v is banned at position `step` if some earlier n-gram seq[j : j + n] lies fully inside
+    the generated prefix (j + n <= step), matches the last n - 1 tokens seq[step - n + 1 : step] on
+    its first n - 1 tokens, and ends in v.
+    """
+    batch, num_hyps, max_len = seq.shape
+    num_starts = max_len - n + 1  # candidate start positions j of an earlier n-gram
+    if n == 1:
+        match = jnp.ones((batch, num_hyps, num_starts), bool)  # [batch, beam, start]
+    else:
+        context = jax.lax.dynamic_slice_in_dim(seq, jnp.maximum(step - (n - 1), 0), n - 1, axis=2)
+        # [batch, beam, start, n-1]
+        windows = jnp.stack([seq[:, :, m:m + num_starts] for m in range(n - 1)], axis=-1)
+        match = jnp.all(windows == context[:, :, None, :], axis=-1)  # [batch, beam, start]
+    match &= jnp.arange(num_starts) <= step - n  # the earlier n-gram must be complete
+    completing = seq[:, :, n - 1:]  # [batch, beam, start]: last token of the n-gram at j
+    b_idx = jnp.arange(batch)[:, None, None]
+    k_idx = jnp.arange(num_hyps)[None, :, None]
+    banned = jnp.zeros((batch, num_hyps, vocab), jnp.int32)
+    banned = banned.at[b_idx, k_idx, completing].max(match.astype(jnp.int32))  # [batch, beam, vocab]
+    return banned > 0
 
 
 def _beam_select(num_hyps: int):
-  """Keeps the `num_hyps` valid extensions with the highest summed log-prob (ties: lower index)."""
+    """Keeps the `num_hyps` valid extensions with the highest summed log-prob (ties: lower index)."""
 
-  def select(step, log_probs, cand_sum, cand_valid):
-    del step, log_probs
-    batch, k_in, vocab = cand_sum.shape
-    key = jnp.where(cand_valid, cand_sum, _EMPTY)  # [batch, beam, vocab]
-    # Two-stage top-k (exact): the best num_hyps overall are among each beam's best num_hyps.
-    per_beam = min(num_hyps, vocab)
-    beam_best, beam_tokens = jax.lax.top_k(key, per_beam)  # [batch, beam, per_beam]
-    _, flat = jax.lax.top_k(beam_best.reshape(batch, k_in * per_beam), num_hyps)  # [batch, num_hyps]
-    tokens = jnp.take_along_axis(beam_tokens.reshape(batch, k_in * per_beam), flat, axis=1)
-    return flat // per_beam, tokens
+    def select(step, log_probs, cand_sum, cand_valid):
+        del step, log_probs
+        batch, k_in, vocab = cand_sum.shape
+        key = jnp.where(cand_valid, cand_sum, _EMPTY)  # [batch, beam, vocab]
+        # Two-stage top-k (exact): the best num_hyps overall are among each beam's best num_hyps.
+        per_beam = min(num_hyps, vocab)
+        beam_best, beam_tokens = jax.lax.top_k(key, per_beam)  # [batch, beam, per_beam]
+        _, flat = jax.lax.top_k(beam_best.reshape(batch, k_in * per_beam), num_hyps)  # [batch, num_hyps]
+        tokens = jnp.take_along_axis(beam_tokens.reshape(batch, k_in * per_beam), flat, axis=1)
+        return flat // per_beam, tokens
 
-  return select
+    return select
 
 
 def _sample_select(rng: jax.Array, temperature, top_k: int):
-  """Each hypothesis draws its own next token: softmax(log_probs / temperature) over its top_k."""
+    """Each hypothesis draws its own next token: softmax(log_probs / temperature) over its top_k."""
 
-  def select(step, log_probs, cand_sum, cand_valid):
-    del cand_sum
-    batch, num_hyps, vocab = log_probs.shape
-    logits = jnp.where(cand_valid, log_probs / temperature, NEG_INF)  # [batch, sample, vocab]
-    key = jax.random.fold_in(rng, step)
-    if top_k and top_k < vocab:
-      top_logits, top_ids = jax.lax.top_k(logits, top_k)  # [batch, sample, top_k]
-      choice = jax.random.categorical(key, top_logits, axis=-1)  # [batch, sample]
-      token = jnp.take_along_axis(top_ids, choice[..., None], axis=-1)[..., 0]  # [batch, sample]
-    else:
-      token = jax.random.categorical(key, logits, axis=-1)  # [batch, sample]
-    parent = jnp.broadcast_to(jnp.arange(num_hyps), (batch, num_hyps))  # [batch, sample]
-    return parent, token.astype(jnp.int32)
+    def select(step, log_probs, cand_sum, cand_valid):
+        del cand_sum
+        batch, num_hyps, vocab = log_probs.shape
+        logits = jnp.where(cand_valid, log_probs / temperature, NEG_INF)  # [batch, sample, vocab]
+        key = jax.random.fold_in(rng, step)
+        if top_k and top_k < vocab:
+            top_logits, top_ids = jax.lax.top_k(logits, top_k)  # [batch, sample, top_k]
+            choice = jax.random.categorical(key, top_logits, axis=-1)  # [batch, sample]
+            token = jnp.take_along_axis(top_ids, choice[..., None], axis=-1)[..., 0]  # [batch, sample]
+        else:
+            token = jax.random.categorical(key, logits, axis=-1)  # [batch, sample]
+        parent = jnp.broadcast_to(jnp.arange(num_hyps), (batch, num_hyps))  # [batch, sample]
+        return parent, token.astype(jnp.int32)
 
-  return select
+    return select
 
 
 def _raw_score(log_prob_sum, length):
-  del length
-  return log_prob_sum
+    del length
+    return log_prob_sum
 
 
 def _length_penalty_fns(length_penalty: str, alpha, max_len: int):
-  """(score_fn(sum, length), bound_fn(sum)): bound_fn(s) is the best final score that an alive
-  hypothesis with raw sum s <= 0 can still reach. Later log-probs are <= 0, so its final sum
-  s' <= s <= 0, and s' / d <= s / d is largest for the largest denominator d, reached at
-  length max_len (d grows with length when alpha >= 0)."""
-  if length_penalty == "gnmt":
+    """(score_fn(sum, length), bound_fn(sum)): bound_fn(s) is the best final score that an alive
+    hypothesis with raw sum s <= 0 can still reach. Later log-probs are <= 0, so its final sum
+    s' <= s <= 0, and s' / d <= s / d is largest for the largest denominator d, reached at
+    length max_len (d grows with length when alpha >= 0)."""
+    if length_penalty == "gnmt":
 
-    def penalty(length):
-      return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+        def penalty(length):
+            return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
 
-  elif length_penalty == "average":
+    elif length_penalty == "average":
 
-    def penalty(length):
-      return jnp.asarray(length, jnp.float32)
+        def penalty(length):
+            return jnp.asarray(length, jnp.float32)
 
-  else:
-    raise ValueError(f"length_penalty must be 'gnmt' or 'average', got {length_penalty!r}")
-  return (lambda s, length: s / penalty(length)), (lambda s: s / penalty(max_len))
+    else:
+        raise ValueError(f"length_penalty must be 'gnmt' or 'average', got {length_penalty!r}")
+    return (lambda s, length: s / penalty(length)), (lambda s: s / penalty(max_len))
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,99 +260,100 @@ def _search(
     stop_rule: str,
     single_start: bool,
 ) -> tuple[Beams, jax.Array]:
-  """Shared search loop. Returns (Beams, number of steps run).
+    """Shared search loop. Returns (Beams, number of steps run).
 
-  stop_rule: "bound" (stop a batch element once no alive hypothesis can beat its n-th best
-  finished one), "n_best" (once n_keep hypotheses have finished) or "never" (only when nothing
-  is alive or at max_len). A batch element that stops is frozen while others run on.
-  single_start: only hypothesis 0 is alive at step 1 (beam search: the K starts are identical).
-  """
-  batch, num_k, num_n, length = _batch_size(init_state), num_hyps, n_keep, max_len
-  state = _tile_state(init_state, num_k)  # leaves [batch, beam, ...]
-  tokens = jnp.full((batch, num_k), bos_id, jnp.int32)  # [batch, beam]
-  vocab = _check_step_fn(step_fn, tokens, state)
-  state_dtypes = [x.dtype for x in jax.tree.leaves(state)]
+    stop_rule: "bound" (stop a batch element once no alive hypothesis can beat its n-th best
+    finished one), "n_best" (once n_keep hypotheses have finished) or "never" (only when nothing
+    is alive or at max_len). A batch element that stops is frozen while others run on.
+    single_start: only hypothesis 0 is alive at step 1 (beam search: the K starts are identical).
+    """
+    batch, num_k, num_n, length = _batch_size(init_state), num_hyps, n_keep, max_len
+    state = _tile_state(init_state, num_k)  # leaves [batch, beam, ...]
+    tokens = jnp.full((batch, num_k), bos_id, jnp.int32)  # [batch, beam]
+    vocab = _check_step_fn(step_fn, tokens, state)
+    state_dtypes = [x.dtype for x in jax.tree.leaves(state)]
 
-  if single_start:
-    alive = jnp.broadcast_to(jnp.arange(num_k) == 0, (batch, num_k))  # [batch, beam]
-  else:
-    alive = jnp.ones((batch, num_k), bool)
-  init = _Carry(
-      step=jnp.zeros((), jnp.int32),
-      tokens=tokens,
-      state=state,
-      alive_seq=jnp.full((batch, num_k, length), pad_id, jnp.int32),
-      alive_sum=jnp.where(alive, 0.0, NEG_INF).astype(jnp.float32),
-      alive=alive,
-      fin_seq=jnp.full((batch, num_n, length), pad_id, jnp.int32),
-      fin_score=jnp.full((batch, num_n), _EMPTY, jnp.float32),
-      fin_len=jnp.zeros((batch, num_n), jnp.int32),
-  )
-  vocab_ids = jnp.arange(vocab)
-
-  def cond(c: _Carry):
-    return (c.step < length) & jnp.any(c.alive)
-
-  def body(c: _Carry) -> _Carry:
-    t = c.step + 1  # 1-based step number; the new token goes to index c.step
-    log_probs, new_state = step_fn(c.tokens, c.state)
-    new_state = jax.tree.unflatten(
-        jax.tree.structure(new_state),
-        [x.astype(d) for x, d in zip(jax.tree.leaves(new_state), state_dtypes)])
-    log_probs = jnp.maximum(log_probs.astype(jnp.float32), NEG_INF)  # [batch, beam, vocab]
-    log_probs = jnp.where((vocab_ids == eos_id) & (t < min_len), NEG_INF, log_probs)
-    if 0 < no_repeat_ngram_size <= length:
-      banned = _ngram_banned(c.alive_seq, c.step, no_repeat_ngram_size, vocab)
-      log_probs = jnp.where(banned, NEG_INF, log_probs)
-    cand_valid = c.alive[..., None] & (log_probs > _FORBIDDEN)  # [batch, beam, vocab]
-    cand_sum = c.alive_sum[..., None] + log_probs  # [batch, beam, vocab]
-
-    parent, token = select(c.step, log_probs, cand_sum, cand_valid)  # [batch, beam] each
-    flat = parent * vocab + token  # [batch, beam]
-    new_sum = jnp.take_along_axis(cand_sum.reshape(batch, num_k * vocab), flat, axis=1)  # [batch, beam]
-    new_valid = jnp.take_along_axis(cand_valid.reshape(batch, num_k * vocab), flat, axis=1)
-    seq = jnp.take_along_axis(c.alive_seq, parent[..., None], axis=1)  # [batch, beam, max_len]
-    seq = jnp.where(jnp.arange(length) == c.step, token[..., None], seq)
-
-    is_eos = token == eos_id
-    finished = new_valid & (is_eos | (t >= length))
-    alive = new_valid & ~is_eos & (t < length)
-
-    # Merge newly finished into the fixed-size store: top-N of (old finished U new finished).
-    # Old entries come first, so on equal scores the earlier-found hypothesis is kept.
-    new_score = jnp.where(finished, score_fn(new_sum, t), _EMPTY)  # [batch, beam]
-    all_score = jnp.concatenate([c.fin_score, new_score], axis=1)  # [batch, n_best + beam]
-    all_seq = jnp.concatenate([c.fin_seq, seq], axis=1)  # [batch, n_best + beam, max_len]
-    all_len = jnp.concatenate([c.fin_len, jnp.where(finished, t, 0)], axis=1)  # [batch, n_best + beam]
-    fin_score, keep = jax.lax.top_k(all_score, num_n)  # [batch, n_best]
-    fin_seq = jnp.take_along_axis(all_seq, keep[..., None], axis=1)  # [batch, n_best, max_len]
-    fin_len = jnp.take_along_axis(all_len, keep, axis=1)  # [batch, n_best]
-
-    full = fin_len[:, -1] > 0  # [batch]: n_best hypotheses have finished
-    if stop_rule == "bound":
-      best_alive = jnp.max(jnp.where(alive, new_sum, _EMPTY), axis=1)  # [batch]
-      done = full & (bound_fn(best_alive) < fin_score[:, -1])
-    elif stop_rule == "n_best":
-      done = full
+    if single_start:
+        alive = jnp.broadcast_to(jnp.arange(num_k) == 0, (batch, num_k))  # [batch, beam]
     else:
-      done = jnp.zeros((batch,), bool)
-    alive &= ~done[:, None]  # freeze finished batch elements
-
-    return _Carry(
-        step=t,
-        tokens=token,
-        state=_gather_beams(new_state, parent),
-        alive_seq=seq,
-        alive_sum=jnp.where(alive, new_sum, NEG_INF),
+        alive = jnp.ones((batch, num_k), bool)
+    init = _Carry(
+        step=jnp.zeros((), jnp.int32),
+        tokens=tokens,
+        state=state,
+        alive_seq=jnp.full((batch, num_k, length), pad_id, jnp.int32),
+        alive_sum=jnp.where(alive, 0.0, NEG_INF).astype(jnp.float32),
         alive=alive,
-        fin_seq=fin_seq,
-        fin_score=fin_score,
-        fin_len=fin_len,
+        fin_seq=jnp.full((batch, num_n, length), pad_id, jnp.int32),
+        fin_score=jnp.full((batch, num_n), _EMPTY, jnp.float32),
+        fin_len=jnp.zeros((batch, num_n), jnp.int32),
     )
+    vocab_ids = jnp.arange(vocab)
+    special = (vocab_ids == pad_id) | (vocab_ids == bos_id)  # [vocab]: never inside a hypothesis
 
-  out = jax.lax.while_loop(cond, body, init)
-  scores = jnp.where(out.fin_len > 0, out.fin_score, NEG_INF)  # empty slots: NEG_INF
-  return Beams(out.fin_seq, scores, out.fin_len), out.step
+    def cond(c: _Carry):
+        return (c.step < length) & jnp.any(c.alive)
+
+    def body(c: _Carry) -> _Carry:
+        t = c.step + 1  # 1-based step number; the new token goes to index c.step
+        log_probs, new_state = step_fn(c.tokens, c.state)
+        new_state = jax.tree.unflatten(
+            jax.tree.structure(new_state),
+            [x.astype(d) for x, d in zip(jax.tree.leaves(new_state), state_dtypes)])
+        log_probs = jnp.maximum(log_probs.astype(jnp.float32), NEG_INF)  # [batch, beam, vocab]
+        log_probs = jnp.where(special | ((vocab_ids == eos_id) & (t < min_len)), NEG_INF, log_probs)
+        if 0 < no_repeat_ngram_size <= length:
+            banned = _ngram_banned(c.alive_seq, c.step, no_repeat_ngram_size, vocab)
+            log_probs = jnp.where(banned, NEG_INF, log_probs)
+        cand_valid = c.alive[..., None] & (log_probs > _FORBIDDEN)  # [batch, beam, vocab]
+        cand_sum = c.alive_sum[..., None] + log_probs  # [batch, beam, vocab]
+
+        parent, token = select(c.step, log_probs, cand_sum, cand_valid)  # [batch, beam] each
+        flat = parent * vocab + token  # [batch, beam]
+        new_sum = jnp.take_along_axis(cand_sum.reshape(batch, num_k * vocab), flat, axis=1)  # [batch, beam]
+        new_valid = jnp.take_along_axis(cand_valid.reshape(batch, num_k * vocab), flat, axis=1)
+        seq = jnp.take_along_axis(c.alive_seq, parent[..., None], axis=1)  # [batch, beam, max_len]
+        seq = jnp.where(jnp.arange(length) == c.step, token[..., None], seq)
+
+        is_eos = token == eos_id
+        finished = new_valid & (is_eos | (t >= length))
+        alive = new_valid & ~is_eos & (t < length)
+
+        # Merge newly finished into the fixed-size store: top-N of (old finished U new finished).
+        # Old entries come first, so on equal scores the earlier-found hypothesis is kept.
+        new_score = jnp.where(finished, score_fn(new_sum, t), _EMPTY)  # [batch, beam]
+        all_score = jnp.concatenate([c.fin_score, new_score], axis=1)  # [batch, n_best + beam]
+        all_seq = jnp.concatenate([c.fin_seq, seq], axis=1)  # [batch, n_best + beam, max_len]
+        all_len = jnp.concatenate([c.fin_len, jnp.where(finished, t, 0)], axis=1)  # [batch, n_best + beam]
+        fin_score, keep = jax.lax.top_k(all_score, num_n)  # [batch, n_best]
+        fin_seq = jnp.take_along_axis(all_seq, keep[..., None], axis=1)  # [batch, n_best, max_len]
+        fin_len = jnp.take_along_axis(all_len, keep, axis=1)  # [batch, n_best]
+
+        full = fin_len[:, -1] > 0  # [batch]: n_best hypotheses have finished
+        if stop_rule == "bound":
+            best_alive = jnp.max(jnp.where(alive, new_sum, _EMPTY), axis=1)  # [batch]
+            done = full & (bound_fn(best_alive) < fin_score[:, -1])
+        elif stop_rule == "n_best":
+            done = full
+        else:
+            done = jnp.zeros((batch,), bool)
+        alive &= ~done[:, None]  # freeze finished batch elements
+
+        return _Carry(
+            step=t,
+            tokens=token,
+            state=_gather_beams(new_state, parent),
+            alive_seq=seq,
+            alive_sum=jnp.where(alive, new_sum, NEG_INF),
+            alive=alive,
+            fin_seq=fin_seq,
+            fin_score=fin_score,
+            fin_len=fin_len,
+        )
+
+    out = jax.lax.while_loop(cond, body, init)
+    scores = jnp.where(out.fin_len > 0, out.fin_score, NEG_INF)  # empty slots: NEG_INF
+    return Beams(out.fin_seq, scores, out.fin_len), out.step
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,54 +377,56 @@ def beam_search(
     length_penalty: str = "gnmt",
     stop_early: str = "bound",
 ) -> Beams:
-  """Batched beam search in one `jax.lax.while_loop`.
+    """Batched beam search in one `jax.lax.while_loop`.
 
-  Each step extends every alive hypothesis by every token and keeps the `beam_size` extensions
-  with the highest summed log-prob. Kept extensions ending in EOS are finished with length t (EOS
-  counted); a hypothesis alive after `max_len` steps is finished with length `max_len`. Finished
-  hypotheses are ranked by
-    "gnmt":    sum_logprob / ((5 + length) / 6) ** alpha   (alpha = 0: raw log-prob)
-    "average": sum_logprob / length.
-  With `beam_size` >= the number of extensions at every step nothing is pruned and the result is
-  exact; `beam_size=1` is greedy search.
+    Each step extends every alive hypothesis by every token and keeps the `beam_size` extensions
+    with the highest summed log-prob. Kept extensions ending in EOS are finished with length t (EOS
+    counted); a hypothesis alive after `max_len` steps is finished with length `max_len`. Finished
+    hypotheses are ranked by
+      "gnmt":    sum_logprob / ((5 + length) / 6) ** alpha   (alpha = 0: raw log-prob)
+      "average": sum_logprob / length.
+    With `beam_size` >= the number of extensions at every step nothing is pruned and the result is
+    exact; `beam_size=1` is greedy search.
 
-  Args:
-    step_fn: (tokens int32[B, K], state) -> (log_probs float[B, K, V], new_state); state leaves
-      are [B, K, ...]. Log-probs must be normalised (<= 0) for stop_early="bound" to be exact.
-    init_state: pytree of [B, ...] leaves (at least one); broadcast to [B, K, ...].
-    beam_size: K >= 1 (static).
-    max_len: maximum number of generated tokens, EOS included (static).
-    alpha: GNMT length-penalty exponent, >= 0.
-    n_best: N hypotheses returned per batch element, 1 <= N <= beam_size (default beam_size).
-    min_len: EOS is forbidden at steps t < min_len (so a finished length is >= min_len).
-    no_repeat_ngram_size: n > 0 forbids a token that would complete an n-gram already present in
-      the hypothesis (generated tokens; BOS is not part of it).
-    length_penalty: "gnmt" or "average".
-    stop_early: "bound": stop a batch element once no alive hypothesis can beat its N-th best
-      finished one (exact: same result as running to the end); "n_best": stop once N hypotheses
-      have finished (the simple lecture rule; not exact).
+    Args:
+        step_fn: (tokens int32[B, K], state) -> (log_probs float[B, K, V], new_state); state leaves
+            are [B, K, ...]. Log-probs must be normalised (<= 0) for stop_early="bound" to be exact.
+        init_state: pytree of [B, ...] leaves (at least one); broadcast to [B, K, ...].
+        beam_size: K >= 1 (static).
+        max_len: maximum number of generated tokens, EOS included (static).
+        eos_id, bos_id, pad_id: special ids (eos_id differs from the others); PAD and BOS are
+            never generated.
+        alpha: GNMT length-penalty exponent, >= 0.
+        n_best: N hypotheses returned per batch element, 1 <= N <= beam_size (default beam_size).
+        min_len: EOS is forbidden at steps t < min_len (so a finished length is >= min_len).
+        no_repeat_ngram_size: n > 0 forbids a token that would complete an n-gram already present in
+            the hypothesis (generated tokens; BOS is not part of it).
+        length_penalty: "gnmt" or "average".
+        stop_early: "bound": stop a batch element once no alive hypothesis can beat its N-th best
+            finished one (exact: same result as running to the end); "n_best": stop once N hypotheses
+            have finished (the simple lecture rule; not exact).
 
-  Returns:
-    Beams(sequences int32[B, N, max_len], scores float32[B, N], lengths int32[B, N]), best first.
-  """
-  _check_int("beam_size", beam_size, 1)
-  _check_common(max_len, min_len)
-  if n_best is None:
-    n_best = beam_size
-  _check_int("n_best", n_best, 1)
-  if n_best > beam_size:
-    raise ValueError(f"n_best must be <= beam_size, got n_best={n_best} > beam_size={beam_size}")
-  _check_nonneg("alpha", alpha)
-  _check_int("no_repeat_ngram_size", no_repeat_ngram_size, 0)
-  if stop_early not in ("bound", "n_best"):
-    raise ValueError(f"stop_early must be 'bound' or 'n_best', got {stop_early!r}")
-  score_fn, bound_fn = _length_penalty_fns(length_penalty, alpha, max_len)
-  beams, _ = _search(
-      step_fn, init_state, _beam_select(beam_size),
-      num_hyps=beam_size, n_keep=n_best, max_len=max_len, eos_id=eos_id, bos_id=bos_id,
-      pad_id=pad_id, min_len=min_len, no_repeat_ngram_size=no_repeat_ngram_size,
-      score_fn=score_fn, bound_fn=bound_fn, stop_rule=stop_early, single_start=True)
-  return beams
+    Returns:
+        Beams(sequences int32[B, N, max_len], scores float32[B, N], lengths int32[B, N]), best first.
+    """
+    check_int("beam_size", beam_size, 1)
+    _check_common(max_len, min_len, eos_id, bos_id, pad_id)
+    if n_best is None:
+        n_best = beam_size
+    check_int("n_best", n_best, 1)
+    if n_best > beam_size:
+        raise ValueError(f"n_best must be <= beam_size, got n_best={n_best} > beam_size={beam_size}")
+    _check_nonneg("alpha", alpha)
+    check_int("no_repeat_ngram_size", no_repeat_ngram_size, 0)
+    if stop_early not in ("bound", "n_best"):
+        raise ValueError(f"stop_early must be 'bound' or 'n_best', got {stop_early!r}")
+    score_fn, bound_fn = _length_penalty_fns(length_penalty, alpha, max_len)
+    beams, _ = _search(
+        step_fn, init_state, _beam_select(beam_size),
+        num_hyps=beam_size, n_keep=n_best, max_len=max_len, eos_id=eos_id, bos_id=bos_id,
+        pad_id=pad_id, min_len=min_len, no_repeat_ngram_size=no_repeat_ngram_size,
+        score_fn=score_fn, bound_fn=bound_fn, stop_rule=stop_early, single_start=True)
+    return beams
 
 
 def greedy_search(
@@ -435,17 +439,17 @@ def greedy_search(
     pad_id: int = 0,
     min_len: int = 0,
 ) -> Beams:
-  """Greedy search: the argmax token each step until EOS or `max_len` (= beam search, K = 1).
+    """Greedy search: the argmax allowed token each step until EOS or `max_len` (= beam search, K = 1).
 
-  Returns Beams with N = 1; the score is the raw summed log-prob (no length penalty).
-  """
-  _check_common(max_len, min_len)
-  beams, _ = _search(
-      step_fn, init_state, _beam_select(1),
-      num_hyps=1, n_keep=1, max_len=max_len, eos_id=eos_id, bos_id=bos_id, pad_id=pad_id,
-      min_len=min_len, no_repeat_ngram_size=0, score_fn=_raw_score, bound_fn=None,
-      stop_rule="never", single_start=True)
-  return beams
+    Returns Beams with N = 1; the score is the raw summed log-prob (no length penalty).
+    """
+    _check_common(max_len, min_len, eos_id, bos_id, pad_id)
+    beams, _ = _search(
+        step_fn, init_state, _beam_select(1),
+        num_hyps=1, n_keep=1, max_len=max_len, eos_id=eos_id, bos_id=bos_id, pad_id=pad_id,
+        min_len=min_len, no_repeat_ngram_size=0, score_fn=_raw_score, bound_fn=None,
+        stop_rule="never", single_start=True)
+    return beams
 
 
 def sample_search(
@@ -462,20 +466,21 @@ def sample_search(
     min_len: int = 0,
     num_samples: int = 1,
 ) -> Beams:
-  """Ancestral sampling: `num_samples` independent samples per batch element (K = N = num_samples).
+    """Ancestral sampling: `num_samples` independent samples per batch element (K = N = num_samples).
 
-  Each step draws token ~ softmax(log_probs / temperature), restricted to the `top_k` most likely
-  tokens when top_k > 0, with key `jax.random.fold_in(rng, step)`. A sample's score is its raw
-  summed (untempered) log-prob; samples are returned sorted by score, best first.
-  """
-  _check_common(max_len, min_len)
-  _check_int("num_samples", num_samples, 1)
-  _check_int("top_k", top_k, 0)
-  if not isinstance(temperature, jax.core.Tracer) and not float(temperature) > 0:
-    raise ValueError(f"temperature must be > 0 (use greedy_search for argmax), got {temperature!r}")
-  beams, _ = _search(
-      step_fn, init_state, _sample_select(rng, temperature, top_k),
-      num_hyps=num_samples, n_keep=num_samples, max_len=max_len, eos_id=eos_id, bos_id=bos_id,
-      pad_id=pad_id, min_len=min_len, no_repeat_ngram_size=0, score_fn=_raw_score,
-      bound_fn=None, stop_rule="never", single_start=False)
-  return beams
+    Each step draws token ~ softmax(log_probs / temperature) over the allowed tokens (never PAD or
+    BOS), restricted to the `top_k` most likely of them when top_k > 0, with key
+    `jax.random.fold_in(rng, step)`. A sample's score is its raw summed (untempered) log-prob;
+    samples are returned sorted by score, best first.
+    """
+    _check_common(max_len, min_len, eos_id, bos_id, pad_id)
+    check_int("num_samples", num_samples, 1)
+    check_int("top_k", top_k, 0)
+    if not isinstance(temperature, jax.core.Tracer) and not float(temperature) > 0:
+        raise ValueError(f"temperature must be > 0 (use greedy_search for argmax), got {temperature!r}")
+    beams, _ = _search(
+        step_fn, init_state, _sample_select(rng, temperature, top_k),
+        num_hyps=num_samples, n_keep=num_samples, max_len=max_len, eos_id=eos_id, bos_id=bos_id,
+        pad_id=pad_id, min_len=min_len, no_repeat_ngram_size=0, score_fn=_raw_score,
+        bound_fn=None, stop_rule="never", single_start=False)
+    return beams
