@@ -163,11 +163,10 @@ class CorpusDecoder:
         # Source-only buckets: the reference never shapes the decoding.
         batches = data.eval_batches([src_ids[i] for i in todo], [[] for _ in todo], batch_size=rows,
                                     boundaries=self.boundaries)
-        for batch in batches:
+        for batch in batches:  # [rows, bucket] each: one compilation per bucket and search
             real = int(np.sum(batch.index >= 0))
-            keep = _pow2_at_least(real)  # drop most filler rows; powers of two bound the jit shapes
             limit = options.max_len or max_decode_len(batch.src.shape[1], self.max_len_cap)
-            beams = decode_batch(self.model, params, batch.src[:keep], batch.src_len[:keep],
+            beams = decode_batch(self.model, params, batch.src, batch.src_len,
                                  search=options.search, beam_size=beam_size, max_len=limit,
                                  alpha=0.0 if greedy else float(options.alpha),
                                  n_best=None if greedy else options.n_best)

@@ -42,6 +42,18 @@ def test_shipped_configs_pass(module):
     configuration.check(module.get_config())
 
 
+@pytest.mark.parametrize("module, vocab, parameters", [(default, 8000, 8_580_416)], ids=["default"])
+def test_config_builds_the_model_its_docstring_states(module, vocab, parameters):
+    """Shapes only (jax.eval_shape): the parameter count configs/default.py documents."""
+    import jax
+    from s2s_jax import steps
+    from s2s_jax.models import make_model
+    config = module.get_config()
+    state = jax.eval_shape(lambda: steps.init_state(config, make_model(config.model, vocab, vocab)))
+    assert sum(x.size for x in jax.tree.leaves(state.params)) == parameters
+    assert f"{parameters:,}" in module.__doc__
+
+
 def test_every_numeric_key_of_default_has_a_range():
     flat = configuration._flatten(default.get_config())
     numeric = {key for key, value in flat.items()
