@@ -1,26 +1,33 @@
-"""Orbax checkpoints in the workdir: the last k under `checkpoints/`, the best by dev BLEU under `best/`.
+"""Orbax checkpoints in the workdir's `checkpoints/`: the last k steps and the best by dev BLEU.
 
-A checkpoint holds the train state (step, params, optimizer state) as a state dict, and a JSON
-`meta` record (data position, logging window, vocabulary sizes, parameter shapes, and a CRC32 of
-every floating-point array of the state).
+One orbax CheckpointManager keeps them, with a preservation policy (orbax-checkpoint >= 0.11.15):
+a step stays while it is one of the `keep` newest or the one with the highest dev BLEU (the newer
+of equals). A step saved without dev BLEU ranks below any step with it, so it never evicts the
+best step, and the best step outlives any number of newer ones.
+
+A checkpoint holds the train state (step, params, optimizer state) as a state dict, a JSON `meta`
+record (data position, logging window, vocabulary sizes, parameter shapes, and a CRC32 of every
+floating-point array of the state) and orbax's `metrics` record ({"dev_bleu": x} or {}).
 
 Crash safety:
 - Orbax writes each step into `<step>.orbax-checkpoint-tmp*` and renames it when complete, so a
   run killed mid-save leaves nothing that `restore_latest` would list; the leftover is removed
-  the next time the store saves.
+  the next time the store is opened.
 - A listed step that still fails to load (missing or truncated files, a checksum that does not
   match) is skipped with a warning naming it, and the next older one is tried. If training later
   reaches that step again, the unreadable directory is moved aside to `<step>.unreadable-<n>`
   (kept for inspection, never loaded) so that the new checkpoint can take its place.
-- A failed write (disk full, read-only directory) raises CheckpointError; the checkpoints written
-  before it are untouched.
+- A failed write (disk full, read-only directory) raises CheckpointError naming the step and the
+  previous checkpoint; the checkpoints written before it are untouched (old steps are deleted
+  only after a write has succeeded).
 - Non-finite parameters are never written (CheckpointError).
 """
 import contextlib
 import logging
+import math
 import os
 import sys
-import warnings
+import traceback
 import zlib
 from typing import Any
 
@@ -42,12 +49,22 @@ class _Unreadable(Exception):
     """A checkpoint step whose contents do not verify (internal: the step is skipped)."""
 
 
-def _manager(directory: str, keep: int, best: bool) -> ocp.CheckpointManager:
+def _dev_bleu(metrics: dict) -> float:
+    """The rank of a step: its dev BLEU, or -inf for a step saved without one (metrics {})."""
+    return metrics.get("dev_bleu", -math.inf)
+
+
+def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
+    policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-        enable_async_checkpointing=False,
-        best_fn=(lambda metrics: metrics["dev_bleu"]) if best else None, best_mode="max",
-        keep_checkpoints_without_metrics=not best)
+        create=True, cleanup_tmp_directories=True, enable_async_checkpointing=False,
+        # best_fn makes orbax store each step's metrics and rank them in best_step(), in the same
+        # order as BestN below (ascending, the last of equals wins).
+        best_fn=_dev_bleu, best_mode="max",
+        preservation_policy=policies.AnyPreservationPolicy([
+            policies.LatestN(n=keep),
+            policies.BestN(get_metric_fn=_dev_bleu, reverse=False, n=1,
+                           keep_checkpoints_without_metrics=False)]))
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -62,39 +79,6 @@ class _DemoteErrors(logging.Filter):
         return True
 
 
-def _is_write_echo(value: BaseException | None) -> bool:
-    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
-
-
-class _DropAbandonedWrites(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
-
-
-def _silence_write_echoes() -> None:
-    """Silences the echoes of a failed write, which would bury its one-line report: orbax then
-    abandons its other write tasks (asyncio logs 'Task exception was never retrieved' for each)
-    and closes its event loop, so tensorstore's completion callbacks report 'Event loop is closed'
-    through sys.unraisablehook, from their own threads, some before the error reaches us.
-    Installed once per process, before the first write."""
-    global _ECHOES_SILENCED
-    if _ECHOES_SILENCED:
-        return
-    _ECHOES_SILENCED = True
-    logging.getLogger("asyncio").addFilter(_DropAbandonedWrites())
-    previous = sys.unraisablehook
-
-    def unraisable(info):
-        if not _is_write_echo(info.exc_value):
-            previous(info)
-
-    sys.unraisablehook = unraisable
-
-
-_ECHOES_SILENCED = False
-
-
 @contextlib.contextmanager
 def _orbax_errors_demoted():
     absl_logger, demote = logging.getLogger("absl"), _DemoteErrors()
@@ -105,27 +89,50 @@ def _orbax_errors_demoted():
         absl_logger.removeFilter(demote)
 
 
+def silence_write_echoes() -> None:
+    """Keeps the report of a failed checkpoint write to its CheckpointError. For the program's
+    entry point (train.py), which owns the process-wide hooks this installs: call it once.
+
+    When a write fails (disk full), orbax closes its event loop with its other writes abandoned:
+    asyncio logs '... exception was never retrieved' for each when it is collected, and
+    tensorstore's completion callbacks raise RuntimeError('Event loop is closed') in their own
+    threads, printed through sys.unraisablehook, some after the error has reached the caller:
+    dozens of tracebacks in all. This drops exactly those two kinds of report.
+    """
+    logging.getLogger("asyncio").addFilter(_AbandonedWrites())
+    previous = sys.unraisablehook
+
+    def unraisablehook(info):
+        if not (isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed"):
+            previous(info)
+
+    sys.unraisablehook = unraisablehook
+
+
+class _AbandonedWrites(logging.Filter):
+    """asyncio's '<Task or _GatheringFuture> exception was never retrieved' for an orbax write."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        trace = record.exc_info[2] if record.exc_info else None
+        return not ("exception was never retrieved" in record.getMessage()
+                    and any("orbax" in frame.filename for frame in traceback.extract_tb(trace)))
+
+
 class Checkpoints:
     """The workdir's checkpoint store."""
 
     def __init__(self, workdir: str, keep: int):
         self.directory = os.path.join(workdir, "checkpoints")
-        self.latest = _manager(self.directory, keep, best=False)
-        self.best = _manager(os.path.join(workdir, "best"), 1, best=True)
+        self._manager = _manager(self.directory, keep)
         self.good_step: int | None = None  # newest step known to load (restored or saved here)
         self._unreadable: set[int] = set()  # listed steps that failed to load
 
     def steps(self) -> list[int]:
-        return sorted(self.latest.all_steps())
+        return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict, dev_bleu: float | None = None) -> None:
-        """Saves synchronously; on failure the previous checkpoints stay as they were.
-
-        With `dev_bleu`, the step also goes to `best/` (kept if it is the best so far). `best/` is
-        written first: a run killed between the two writes redoes the step from the previous
-        checkpoint, finds the step in `best/` already (same values: training is deterministic) and
-        only writes `checkpoints/`.
-        """
+        """Saves synchronously, with `dev_bleu` if the step was evaluated; then deletes the steps
+        that are neither among the `keep` newest nor the best. On failure nothing is deleted."""
         state_dict = flax.serialization.to_state_dict(state)
         arrays = _float_arrays(state_dict)
         bad = [name for name, value in arrays.items()
@@ -135,23 +142,17 @@ class Checkpoints:
                                   f"non-finite values in {bad[0]}")
         meta = dict(meta, checksums={name: _crc(value) for name, value in arrays.items()})
         args = ocp.args.Composite(state=ocp.args.StandardSave(state_dict), meta=ocp.args.JsonSave(meta))
-        _silence_write_echoes()
-        target = self.best.directory
+        metrics = {} if dev_bleu is None else {"dev_bleu": float(dev_bleu)}
         try:
             with _orbax_errors_demoted():
-                if dev_bleu is not None and step not in self.best.all_steps():
-                    self.best.save(step, args=args, metrics={"dev_bleu": float(dev_bleu)}, force=True)
-                target = self.latest.directory
-                if step in self._unreadable and step in self.latest.all_steps():
+                if step in self._unreadable and step in self._manager.all_steps():
                     self._move_aside(step)
-                self.latest.save(step, args=args, force=True)
+                self._manager.save(step, args=args, metrics=metrics, force=True)
         except (OSError, ValueError, RuntimeError) as error:
-            # The abandoned write coroutines are collected at exit ("was never awaited").
-            warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
             previous = ("none" if self.good_step is None
                         else f"step {self.good_step} in {self.directory}, intact")
             reason = " ".join(str(error).split())  # orbax messages span lines
-            raise CheckpointError(f"cannot write checkpoint step {step} to {target}: {reason}; "
+            raise CheckpointError(f"cannot write checkpoint step {step} to {self.directory}: {reason}; "
                                   f"previous checkpoint: {previous}") from error
         self.good_step = step
 
@@ -163,47 +164,47 @@ class Checkpoints:
         shape or vocabulary raises CheckpointError.
         """
         for step in reversed(self.steps()):
-            try:
-                restored = self._restore(self.latest, step, target)
-            except CheckpointError:
-                raise
-            except Exception as error:  # noqa: BLE001 - orbax raises many types for a bad step
-                self._unreadable.add(step)
-                logger.warning("skipping unreadable checkpoint %s: %s",
-                               os.path.join(self.directory, str(step)), " ".join(str(error).split()))
-                continue
-            self.good_step = step
-            return restored
+            restored = self._restore_or_warn(step, target)
+            if restored is not None:
+                self.good_step = step
+                return restored
         return None
 
     def restore_best_or_latest(self, target: Any) -> tuple[Any, dict]:
-        """For inference: the best checkpoint by dev BLEU, else the latest."""
-        best_step = self.best.best_step()
-        if best_step is not None:
-            try:
-                return self._restore(self.best, best_step, target)
-            except CheckpointError:
-                raise
-            except Exception as error:  # noqa: BLE001
-                logger.warning("skipping unreadable checkpoint %s: %s; using the latest instead",
-                               os.path.join(str(self.best.directory), str(best_step)),
-                               " ".join(str(error).split()))
-        restored = self.restore_latest(target)
+        """For inference: the checkpoint with the best dev BLEU, else the latest loadable one."""
+        best = self._manager.best_step()
+        restored = None if best is None else self._restore_or_warn(best, target)
+        if restored is None:
+            restored = self.restore_latest(target)
         if restored is None:
             raise CheckpointError(f"no checkpoint in {self.directory}: train a model there first")
         return restored
 
-    def _restore(self, manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict]:
-        directory = os.path.join(str(manager.directory), str(step))
+    def _restore_or_warn(self, step: int, target: Any) -> tuple[Any, dict] | None:
+        """`_restore`, or None with a warning for a step that does not load (or did not before)."""
+        if step in self._unreadable:
+            return None
+        try:
+            return self._restore(step, target)
+        except CheckpointError:
+            raise
+        except Exception as error:  # noqa: BLE001 - orbax raises many types for a bad step
+            self._unreadable.add(step)
+            logger.warning("skipping unreadable checkpoint %s: %s",
+                           os.path.join(self.directory, str(step)), " ".join(str(error).split()))
+            return None
+
+    def _restore(self, step: int, target: Any) -> tuple[Any, dict]:
+        directory = os.path.join(self.directory, str(step))
         template = flax.serialization.to_state_dict(target)
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         saved_shapes = meta.get("param_shapes")
         if saved_shapes is not None and saved_shapes != param_shapes(target.params):
             raise CheckpointError(
                 f"checkpoint {directory} was made with another model shape or vocabulary: "
                 f"{_first_difference(saved_shapes, param_shapes(target.params))}; use a new --workdir")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-        restored = manager.restore(step, args=ocp.args.Composite(
+        restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         state_dict, meta = restored["state"], restored["meta"]
         expected = meta.get("checksums")
@@ -224,11 +225,10 @@ class Checkpoints:
         os.rename(source, f"{source}.unreadable-{n}")
         logger.warning("moved unreadable checkpoint %s to %s.unreadable-%d", source, source, n)
         self._unreadable.discard(step)
-        self.latest.reload()
+        self._manager.reload()
 
     def close(self) -> None:
-        self.latest.close()
-        self.best.close()
+        self._manager.close()
 
 
 def param_shapes(params: Any) -> dict[str, list[int]]:

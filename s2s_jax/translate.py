@@ -61,11 +61,10 @@ class Translator:
         missing tokenizer and checkpoints.CheckpointError if it holds no checkpoint.
         """
         config = configuration.load(workdir)
-        if not any(_has_steps(os.path.join(workdir, d)) for d in ("best", "checkpoints")):
+        if not _has_steps(os.path.join(workdir, "checkpoints")):
             # Checked before opening the store, which would create empty directories.
             raise checkpoints.CheckpointError(
-                f"no checkpoint in workdir {workdir} (looked in best/ and checkpoints/): "
-                "train a model there first")
+                f"no checkpoint in workdir {workdir} (looked in checkpoints/): train a model there first")
         if config.data.task == "files":
             src_tok, tgt_tok = (data.Tokenizer.load(os.path.join(workdir, "tokenizers", f"{side}.model"))
                                 for side in ("src", "tgt"))

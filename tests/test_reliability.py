@@ -4,8 +4,8 @@ checkpoint writes that fail (disk full, read-only workdir).
 Training runs are real `train.py` subprocesses on a shrunk configs/tiny.py (120 steps, a checkpoint
 every 20, evaluation every 60). They share one persistent JAX compilation cache, so only the first
 run compiles; each later one takes a few seconds. Every comparison is with one uninterrupted run
-(the `baseline` fixture) on the same machine: final train state (every leaf, bit for bit), the best
-checkpoint, metrics.jsonl and summary.json except timings.
+(the `baseline` fixture) on the same machine: every kept checkpoint (the last ones and the best by
+dev BLEU; every leaf, bit for bit), metrics.jsonl and summary.json except timings.
 
 Fault injection never touches production code: a wrapper script patches the data pipeline (a token
 id outside the vocabulary, which JAX's gather turns into NaN embeddings, hence a NaN loss) or
@@ -136,7 +136,7 @@ class Watched:
         """Path of the (skip+1)-th orbax temporary checkpoint directory to appear; None if the
         process ends first. Polls every ~0.5 ms: a tiny checkpoint takes tens of ms to write."""
         seen: set[str] = set()
-        roots = [os.path.join(self.workdir, d) for d in ("checkpoints", "best")]
+        roots = [os.path.join(self.workdir, "checkpoints")]
         deadline = time.time() + timeout
         while time.time() < deadline:
             for root in roots:
@@ -207,17 +207,24 @@ def _assert_same_leaves(got: dict, want: dict, what: str) -> None:
 
 
 def _assert_same_run(workdir: str, baseline: str) -> None:
-    """Same final state (every leaf, exactly), best checkpoint, metrics and summary."""
-    for sub in ("checkpoints", "best"):
-        want_step = _steps(os.path.join(baseline, sub))[-1]
-        assert want_step in _steps(os.path.join(workdir, sub)), sub
-        got, got_meta = _restore_raw(os.path.join(workdir, sub), want_step)
-        want, want_meta = _restore_raw(os.path.join(baseline, sub), want_step)
-        _assert_same_leaves(got, want, f"{sub}/{want_step}")
+    """Same checkpoints kept (the last ones and the best), each identical leaf for leaf, with the
+    same window and dev BLEU record; same metrics.jsonl and summary."""
+    got_dir, want_dir = os.path.join(workdir, "checkpoints"), os.path.join(baseline, "checkpoints")
+    assert _steps(got_dir) == _steps(want_dir)
+    for step in _steps(want_dir):
+        got, got_meta = _restore_raw(got_dir, step)
+        want, want_meta = _restore_raw(want_dir, step)
+        _assert_same_leaves(got, want, f"checkpoints/{step}")
         assert got_meta["window"] == want_meta["window"]
-    assert _steps(os.path.join(workdir, "best")) == _steps(os.path.join(baseline, "best"))
+        assert _dev_bleu_record(got_dir, step) == _dev_bleu_record(want_dir, step)
     assert _metrics(workdir) == _metrics(baseline)
     assert _summary(workdir) == _summary(baseline)
+
+
+def _dev_bleu_record(directory: str, step: int) -> dict:
+    """What orbax ranks the step by: {"dev_bleu": x}, or {} for a step saved without evaluation."""
+    with open(os.path.join(directory, str(step), "metrics", "metrics"), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def _all_finite(directory: str) -> list[int]:
@@ -383,7 +390,6 @@ def test_nonfinite_step_stops_with_step_and_last_good_checkpoint(env, wrapper, t
     assert ("non-finite loss or gradient at step 51 (training batch 50)" in error
             and f"last good checkpoint: step 40 in {ckpt_dir}" in error), error
     assert _all_finite(ckpt_dir) == [20, 40]
-    assert _all_finite(os.path.join(workdir, "best")) == []
 
 
 def test_nonfinite_step_is_skipped_when_configured(env, wrapper, tmp_path):
@@ -395,7 +401,6 @@ def test_nonfinite_step_is_skipped_when_configured(env, wrapper, tmp_path):
     assert [r.get("nonfinite_skipped") for r in rows if r["step"] == 60 and "train_loss" in r] == [1]
     assert all(np.isfinite(r["train_loss"]) for r in rows if "train_loss" in r)
     assert _all_finite(os.path.join(workdir, "checkpoints"))[-1] == STEPS
-    assert _all_finite(os.path.join(workdir, "best"))
 
 
 def test_update_that_overflows_the_parameters_is_not_applied():
@@ -406,19 +411,19 @@ def test_update_that_overflows_the_parameters_is_not_applied():
     import jax
     import optax
     from configs import tiny
-    from s2s_jax import data, schedules, training
+    from s2s_jax import data, schedules, steps
     from s2s_jax.models import make_model
 
     config = tiny.get_config()
     config.data.bucket_boundaries = (12,)
     model = make_model(config.model, 20, 20)
-    state = training.init_state(config, model)
-    state = training.TrainState.create(apply_fn=state.apply_fn, params=state.params,
+    state = steps.init_state(config, model)
+    state = steps.TrainState.create(apply_fn=state.apply_fn, params=state.params,
                                        tx=optax.chain(optax.scale(1e30), optax.scale(1e30)))
     src, tgt = data.synthetic_task("reverse", 64, 20, 2, 10, seed=0)
     batch = data.TrainBatches(src, tgt, batch_size=32, boundaries=(12,), seed=0).batch(0)
     step = jax.jit(functools.partial(
-        training.train_step, model=model, tf_schedule=schedules.make_schedule("constant", start=1.0),
+        steps.train_step, model=model, tf_schedule=schedules.make_schedule("constant", start=1.0),
         fast_path_only=True, label_smoothing=0.0, base_rng=jax.random.PRNGKey(0)))
     new_state, metrics = step(state, batch)
     assert np.isfinite(float(metrics["loss_sum"])) and np.isfinite(float(metrics["grad_norm"]))
@@ -524,7 +529,10 @@ def test_empty_lines_are_skipped_and_counted_by_default(tmp_path):
 
 
 @pytest.mark.parametrize("key, value", [("eval.beam_size", 0), ("eval.max_decode_len", 0),
-                                        ("data.max_len", 0), ("model.dropout", 1.5)])
+                                        ("data.max_len", 0), ("model.dropout", 1.5),
+                                        ("optimizer.label_smoothing", 1.5), ("optimizer.learning_rate", -1),
+                                        ("optimizer.b2", 2), ("optimizer.clip_norm", -3),
+                                        ("data.bucket_boundaries", ()), ("data.synthetic_vocab_size", 3)])
 def test_bad_config_value_names_the_key(tmp_path, key, value):
     from configs import tiny
     from s2s_jax import configuration
@@ -655,53 +663,58 @@ def _unshare_tmpfs_works() -> bool:
     return probe.returncode == 0
 
 
+def _run_with_small_checkpoint_disk(env, workdir: str, size: int, scratch) -> subprocess.CompletedProcess:
+    """train.py with the workdir's checkpoints/ on a tmpfs of `size` bytes, in a private mount
+    namespace; everything else (metrics, TensorBoard events) goes to the real disk. Afterwards
+    checkpoints/ holds a copy of what the tmpfs held, on the real disk: the space is "freed"."""
+    ckpt_dir, copy = os.path.join(workdir, "checkpoints"), str(scratch / "copy")
+    os.makedirs(ckpt_dir)
+    q = shlex.quote
+    script = (f"mount -t tmpfs -o size={size} tmpfs {q(ckpt_dir)} && "
+              f"{shlex.join(_command(workdir))} > {q(str(scratch / 'out'))} 2> {q(str(scratch / 'err'))}; "
+              f"echo $? > {q(str(scratch / 'rc'))}; cp -a {q(ckpt_dir)} {q(copy)}")
+    subprocess.run(["unshare", "--mount", "sh", "-c", script], cwd=REPO, env=env, timeout=RUN_TIMEOUT,
+                   check=True)
+    os.rmdir(ckpt_dir)  # the empty mount point, once the namespace is gone
+    shutil.move(copy, ckpt_dir)
+    result = subprocess.CompletedProcess([], int((scratch / "rc").read_text()),
+                                         (scratch / "out").read_text(), (scratch / "err").read_text())
+    result.output = result.stdout + result.stderr
+    return result
+
+
 @pytest.mark.parametrize("disk", ["tmpfs", "patched"])
 def test_disk_full_during_checkpoint_write(env, wrapper, baseline, tmp_path, disk):
-    """Disk full mid-run: one clear error line, status 2, the previous checkpoint intact; after
-    space is freed the same command finishes exactly like the uninterrupted run.
+    """The disk is full at the third checkpoint write (step 60): one error line naming that step
+    and the previous checkpoint, status 2, the previous checkpoint intact; with space again the
+    same command resumes from it and ends exactly like the uninterrupted run.
 
-    "tmpfs": the workdir really is a tmpfs too small for a third checkpoint (needs a private mount
-    namespace: `unshare --mount`, skipped where not allowed). "patched": orbax's save raises
-    ENOSPC on the third write."""
+    "tmpfs": checkpoints/ alone is a tmpfs with room for two and a half checkpoints (needs a
+    private mount namespace: `unshare --mount`, skipped where not allowed), so the write of step
+    60 is the first write to fail, and a real one: orbax's and tensorstore's own error path.
+    "patched": orbax's save raises ENOSPC on its third call: our error path alone, on any machine."""
     workdir = str(tmp_path / "w")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
     if disk == "tmpfs":
         if not _unshare_tmpfs_works():
             pytest.skip("cannot mount a tmpfs in a private mount namespace here")
-        size = sum(-(-os.path.getsize(os.path.join(root, f)) // 4096) * 4096  # tmpfs counts pages
-                   for root, _, files in os.walk(os.path.join(baseline, "checkpoints", str(STEPS)))
-                   for f in files)
-        os.makedirs(workdir)
-        copy = str(tmp_path / "copy")
-        q = shlex.quote
-        script = (f"mount -t tmpfs -o size={int(size * 2.5) // 4096 * 4096} tmpfs {q(workdir)} && "
-                  f"{shlex.join(_command(workdir))} > {q(str(tmp_path / 'out'))} "
-                  f"2> {q(str(tmp_path / 'err'))}; echo $? > {q(str(tmp_path / 'rc'))}; "
-                  f"cp -a {q(workdir)} {q(copy)}")
-        subprocess.run(["unshare", "--mount", "sh", "-c", script], cwd=REPO, env=env, timeout=RUN_TIMEOUT,
-                       check=True)
-        os.rmdir(workdir)
-        shutil.move(copy, workdir)  # the disk is "freed": the rerun writes to a real directory
-        result = subprocess.CompletedProcess([], int((tmp_path / "rc").read_text()),
-                                             (tmp_path / "out").read_text(), (tmp_path / "err").read_text())
-        result.output = result.stdout + result.stderr
+        step_bytes = sum(-(-os.path.getsize(os.path.join(root, f)) // 4096) * 4096  # tmpfs counts pages
+                         for root, _, files in os.walk(os.path.join(baseline, "checkpoints", str(STEPS)))
+                         for f in files)
+        result = _run_with_small_checkpoint_disk(env, workdir, step_bytes * 5 // 2 // 4096 * 4096, tmp_path)
     else:
         result = _run(env, workdir, script=wrapper, S2S_FAIL_SAVE="3")
     error = _one_error_line(result)
-    print(error)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    match = re.fullmatch(r"error: cannot write checkpoint step (\d+) to (\S+): .*No space left on device.*; "
-                         r"previous checkpoint: step (\d+) in (\S+), intact", error)
-    if match:
-        assert match.group(4) == ckpt_dir, error
-        assert match.group(2) in (ckpt_dir, os.path.join(workdir, "best")), error
-        failed, previous = int(match.group(1)), int(match.group(3))
-        assert previous == max(_steps(ckpt_dir)) and failed > previous
-    else:  # a real full disk can also hit metrics.jsonl or the TensorBoard events first
-        assert disk == "tmpfs" and "No space left on device" in error, error
-        previous = max(_steps(ckpt_dir))
-    leaves, meta = _restore_raw(ckpt_dir, previous)  # the previous checkpoint restores fine
+    failed, previous = 3 * CHECKPOINT_EVERY, 2 * CHECKPOINT_EVERY
+    assert re.fullmatch(rf"error: cannot write checkpoint step {failed} to {re.escape(ckpt_dir)}: "
+                        rf".*No space left on device.*; "
+                        rf"previous checkpoint: step {previous} in {re.escape(ckpt_dir)}, intact", error), error
+    assert _steps(ckpt_dir) == [CHECKPOINT_EVERY, previous]
+    leaves, meta = _restore_raw(ckpt_dir, previous)
     assert meta["step"] == previous and int(leaves["step"]) == previous
 
     result = _run(env, workdir)
     assert result.returncode == 0, result.output
+    assert f"resumed from {ckpt_dir} at step {previous}" in result.output  # no step was skipped
+    assert not [name for name in os.listdir(ckpt_dir) if "tmp" in name]
     _assert_same_run(workdir, baseline)
