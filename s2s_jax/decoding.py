@@ -12,6 +12,15 @@ gathered by beam index (`take_along_axis` on axis 1 of each leaf). Static encode
 The searches differ only in how the K hypotheses of the next step are chosen from the [B, K, V]
 extensions (`_beam_select`, `_sample_select`) and in how a finished hypothesis is scored.
 
+Options shared by all three (keyword-only, traced arrays, defaults off):
+  * `max_lens: int32[B]`: per-row output limits, min(max_lens[b], max_len) clipped to >= 1;
+    `max_len` stays the static compiled cap. `length_limits` computes fairseq's
+    `max_len_a * source_length + max_len_b` rule.
+  * `prefix: int32[B, P]`, `prefix_lens: int32[B]`: at steps t <= prefix_lens[b] every token but
+    prefix[b, t - 1] is masked, on top of the usual masks (PAD, BOS, min_len, n-grams): a row whose
+    prefix holds a forbidden token has no result. Beam search starts from one hypothesis, so only
+    the forced one is alive through the prefix. Scores include the prefix's log-probs.
+
 Conventions (see DESIGN.md section 2):
   * Step 1 feeds `bos_id`; returned sequences hold no BOS, include the EOS within `lengths`, and are
     `pad_id` after the end. `pad_id` and `bos_id` are forbidden at every step, whatever the model
@@ -33,13 +42,15 @@ import numpy as np
 
 from s2s_jax.validate import check_int
 
-__all__ = ["Beams", "NEG_INF", "beam_search", "greedy_search", "sample_search"]
+__all__ = ["Beams", "NEG_INF", "beam_search", "greedy_search", "length_limits", "sample_search"]
 
 NEG_INF = -1e7  # mask value for log-probs: large finite negative, never -inf (no NaNs)
 _FORBIDDEN = 0.5 * NEG_INF  # log-probs <= this are masked tokens, not extensions
 _EMPTY = -1e30  # ranking key of an empty / invalid slot; only compared, never summed
 
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
+# final_score_fn(score float32[B, K], length int32[B, K], state leaves [B, K, ...]) -> float32[B, K]
+FinalScoreFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
 
 class Beams(NamedTuple):
@@ -73,6 +84,14 @@ def _check_nonneg(name: str, value) -> None:
         return
     if float(value) < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+def _check_row_arg(name: str, value, batch: int, ndim: int) -> None:
+    """Checks the static shape of an optional per-row array: [B] (ndim 1) or [B, P] (ndim 2)."""
+    shape = np.shape(value)
+    if len(shape) != ndim or shape[0] != batch:
+        want = "[B]" if ndim == 1 else "[B, P]"
+        raise ValueError(f"{name} must have shape {want} with B = {batch}, got {shape}")
 
 
 def _check_common(max_len, min_len, eos_id, bos_id, pad_id) -> None:
@@ -192,16 +211,29 @@ def _beam_select(num_hyps: int):
     return select
 
 
-def _sample_select(rng: jax.Array, temperature, top_k: int):
-    """Each hypothesis draws its own next token: softmax(log_probs / temperature) over its top_k."""
+def _nucleus(sorted_logits: jax.Array, top_p) -> jax.Array:
+    """Masks, in logits sorted descending on the last axis, every token after the smallest prefix
+    whose probability mass reaches top_p (a token is kept iff the mass before it is < top_p)."""
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # exclusive cumulative sum; 0 for the first
+    return jnp.where(mass_before < top_p, sorted_logits, NEG_INF)
+
+
+def _sample_select(rng: jax.Array, temperature, top_k: int, top_p):
+    """Each hypothesis draws its own next token: softmax(log_probs / temperature) over its top_k,
+    then over the nucleus (mass top_p) of that renormalised top_k distribution."""
+    nucleus = isinstance(top_p, jax.core.Tracer) or float(top_p) < 1.0
 
     def select(step, log_probs, cand_sum, cand_valid):
         del cand_sum
         batch, num_hyps, vocab = log_probs.shape
         logits = jnp.where(cand_valid, log_probs / temperature, NEG_INF)  # [batch, sample, vocab]
         key = jax.random.fold_in(rng, step)
-        if top_k and top_k < vocab:
-            top_logits, top_ids = jax.lax.top_k(logits, top_k)  # [batch, sample, top_k]
+        if (top_k and top_k < vocab) or nucleus:
+            width = top_k if 0 < top_k < vocab else vocab
+            top_logits, top_ids = jax.lax.top_k(logits, width)  # [batch, sample, width], descending
+            if nucleus:
+                top_logits = _nucleus(top_logits, top_p)
             choice = jax.random.categorical(key, top_logits, axis=-1)  # [batch, sample]
             token = jnp.take_along_axis(top_ids, choice[..., None], axis=-1)[..., 0]  # [batch, sample]
         else:
@@ -217,11 +249,12 @@ def _raw_score(log_prob_sum, length):
     return log_prob_sum
 
 
-def _length_penalty_fns(length_penalty: str, alpha, max_len: int):
-    """(score_fn(sum, length), bound_fn(sum)): bound_fn(s) is the best final score that an alive
-    hypothesis with raw sum s <= 0 can still reach. Later log-probs are <= 0, so its final sum
-    s' <= s <= 0, and s' / d <= s / d is largest for the largest denominator d, reached at
-    length max_len (d grows with length when alpha >= 0)."""
+def _length_penalty_fn(length_penalty: str, alpha):
+    """score_fn(sum, length) = sum / d(length), with d > 0 non-decreasing in length (alpha >= 0).
+
+    So score_fn(s, limit) bounds the final score of an alive hypothesis with raw sum s <= 0 and
+    length limit `limit`: later log-probs are <= 0, so its final sum s' <= s <= 0, and s' / d is
+    largest for the largest denominator, reached at the limit."""
     if length_penalty == "gnmt":
 
         def penalty(length):
@@ -234,12 +267,36 @@ def _length_penalty_fns(length_penalty: str, alpha, max_len: int):
 
     else:
         raise ValueError(f"length_penalty must be 'gnmt' or 'average', got {length_penalty!r}")
-    return (lambda s, length: s / penalty(length)), (lambda s: s / penalty(max_len))
+    return lambda s, length: s / penalty(length)
 
 
 # --------------------------------------------------------------------------------------------
 # The one loop
 # --------------------------------------------------------------------------------------------
+
+
+def _row_limits(max_lens, batch: int, max_len: int) -> jax.Array:
+    """int32[B]: each row's output limit, min(max_lens[b], max_len) and >= 1 (max_len if None)."""
+    if max_lens is None:
+        return jnp.full((batch,), max_len, jnp.int32)
+    _check_row_arg("max_lens", max_lens, batch, 1)
+    return jnp.clip(jnp.asarray(max_lens, jnp.int32), 1, max_len)
+
+
+def _prefix_args(prefix, prefix_lens, batch: int):
+    """(int32[B, P], int32[B] clipped to [0, P]) or (None, None) when nothing is forced."""
+    if prefix is None:
+        if prefix_lens is not None:
+            raise ValueError("prefix_lens needs prefix")
+        return None, None
+    _check_row_arg("prefix", prefix, batch, 2)
+    width = np.shape(prefix)[1]
+    if width == 0:
+        return None, None
+    if prefix_lens is None:
+        return jnp.asarray(prefix, jnp.int32), jnp.full((batch,), width, jnp.int32)
+    _check_row_arg("prefix_lens", prefix_lens, batch, 1)
+    return jnp.asarray(prefix, jnp.int32), jnp.clip(jnp.asarray(prefix_lens, jnp.int32), 0, width)
 
 
 def _search(
@@ -256,18 +313,25 @@ def _search(
     min_len,
     no_repeat_ngram_size: int,
     score_fn,
-    bound_fn,
     stop_rule: str,
     single_start: bool,
+    max_lens=None,
+    prefix=None,
+    prefix_lens=None,
+    final_score_fn: FinalScoreFn | None = None,
 ) -> tuple[Beams, jax.Array]:
     """Shared search loop. Returns (Beams, number of steps run).
 
     stop_rule: "bound" (stop a batch element once no alive hypothesis can beat its n-th best
-    finished one), "n_best" (once n_keep hypotheses have finished) or "never" (only when nothing
-    is alive or at max_len). A batch element that stops is frozen while others run on.
+    finished one; exact when step_fn's log-probs are <= 0 and final_score_fn never raises a
+    score), "n_best" (once n_keep hypotheses have finished) or "never" (only when nothing is alive
+    or at the row's limit). A batch element that stops is frozen while others run on.
     single_start: only hypothesis 0 is alive at step 1 (beam search: the K starts are identical).
+    max_lens, prefix, prefix_lens: see the module docstring. final_score_fn: see beam_search.
     """
     batch, num_k, num_n, length = _batch_size(init_state), num_hyps, n_keep, max_len
+    limit = _row_limits(max_lens, batch, length)  # [batch]
+    prefix, prefix_lens = _prefix_args(prefix, prefix_lens, batch)  # [batch, P], [batch]
     state = _tile_state(init_state, num_k)  # leaves [batch, beam, ...]
     tokens = jnp.full((batch, num_k), bos_id, jnp.int32)  # [batch, beam]
     vocab = _check_step_fn(step_fn, tokens, state)
@@ -305,6 +369,10 @@ def _search(
         if 0 < no_repeat_ngram_size <= length:
             banned = _ngram_banned(c.alive_seq, c.step, no_repeat_ngram_size, vocab)
             log_probs = jnp.where(banned, NEG_INF, log_probs)
+        if prefix is not None:  # at t <= prefix_lens[b] only prefix[b, t - 1] stays allowed
+            forced = prefix[:, jnp.minimum(c.step, prefix.shape[1] - 1)]  # [batch]
+            free = (t > prefix_lens)[:, None, None] | (vocab_ids == forced[:, None, None])
+            log_probs = jnp.where(free, log_probs, NEG_INF)  # free: [batch, 1, vocab]
         cand_valid = c.alive[..., None] & (log_probs > _FORBIDDEN)  # [batch, beam, vocab]
         cand_sum = c.alive_sum[..., None] + log_probs  # [batch, beam, vocab]
 
@@ -314,14 +382,19 @@ def _search(
         new_valid = jnp.take_along_axis(cand_valid.reshape(batch, num_k * vocab), flat, axis=1)
         seq = jnp.take_along_axis(c.alive_seq, parent[..., None], axis=1)  # [batch, beam, max_len]
         seq = jnp.where(jnp.arange(length) == c.step, token[..., None], seq)
+        state = _gather_beams(new_state, parent)  # leaves [batch, beam, ...]: after this step
 
         is_eos = token == eos_id
-        finished = new_valid & (is_eos | (t >= length))
-        alive = new_valid & ~is_eos & (t < length)
+        at_limit = (t >= limit)[:, None]  # [batch, 1]
+        finished = new_valid & (is_eos | at_limit)
+        alive = new_valid & ~is_eos & ~at_limit
 
         # Merge newly finished into the fixed-size store: top-N of (old finished U new finished).
         # Old entries come first, so on equal scores the earlier-found hypothesis is kept.
-        new_score = jnp.where(finished, score_fn(new_sum, t), _EMPTY)  # [batch, beam]
+        new_score = score_fn(new_sum, t)  # [batch, beam]
+        if final_score_fn is not None:
+            new_score = final_score_fn(new_score, jnp.full((batch, num_k), t), state).astype(jnp.float32)
+        new_score = jnp.where(finished, new_score, _EMPTY)  # [batch, beam]
         all_score = jnp.concatenate([c.fin_score, new_score], axis=1)  # [batch, n_best + beam]
         all_seq = jnp.concatenate([c.fin_seq, seq], axis=1)  # [batch, n_best + beam, max_len]
         all_len = jnp.concatenate([c.fin_len, jnp.where(finished, t, 0)], axis=1)  # [batch, n_best + beam]
@@ -332,7 +405,7 @@ def _search(
         full = fin_len[:, -1] > 0  # [batch]: n_best hypotheses have finished
         if stop_rule == "bound":
             best_alive = jnp.max(jnp.where(alive, new_sum, _EMPTY), axis=1)  # [batch]
-            done = full & (bound_fn(best_alive) < fin_score[:, -1])
+            done = full & (score_fn(best_alive, limit) < fin_score[:, -1])
         elif stop_rule == "n_best":
             done = full
         else:
@@ -342,7 +415,7 @@ def _search(
         return _Carry(
             step=t,
             tokens=token,
-            state=_gather_beams(new_state, parent),
+            state=state,
             alive_seq=seq,
             alive_sum=jnp.where(alive, new_sum, NEG_INF),
             alive=alive,
@@ -360,6 +433,20 @@ def _search(
 # Public searches
 # --------------------------------------------------------------------------------------------
 
+def length_limits(source_lengths, max_len_a: float, max_len_b: float, max_len: int) -> jax.Array:
+    """Per-row output limits by fairseq's rule: floor(max_len_a * source_length + max_len_b),
+    capped by the compiled `max_len` and at least 1. Returns int32[B] for the searches' `max_lens`.
+
+    source_lengths: int[B], source tokens per row (no padding). Host values are computed in float64
+    as fairseq does (0.7 * 10 + 0 gives 7); traced ones (under jit) in float32.
+    """
+    check_int("max_len", max_len, 1)
+    if isinstance(source_lengths, jax.core.Tracer):
+        limits = jnp.floor(max_len_a * source_lengths.astype(jnp.float32) + max_len_b)
+    else:
+        limits = np.floor(max_len_a * np.asarray(source_lengths, np.float64) + max_len_b)
+    return jnp.clip(limits, 1, max_len).astype(jnp.int32)
+
 
 def beam_search(
     step_fn: StepFn,
@@ -376,15 +463,20 @@ def beam_search(
     no_repeat_ngram_size: int = 0,
     length_penalty: str = "gnmt",
     stop_early: str = "bound",
+    max_lens=None,
+    prefix=None,
+    prefix_lens=None,
+    final_score_fn: FinalScoreFn | None = None,
 ) -> Beams:
     """Batched beam search in one `jax.lax.while_loop`.
 
     Each step extends every alive hypothesis by every token and keeps the `beam_size` extensions
     with the highest summed log-prob. Kept extensions ending in EOS are finished with length t (EOS
-    counted); a hypothesis alive after `max_len` steps is finished with length `max_len`. Finished
-    hypotheses are ranked by
+    counted); a hypothesis alive at its row's limit (`max_len`, or `max_lens[b]`) is finished with
+    that length. Finished hypotheses are ranked by
       "gnmt":    sum_logprob / ((5 + length) / 6) ** alpha   (alpha = 0: raw log-prob)
-      "average": sum_logprob / length.
+      "average": sum_logprob / length,
+    then by final_score_fn(that score, length, state) when given.
     With `beam_size` >= the number of extensions at every step nothing is pruned and the result is
     exact; `beam_size=1` is greedy search.
 
@@ -404,7 +496,19 @@ def beam_search(
         length_penalty: "gnmt" or "average".
         stop_early: "bound": stop a batch element once no alive hypothesis can beat its N-th best
             finished one (exact: same result as running to the end); "n_best": stop once N hypotheses
-            have finished (the simple lecture rule; not exact).
+            have finished (the simple lecture rule; not exact); "never": run until no hypothesis is
+            alive or max_len.
+        max_lens: optional int32[B], per-row output limits min(max_lens[b], max_len), >= 1 (see
+            `length_limits`); the stop bound uses each row's own limit.
+        prefix, prefix_lens: optional int32[B, P] and int32[B] (default P): row b is forced through
+            prefix[b, :prefix_lens[b]] (other tokens masked, on top of the usual masks; only the
+            forced hypothesis is alive meanwhile); results start with it, scores include it.
+        final_score_fn: optional (score float32[B, K], length int32[B, K], state) -> float32[B, K],
+            applied to each hypothesis's length-penalised score when it finishes; `state` (leaves
+            [B, K, ...]) is that hypothesis's decode state after its last step, so a model-aware
+            caller can add e.g. a GNMT coverage penalty from attention it accumulates in the state.
+            The "bound" stop stays exact only if the hook never raises a score (a penalty <= 0, as
+            coverage is); with a hook that may raise scores use stop_early="never".
 
     Returns:
         Beams(sequences int32[B, N, max_len], scores float32[B, N], lengths int32[B, N]), best first.
@@ -418,14 +522,16 @@ def beam_search(
         raise ValueError(f"n_best must be <= beam_size, got n_best={n_best} > beam_size={beam_size}")
     _check_nonneg("alpha", alpha)
     check_int("no_repeat_ngram_size", no_repeat_ngram_size, 0)
-    if stop_early not in ("bound", "n_best"):
-        raise ValueError(f"stop_early must be 'bound' or 'n_best', got {stop_early!r}")
-    score_fn, bound_fn = _length_penalty_fns(length_penalty, alpha, max_len)
+    if stop_early not in ("bound", "n_best", "never"):
+        raise ValueError(f"stop_early must be 'bound', 'n_best' or 'never', got {stop_early!r}")
+    if final_score_fn is not None and not callable(final_score_fn):
+        raise ValueError(f"final_score_fn must be callable or None, got {final_score_fn!r}")
     beams, _ = _search(
         step_fn, init_state, _beam_select(beam_size),
         num_hyps=beam_size, n_keep=n_best, max_len=max_len, eos_id=eos_id, bos_id=bos_id,
         pad_id=pad_id, min_len=min_len, no_repeat_ngram_size=no_repeat_ngram_size,
-        score_fn=score_fn, bound_fn=bound_fn, stop_rule=stop_early, single_start=True)
+        score_fn=_length_penalty_fn(length_penalty, alpha), stop_rule=stop_early, single_start=True,
+        max_lens=max_lens, prefix=prefix, prefix_lens=prefix_lens, final_score_fn=final_score_fn)
     return beams
 
 
@@ -438,17 +544,21 @@ def greedy_search(
     bos_id: int = 1,
     pad_id: int = 0,
     min_len: int = 0,
+    max_lens=None,
+    prefix=None,
+    prefix_lens=None,
 ) -> Beams:
     """Greedy search: the argmax allowed token each step until EOS or `max_len` (= beam search, K = 1).
 
     Returns Beams with N = 1; the score is the raw summed log-prob (no length penalty).
+    `max_lens`, `prefix`, `prefix_lens`: as in `beam_search`.
     """
     _check_common(max_len, min_len, eos_id, bos_id, pad_id)
     beams, _ = _search(
         step_fn, init_state, _beam_select(1),
         num_hyps=1, n_keep=1, max_len=max_len, eos_id=eos_id, bos_id=bos_id, pad_id=pad_id,
-        min_len=min_len, no_repeat_ngram_size=0, score_fn=_raw_score, bound_fn=None,
-        stop_rule="never", single_start=True)
+        min_len=min_len, no_repeat_ngram_size=0, score_fn=_raw_score, stop_rule="never",
+        single_start=True, max_lens=max_lens, prefix=prefix, prefix_lens=prefix_lens)
     return beams
 
 
@@ -465,22 +575,31 @@ def sample_search(
     pad_id: int = 0,
     min_len: int = 0,
     num_samples: int = 1,
+    top_p: float = 1.0,
+    max_lens=None,
+    prefix=None,
+    prefix_lens=None,
 ) -> Beams:
     """Ancestral sampling: `num_samples` independent samples per batch element (K = N = num_samples).
 
     Each step draws token ~ softmax(log_probs / temperature) over the allowed tokens (never PAD or
-    BOS), restricted to the `top_k` most likely of them when top_k > 0, with key
-    `jax.random.fold_in(rng, step)`. A sample's score is its raw summed (untempered) log-prob;
-    samples are returned sorted by score, best first.
+    BOS), restricted to the `top_k` most likely of them when top_k > 0, then, when top_p < 1, to the
+    nucleus: the smallest set of most likely of those whose (renormalised, tempered) probability
+    mass reaches top_p. The key is `jax.random.fold_in(rng, step)`. A sample's score is its raw
+    summed (untempered) log-prob; samples are returned sorted by score, best first.
+    `max_lens`, `prefix`, `prefix_lens`: as in `beam_search` (every sample starts with the prefix).
     """
     _check_common(max_len, min_len, eos_id, bos_id, pad_id)
     check_int("num_samples", num_samples, 1)
     check_int("top_k", top_k, 0)
     if not isinstance(temperature, jax.core.Tracer) and not float(temperature) > 0:
         raise ValueError(f"temperature must be > 0 (use greedy_search for argmax), got {temperature!r}")
+    if not isinstance(top_p, jax.core.Tracer) and not 0 < float(top_p) <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     beams, _ = _search(
-        step_fn, init_state, _sample_select(rng, temperature, top_k),
+        step_fn, init_state, _sample_select(rng, temperature, top_k, top_p),
         num_hyps=num_samples, n_keep=num_samples, max_len=max_len, eos_id=eos_id, bos_id=bos_id,
         pad_id=pad_id, min_len=min_len, no_repeat_ngram_size=0, score_fn=_raw_score,
-        bound_fn=None, stop_rule="never", single_start=False)
+        stop_rule="never", single_start=False, max_lens=max_lens, prefix=prefix,
+        prefix_lens=prefix_lens)
     return beams

@@ -74,8 +74,9 @@ def allowed(prefix, token, t, min_len=0, ngram=0):
     return not completes_repeat(prefix, token, ngram)
 
 
-def brute_force(toy, h0, max_len, alpha, length_penalty="gnmt", min_len=0, ngram=0):
-    """Every finished sequence with its score, best first: [(score, tokens tuple)]."""
+def brute_force(toy, h0, max_len, alpha, length_penalty="gnmt", min_len=0, ngram=0, bonus=None):
+    """Every finished sequence with its score (plus bonus(tokens) if given), best first:
+    [(score, tokens tuple)]."""
     out = []
 
     def rec(prefix, total, h, last):
@@ -86,7 +87,7 @@ def brute_force(toy, h0, max_len, alpha, length_penalty="gnmt", min_len=0, ngram
                 continue
             seq, s = prefix + (v,), total + logp[v]
             if v == EOS or t == max_len:
-                out.append((np_score(s, t, alpha, length_penalty), seq))
+                out.append((np_score(s, t, alpha, length_penalty) + (bonus(seq) if bonus else 0.0), seq))
             else:
                 rec(seq, s, h2, v)
 
@@ -123,13 +124,14 @@ def reference_beam(toy, h0, beam_size, max_len, n_best, alpha, stop_early, lengt
     return finished[:n_best]
 
 
-def np_greedy(toy, h0, max_len, bos=BOS, pad=PAD):
-    """Greedy by hand: the argmax token other than `pad` and `bos`, each step. Returns a tuple."""
+def np_greedy(toy, h0, max_len, bos=BOS, pad=PAD, prefix=()):
+    """Greedy by hand: prefix[t - 1] at steps t <= len(prefix), then the argmax token other than
+    `pad` and `bos`, each step. Returns a tuple."""
     h, last, seq = h0, bos, []
     while len(seq) < max_len and last != EOS:
         logp, h = toy.np_step(h, last)
         logp[[pad, bos]] = -np.inf
-        last = int(np.argmax(logp))
+        last = prefix[len(seq)] if len(seq) < len(prefix) else int(np.argmax(logp))
         seq.append(last)
     return tuple(seq)
 
@@ -151,7 +153,8 @@ def teacher_forced_sums(step_fn, init_state, beams):
     return np.asarray(total)
 
 
-def check_well_formed(beams, max_len, check_eos=True):
+def check_well_formed(beams, max_len, check_eos=True, limits=None):
+    """limits: optional per-row output limits [B] (default max_len for every row)."""
     seqs, scores, lengths = map(np.asarray, beams)
     assert seqs.dtype == np.int32 and lengths.dtype == np.int32 and scores.dtype == np.float32
     assert np.all(np.diff(scores, axis=1) <= 0), scores
@@ -162,7 +165,8 @@ def check_well_formed(beams, max_len, check_eos=True):
         inside = pos < lengths[..., None] - 1
         assert not np.any((seqs == EOS) & inside)
         last = np.take_along_axis(seqs, np.maximum(lengths - 1, 0)[..., None], axis=-1)[..., 0]
-        assert np.all((last == EOS) | (lengths == max_len))
+        limit = max_len if limits is None else np.asarray(limits)[:, None]
+        assert np.all((last == EOS) | (lengths == limit))
 
 
 def as_list(beams, b):
@@ -273,14 +277,14 @@ def test_early_stop_is_exact_and_saves_steps():
         return toy.step_fn(tokens, state)
 
     for alpha, penalty in [(0.0, "gnmt"), (0.6, "gnmt"), (1.0, "gnmt"), (0.0, "average")]:
-        score_fn, bound_fn = decoding._length_penalty_fns(penalty, alpha, max_len)
+        score_fn = decoding._length_penalty_fn(penalty, alpha)
         results = {}
         for rule in ("bound", "never"):
             calls.clear()
             beams, steps = decoding._search(
                 counting_step_fn, init, decoding._beam_select(3), num_hyps=3, n_keep=2,
                 max_len=max_len, eos_id=EOS, bos_id=BOS, pad_id=PAD, min_len=0,
-                no_repeat_ngram_size=0, score_fn=score_fn, bound_fn=bound_fn, stop_rule=rule,
+                no_repeat_ngram_size=0, score_fn=score_fn, stop_rule=rule,
                 single_start=True)
             results[rule] = (jax.tree.map(np.asarray, beams), int(steps), len(calls))
         (bound, bound_steps, bound_calls), (full, full_steps, _) = results["bound"], results["never"]
