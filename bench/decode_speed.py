@@ -70,8 +70,7 @@ def workdir_setup(args):
     src_ids = [ids[:translator.max_source_len] for ids in src_ids]
     src_ids = (src_ids * (-(-args.sentences // len(src_ids))))[:args.sentences]  # repeat if too few
     longest = max(len(ids) for ids in src_ids) + 1
-    bucket = data.bucket_for(longest, translator.boundaries)
-    source_len = translator.boundaries[bucket] if bucket >= 0 else -(-longest // 16) * 16
+    source_len = data.padded_length(longest, translator.boundaries)
     max_len = args.max_len or inference.max_decode_len(source_len, int(translator.config.eval.max_decode_len))
     description = f"trained model from {args.workdir} (best checkpoint, else latest), sources: {origin}"
     return translator.model, translator.params, src_ids, source_len, max_len, description

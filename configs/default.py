@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 1000
     # Save a checkpoint every this many steps (and at the end, and on SIGINT/SIGTERM).
     config.checkpoint_every_steps = 500
-    # Keep this many most recent checkpoints (the best one by dev BLEU is kept apart).
+    # Keep this many most recent checkpoints (the best one by dev BLEU is kept besides them).
     config.keep_checkpoints = 2
     # What to do with a non-finite loss or gradient: "stop" the run, or "skip" the update.
     config.on_nonfinite = "stop"
@@ -98,6 +98,8 @@ def get_config() -> ml_collections.ConfigDict:
     model.dropout = 0.2
     # Matmul compute dtype: float32, or bfloat16 on accelerators (parameters stay float32).
     model.dtype = "float32"
+    # Tokens per chunk of the fused output projection + loss in training and dev loss (0 = plain logits).
+    model.output_chunk = 512
 
     config.optimizer = opt = ml_collections.ConfigDict()
     # Peak learning rate of Adam.
@@ -131,8 +133,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval = ev = ml_collections.ConfigDict()
     # Sentences per decoding batch.
     ev.batch_size = 128
-    # Longest output, in pieces: min(max_decode_len, 2 * source bucket length + 10).
+    # Compiled output limit, in pieces: min(max_decode_len, 2 * source bucket length + 10).
     ev.max_decode_len = 128
+    # Per-sentence output limit max_len_a * source pieces + max_len_b (fairseq's rule), within that.
+    ev.max_len_a = 2.0
+    # See max_len_a.
+    ev.max_len_b = 10
     # Decoding for dev BLEU: "greedy" or "beam" (beam also reports greedy).
     ev.search = "greedy"
     # Beam size when search = "beam".

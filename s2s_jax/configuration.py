@@ -63,6 +63,7 @@ RANGES = {
     "model.decoder_layers": (int, ">= 1"),
     "model.attention_dim": (int, ">= 1"),
     "model.dropout": (float, "[0, 1)"),
+    "model.output_chunk": (int, ">= 0"),
     "optimizer.learning_rate": (float, "> 0"),
     "optimizer.warmup_steps": (int, ">= 0"),
     "optimizer.b1": (float, "[0, 1)"),
@@ -78,6 +79,8 @@ RANGES = {
     "eval.max_decode_len": (int, ">= 1"),
     "eval.beam_size": (int, ">= 1"),
     "eval.alpha": (float, ">= 0"),
+    "eval.max_len_a": (float, ">= 0"),
+    "eval.max_len_b": (int, ">= 0"),
 }
 # teacher_forcing.k for the schedules that use it, unless it is schedules.AUTO_K (sized to the run).
 K_RANGES = {"exponential": "(0, 1)", "inverse_sigmoid": ">= 1"}

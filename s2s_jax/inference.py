@@ -5,9 +5,15 @@ The encoder runs once per batch; its memory and attention keys stay in `step_fn`
 shape [B, S, ...] and are never tiled per beam (DESIGN.md section 2).
 
 `CorpusDecoder` turns source sentences into n-best hypotheses in input order. Everything it does
-depends on the sources and the options only, never on a reference: sentences are grouped into
-length buckets by their source length, and the output limit of a bucket is
-min(eval.max_decode_len, 2 * bucket length + 10) unless `max_len` is given.
+depends on the sources and the options only, never on a reference:
+  * sentences are grouped into length buckets by their source length;
+  * each row's output limit is floor(max_len_a * source pieces + max_len_b) (fairseq's rule),
+    capped by the bucket's compiled limit min(eval.max_decode_len, 2 * bucket length + 10) or by
+    an explicit `max_len`;
+  * batch invariance: every call decodes [DECODE_ROWS, bucket] arrays (fewer rows only when
+    beam x vocabulary would not fit the memory budget), whatever the number of sentences; XLA's
+    float results depend on array shapes, not on the other rows, so a sentence's tokens and score
+    do not depend on what else is translated with it.
 """
 from __future__ import annotations
 
@@ -19,16 +25,20 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from s2s_jax import EOS_ID, data, decoding
+from s2s_jax import EOS_ID, PAD_ID, data, decoding
 from s2s_jax.models import Seq2Seq
 from s2s_jax.validate import is_int
 
 logger = logging.getLogger(__name__)
 
-SEARCHES = ("beam", "greedy")
+SEARCHES = ("beam", "greedy", "sample")
 ON_LONG = ("truncate", "error")
-# Largest [rows, beam, vocab] log-prob block decoded at once (float32: 512 MiB); batches shrink to fit.
+# Rows of every decoding call (batch invariance: one shape per bucket and search).
+DECODE_ROWS = 32
+# Largest [rows, hypotheses, vocab] log-prob block decoded at once (float32: 512 MiB).
 MAX_STEP_ELEMENTS = 1 << 27
+# Prefixes are padded to a multiple of this many pieces (bounds the number of compiled shapes).
+PREFIX_QUANTUM = 8
 
 
 def step_fn_for(model: Seq2Seq, params, src: jax.Array, src_len: jax.Array):
@@ -41,22 +51,34 @@ def step_fn_for(model: Seq2Seq, params, src: jax.Array, src_len: jax.Array):
     return step_fn, init_state
 
 
-@functools.partial(jax.jit, static_argnames=("model", "search", "beam_size", "max_len", "alpha", "n_best"))
+@functools.partial(jax.jit, static_argnames=(
+    "model", "search", "beam_size", "max_len", "alpha", "n_best", "min_len", "no_repeat_ngram_size",
+    "temperature", "top_k", "top_p"))
 def decode_batch(model: Seq2Seq, params, src: jax.Array, src_len: jax.Array, *, search: str = "greedy",
-                 beam_size: int = 5, max_len: int = 100, alpha: float = 0.6,
-                 n_best: int | None = None) -> decoding.Beams:
-    """src [B, S], src_len [B] -> Beams(sequences [B, N, max_len], scores [B, N], lengths [B, N])."""
+                 beam_size: int = 5, max_len: int = 100, alpha: float = 0.6, n_best: int | None = None,
+                 min_len: int = 0, no_repeat_ngram_size: int = 0, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, max_lens=None, prefix=None, prefix_lens=None, rng=None) -> decoding.Beams:
+    """src [B, S], src_len [B] -> Beams(sequences [B, N, max_len], scores [B, N], lengths [B, N]).
+
+    max_lens int32[B] (per-row limits <= max_len), prefix int32[B, P] / prefix_lens int32[B]
+    (forced target prefixes) and rng (sampling) are traced; everything else is static.
+    """
     step_fn, init_state = step_fn_for(model, params, src, src_len)
+    rows = dict(max_lens=max_lens, prefix=prefix, prefix_lens=prefix_lens)
     if search == "greedy":
-        return decoding.greedy_search(step_fn, init_state, max_len=max_len)
+        return decoding.greedy_search(step_fn, init_state, max_len=max_len, min_len=min_len, **rows)
     if search == "beam":
-        return decoding.beam_search(step_fn, init_state, beam_size=beam_size, max_len=max_len,
-                                    alpha=alpha, n_best=n_best)
+        return decoding.beam_search(step_fn, init_state, beam_size=beam_size, max_len=max_len, alpha=alpha,
+                                    n_best=n_best, min_len=min_len, no_repeat_ngram_size=no_repeat_ngram_size,
+                                    **rows)
+    if search == "sample":
+        return decoding.sample_search(step_fn, init_state, rng, max_len=max_len, temperature=temperature,
+                                      top_k=top_k, top_p=top_p, min_len=min_len, num_samples=n_best, **rows)
     raise ValueError(f"unknown search {search!r}; expected one of {SEARCHES}")
 
 
 def max_decode_len(source_length: int, cap: int) -> int:
-    """Output length limit for a source bucket of `source_length` positions."""
+    """Compiled output limit for a source bucket of `source_length` positions."""
     return min(cap, 2 * source_length + 10)
 
 
@@ -64,24 +86,42 @@ class Hypothesis(NamedTuple):
     """One output of the search."""
     text: str          # detokenized
     ids: list[int]     # target ids, EOS excluded
-    score: float       # beam: GNMT length-penalised log-prob; greedy: summed log-prob
+    score: float       # beam: GNMT length-penalised log-prob; greedy, sample: summed log-prob
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and np.isfinite(value)
 
 
 class SearchOptions(NamedTuple):
-    """How to decode. `check` validates them against a model; the API and the CLI share them."""
-    search: str = "beam"
-    beam_size: int = 5
-    alpha: float = 0.6
-    n_best: int = 1
-    max_len: int | None = None   # output limit in pieces, EOS included; None = the bucket rule
-    batch_size: int = 64
-    on_long: str = "truncate"    # a source longer than data.max_len: "truncate" (warn) or "error"
+    """How to decode: one checked set of options shared by `Translator` and the command line.
+
+    Which search reads what: beam: beam_size, alpha, no_repeat_ngram_size; sample: temperature,
+    top_k, top_p, seed (n_best = number of samples); all: n_best, min_len, max_len_a, max_len_b,
+    max_len, on_long.
+    """
+    search: str = "beam"            # beam | greedy | sample
+    beam_size: int = 5              # hypotheses kept per step (beam)
+    alpha: float = 0.6              # GNMT length-penalty exponent (beam; 0 = raw log-prob)
+    n_best: int = 1                 # hypotheses returned per sentence (sample: samples drawn)
+    min_len: int = 0                # EOS forbidden before this many pieces (EOS included)
+    no_repeat_ngram_size: int = 0   # forbid repeating any n-gram of this size (beam; 0 = off)
+    temperature: float = 1.0        # sampling temperature (> 0)
+    top_k: int = 0                  # sample among the k most likely pieces (0 = all)
+    top_p: float = 1.0              # nucleus: the smallest set with this much probability (1 = all)
+    seed: int = 0                   # sampling seed
+    max_len_a: float = 2.0          # per-sentence limit a * source pieces + b ...
+    max_len_b: int = 10             # ... capped by the bucket's compiled limit
+    max_len: int | None = None      # compiled limit override (EOS included); None = the bucket rule
+    on_long: str = "truncate"       # a source longer than data.max_len: "truncate" (warn) or "error"
 
     @classmethod
     def from_eval_config(cls, eval_cfg, search: str) -> SearchOptions:
         """The options of dev BLEU during training (config.eval) for `search`."""
         return cls(search=search, beam_size=int(eval_cfg.beam_size), alpha=float(eval_cfg.alpha),
-                   batch_size=int(eval_cfg.batch_size))
+                   max_len_a=float(eval_cfg.get("max_len_a", cls.max_len_a)),  # absent in older workdirs
+                   max_len_b=int(eval_cfg.get("max_len_b", cls.max_len_b)))
 
     def check(self, *, vocab_size: int, max_output_len: int) -> None:
         """Raises ValueError naming the first bad option; sizes are capped by what the model allows."""
@@ -89,26 +129,45 @@ class SearchOptions(NamedTuple):
             raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
         if self.on_long not in ON_LONG:
             raise ValueError(f"on_long must be one of {ON_LONG}, got {self.on_long!r}")
-        for name in ("beam_size", "n_best", "batch_size"):
+        for name, minimum in (("beam_size", 1), ("n_best", 1), ("min_len", 0), ("no_repeat_ngram_size", 0),
+                              ("top_k", 0), ("seed", 0), ("max_len_b", 0)):
             value = getattr(self, name)
-            if not is_int(value) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            if not is_int(value) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         if self.beam_size > vocab_size:
             raise ValueError(f"beam_size must be <= the target vocabulary size {vocab_size}, got {self.beam_size}")
+        if self.top_k > vocab_size:
+            raise ValueError(f"top_k must be <= the target vocabulary size {vocab_size}, got {self.top_k}")
         if self.max_len is not None and (not is_int(self.max_len) or not 1 <= self.max_len <= max_output_len):
             raise ValueError(f"max_len must be an integer in [1, {max_output_len}] (4x the longest training "
                              f"sentence, or eval.max_decode_len), or None for the default rule; got {self.max_len!r}")
+        if self.min_len > max_output_len:
+            raise ValueError(f"min_len must be <= {max_output_len}, got {self.min_len}")
         if self.search == "beam" and self.n_best > self.beam_size:
             raise ValueError(f"n_best must be <= beam_size, got n_best={self.n_best} > beam_size={self.beam_size}")
         if self.search == "greedy" and self.n_best != 1:
             raise ValueError(f"greedy search returns one hypothesis; got n_best={self.n_best}")
-        alpha = self.alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) or not 0 <= alpha < float("inf"):
-            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        if self.search == "sample" and self.n_best > 1024:
+            raise ValueError(f"n_best (samples per sentence) must be <= 1024, got {self.n_best}")
+        for name, low, high, closed in (("alpha", 0.0, float("inf"), "[0, inf)"),
+                                        ("max_len_a", 0.0, float("inf"), "[0, inf)")):
+            value = getattr(self, name)
+            if not _is_number(value) or not low <= value < high:
+                raise ValueError(f"{name} must be a finite number in {closed}, got {value!r}")
+        if not _is_number(self.temperature) or not self.temperature > 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
 
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+    def static(self) -> dict:
+        """decode_batch's static arguments; options a search does not read are normalised away, so
+        they never cost a compilation."""
+        beam, sample = self.search == "beam", self.search == "sample"
+        return dict(search=self.search, beam_size=self.beam_size if beam else 1,
+                    alpha=float(self.alpha) if beam else 0.0, n_best=self.n_best if beam or sample else None,
+                    min_len=self.min_len, no_repeat_ngram_size=self.no_repeat_ngram_size if beam else 0,
+                    temperature=float(self.temperature) if sample else 1.0, top_k=self.top_k if sample else 0,
+                    top_p=float(self.top_p) if sample else 1.0)
 
 
 class CorpusDecoder:
@@ -125,6 +184,11 @@ class CorpusDecoder:
 
     def check(self, options: SearchOptions) -> None:
         options.check(vocab_size=self.tgt_tokenizer.vocab_size, max_output_len=self.max_output_len)
+
+    def rows(self, options: SearchOptions) -> int:
+        """Rows of every decoding call for these options: DECODE_ROWS unless memory says fewer."""
+        hypotheses = options.static()["beam_size"] * (options.n_best if options.search == "sample" else 1)
+        return max(1, min(DECODE_ROWS, MAX_STEP_ELEMENTS // (hypotheses * self.tgt_tokenizer.vocab_size)))
 
     def source_ids(self, sentence: str, index: int, on_long: str) -> list[int]:
         """Piece ids of one sentence (EOS excluded), at most max_source_len of them; [] if blank."""
@@ -146,34 +210,65 @@ class CorpusDecoder:
             ids = ids[:limit]
         return ids
 
-    def __call__(self, params, sentences: Sequence[str], options: SearchOptions) -> list[list[Hypothesis]]:
-        """Per sentence, up to n_best hypotheses, best first; a blank sentence gives [Hypothesis("", [], 0.0)]."""
+    def prefix_ids(self, prefixes: Sequence[str | None] | None, count: int) -> list[list[int]]:
+        """Target piece ids of each sentence's forced prefix ([] for none)."""
+        if prefixes is None:
+            return [[] for _ in range(count)]
+        if isinstance(prefixes, str) or len(prefixes) != count:
+            raise ValueError(f"prefixes must be a list with one entry (text or None) per sentence: "
+                             f"{count} sentences")
+        ids = []
+        for index, prefix in enumerate(prefixes):
+            if prefix is not None and not isinstance(prefix, str):
+                raise TypeError(f"prefix {index + 1} is a {type(prefix).__name__}, not a string or None")
+            ids.append(self.tgt_tokenizer.encode([prefix])[0] if prefix and prefix.strip() else [])
+        return ids
+
+    def __call__(self, params, sentences: Sequence[str], options: SearchOptions,
+                 prefixes: Sequence[str | None] | None = None) -> list[list[Hypothesis]]:
+        """Per sentence, up to n_best hypotheses, best first; a blank sentence gives [Hypothesis("", [], 0.0)].
+
+        prefixes: optional target text per sentence (or None) that every hypothesis starts with.
+        """
         self.check(options)
         if isinstance(sentences, str):
             raise TypeError("translate takes a list of sentences, not one string")
         src_ids = [self.source_ids(s, i, options.on_long) for i, s in enumerate(sentences)]
+        forced = self.prefix_ids(prefixes, len(src_ids))
         results = [[Hypothesis("", [], 0.0)] for _ in src_ids]
         todo = [i for i, ids in enumerate(src_ids) if ids]  # blank lines are not decoded
-        if not todo:
-            return results
-        greedy = options.search == "greedy"  # one static signature for greedy, whatever beam options say
-        beam_size = 1 if greedy else options.beam_size
-        rows = min(options.batch_size, _pow2_at_least(len(todo)),
-                   max(1, MAX_STEP_ELEMENTS // (beam_size * self.tgt_tokenizer.vocab_size)))
         # Source-only buckets: the reference never shapes the decoding.
-        batches = data.eval_batches([src_ids[i] for i in todo], [[] for _ in todo], batch_size=rows,
+        batches = data.eval_batches([src_ids[i] for i in todo], [[] for _ in todo], batch_size=self.rows(options),
                                     boundaries=self.boundaries)
-        for batch in batches:  # [rows, bucket] each: one compilation per bucket and search
-            real = int(np.sum(batch.index >= 0))
-            limit = options.max_len or max_decode_len(batch.src.shape[1], self.max_len_cap)
-            beams = decode_batch(self.model, params, batch.src, batch.src_len,
-                                 search=options.search, beam_size=beam_size, max_len=limit,
-                                 alpha=0.0 if greedy else float(options.alpha),
-                                 n_best=None if greedy else options.n_best)
-            sequences, scores, lengths = (np.asarray(x) for x in beams)  # [b, N, L], [b, N], [b, N]
-            for row in range(real):
-                results[todo[batch.index[row]]] = self._hypotheses(sequences[row], scores[row], lengths[row])
+        for number, batch in enumerate(batches):  # [rows, bucket] each: one compilation per bucket and search
+            real = [todo[i] for i in batch.index if i >= 0]
+            cap = options.max_len or max_decode_len(batch.src.shape[1], self.max_len_cap)
+            prefix, prefix_lens = self._prefix_arrays([forced[i] for i in real], len(batch.index), cap)
+            beams = decode_batch(self.model, params, batch.src, batch.src_len, max_len=cap,
+                                 max_lens=decoding.length_limits(batch.src_len - 1, options.max_len_a,
+                                                                 options.max_len_b, cap),
+                                 prefix=prefix, prefix_lens=prefix_lens,
+                                 rng=jax.random.fold_in(jax.random.PRNGKey(options.seed), number),
+                                 **options.static())
+            sequences, scores, lengths = (np.asarray(x) for x in beams)  # [rows, N, L], [rows, N], [rows, N]
+            for row, index in enumerate(real):
+                results[index] = self._hypotheses(sequences[row], scores[row], lengths[row])
         return results
+
+    def _prefix_arrays(self, prefixes: list[list[int]], rows: int, cap: int):
+        """(prefix int32[rows, P], prefix_lens int32[rows]) with P a multiple of PREFIX_QUANTUM, or
+        (None, None) when no sentence of the batch has a prefix."""
+        longest = max((len(p) for p in prefixes), default=0)
+        if not longest:
+            return None, None
+        if longest >= cap:
+            raise ValueError(f"a prefix of {longest} pieces leaves no room within the output limit {cap}")
+        width = -(-longest // PREFIX_QUANTUM) * PREFIX_QUANTUM
+        prefix = np.full((rows, width), PAD_ID, np.int32)
+        lens = np.zeros(rows, np.int32)
+        for row, ids in enumerate(prefixes):
+            prefix[row, :len(ids)], lens[row] = ids, len(ids)
+        return prefix, lens
 
     def _hypotheses(self, sequences: np.ndarray, scores: np.ndarray, lengths: np.ndarray) -> list[Hypothesis]:
         """One sentence's result slots [N, L], [N], [N] -> hypotheses; empty slots are dropped."""

@@ -82,7 +82,8 @@ class Translator:
         return cls(config, model, state.params, src_tok, tgt_tok, workdir)
 
     def options(self, **overrides) -> SearchOptions:
-        """Search options: the workdir's config.eval (beam size, alpha, batch size) under `overrides`."""
+        """Search options: the workdir's config.eval (beam size, alpha, length rule) under `overrides`
+        (a None override keeps the default)."""
         base = SearchOptions.from_eval_config(self.config.eval, "beam")
         unknown = sorted(set(overrides) - set(SearchOptions._fields))
         if unknown:
@@ -95,17 +96,20 @@ class Translator:
     def translate(self, sentences: Sequence[str], **options) -> list[str]:
         """The best translation of each sentence, in input order ("" for a blank sentence).
 
-        options: any `inference.SearchOptions` field except n_best (search, beam_size, alpha,
-        max_len, batch_size, on_long); unset ones come from the workdir's config.eval.
+        options: any `inference.SearchOptions` field except n_best; unset ones come from the
+        workdir's config.eval. `prefixes`: see `hypotheses`.
         """
         if "n_best" in options:
             raise TypeError("translate returns the best hypothesis only; use hypotheses(..., n_best=N)")
         return [hyps[0].text for hyps in self.hypotheses(sentences, **options)]
 
-    def hypotheses(self, sentences: Sequence[str], **options) -> list[list[Hypothesis]]:
-        """Per sentence, up to n_best Hypothesis(text, ids, score), best first."""
+    def hypotheses(self, sentences: Sequence[str], prefixes: Sequence[str | None] | None = None,
+                   **options) -> list[list[Hypothesis]]:
+        """Per sentence, up to n_best Hypothesis(text, ids, score), best first (search="sample":
+        n_best samples, by score). `prefixes`: per sentence a target text (or None) that every
+        hypothesis must start with (interactive translation, forced tags)."""
         return self.decoder(self.params, list(sentences) if not isinstance(sentences, str) else sentences,
-                            self.options(**options))
+                            self.options(**options), prefixes)
 
     # ------------------------------------------------------------------------------ attention
     def attention(self, sentence: str, output: str | Sequence[int]):
@@ -158,26 +162,43 @@ def _pieces(tokenizer, ids: Sequence[int]) -> list[str]:
 
 # ---------------------------------------------------------------------------------- command line
 def _define_flags() -> None:
-    """Flags are defined only when run as a program, so importing this module defines none."""
+    """Flags are defined only when run as a program, so importing this module defines none. Every
+    search flag maps onto one `inference.SearchOptions` field; unset ones keep its default (or the
+    workdir's config.eval)."""
     from absl import flags
     flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizers/, checkpoints).", required=True)
     flags.DEFINE_string("input", None, "Source text, one sentence per line (strict UTF-8); default stdin.")
     flags.DEFINE_string("output", None, "Where to write one translation per line (its directory is created); "
                         "default stdout.")
-    flags.DEFINE_enum("search", "beam", list(SEARCHES), "Decoding: beam or greedy.")
-    flags.DEFINE_integer("beam_size", None, "Beam size (beam search; at most the target vocabulary); "
-                         "default: the workdir's eval.beam_size.")
-    flags.DEFINE_float("alpha", None, "GNMT length-penalty exponent (beam search; 0 = raw log-prob); "
-                       "default: the workdir's eval.alpha.")
-    flags.DEFINE_integer("n_best", 1, "Hypotheses per sentence; > 1 writes them tab-separated, best first.")
-    flags.DEFINE_integer("max_len", None, "Output limit in pieces incl. EOS, at most 4x data.max_len + 4; "
-                         "default: min(eval.max_decode_len, 2 * source bucket length + 10).")
-    flags.DEFINE_integer("batch_size", None, "Sentences per decoding batch; default: the workdir's eval.batch_size "
-                         "(the batching of dev BLEU during training).")
+    flags.DEFINE_string("prefixes", None, "Optional file of target prefixes, one line per input line (empty "
+                        "= none): every hypothesis starts with its line's prefix.")
+    flags.DEFINE_enum("search", "beam", list(SEARCHES), "Decoding: beam, greedy or sample.")
+    flags.DEFINE_integer("beam_size", None, "Beam size (beam; at most the target vocabulary); default: the "
+                         "workdir's eval.beam_size.")
+    flags.DEFINE_float("alpha", None, "GNMT length-penalty exponent (beam; 0 = raw log-prob); default: the "
+                       "workdir's eval.alpha.")
+    flags.DEFINE_integer("n_best", 1, "Hypotheses per sentence (sample: samples); > 1 writes them "
+                         "tab-separated, best first.")
+    flags.DEFINE_integer("min_len", 0, "Forbid EOS before this many pieces (EOS included).")
+    flags.DEFINE_integer("no_repeat_ngram_size", 0, "Beam: never repeat an n-gram of this size (0 = off).")
+    flags.DEFINE_float("temperature", 1.0, "Sample: softmax temperature (> 0).")
+    flags.DEFINE_integer("top_k", 0, "Sample: only among the k most likely pieces (0 = all).")
+    flags.DEFINE_float("top_p", 1.0, "Sample: only among the smallest set of pieces with this much "
+                       "probability (nucleus; 1 = all).")
+    flags.DEFINE_integer("seed", 0, "Sample: random seed.")
+    flags.DEFINE_float("max_len_a", None, "Per-sentence output limit a * source pieces + b; default: the "
+                       "workdir's eval.max_len_a.")
+    flags.DEFINE_integer("max_len_b", None, "See --max_len_a; default: the workdir's eval.max_len_b.")
+    flags.DEFINE_integer("max_len", None, "Compiled output limit in pieces incl. EOS (at most 4x data.max_len "
+                         "+ 4); default: min(eval.max_decode_len, 2 * source bucket length + 10).")
     flags.DEFINE_enum("on_long", "truncate", list(ON_LONG),
                       "A source longer than data.max_len pieces: truncate (with a warning) or error.")
     flags.DEFINE_string("attention_dir", None, "Write one attention heat map per sentence here, "
                         "{line:05d}.png (best hypothesis; none for empty lines).")
+
+
+OPTION_FLAGS = ("search", "beam_size", "alpha", "n_best", "min_len", "no_repeat_ngram_size", "temperature",
+                "top_k", "top_p", "seed", "max_len_a", "max_len_b", "max_len", "on_long")
 
 
 def _make_parent(path: str) -> None:
@@ -189,6 +210,13 @@ def _make_parent(path: str) -> None:
         raise SystemExit(f"translate: cannot create the directory of {path}: {error.strerror or error}") from None
     if os.path.isdir(path):
         raise SystemExit(f"translate: --output={path} is a directory; give a file name")
+
+
+def _read_prefixes(path: str, count: int) -> list[str | None]:
+    prefixes = data.read_lines(path)
+    if len(prefixes) != count:
+        raise ValueError(f"{path}: {len(prefixes)} prefix lines for {count} input lines")
+    return [p if p.strip() else None for p in prefixes]
 
 
 def main(argv) -> None:
@@ -203,10 +231,9 @@ def main(argv) -> None:
         _make_parent(f.output)
     try:
         lines = data.read_lines(f.input if f.input else "/dev/stdin")
+        prefixes = _read_prefixes(f.prefixes, len(lines)) if f.prefixes else None
         translator = Translator.from_workdir(f.workdir)
-        results = translator.hypotheses(lines, search=f.search, beam_size=f.beam_size, alpha=f.alpha,
-                                        n_best=f.n_best, max_len=f.max_len, batch_size=f.batch_size,
-                                        on_long=f.on_long)
+        results = translator.hypotheses(lines, prefixes, **{name: f[name].value for name in OPTION_FLAGS})
     except (ValueError, checkpoints.CheckpointError) as error:  # DataError, ConfigError are ValueErrors
         raise SystemExit(f"translate: {error}") from None
     text = "".join("\t".join(h.text for h in hyps) + "\n" for hyps in results)

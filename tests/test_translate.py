@@ -137,7 +137,11 @@ def test_long_sentence_error_names_line_and_truncate_warns(translator, caplog):
     (dict(beam_size=0), "beam_size"),
     (dict(max_len=0), "max_len"),
     (dict(n_best=3, beam_size=2), "n_best"),
-    (dict(search="sample"), "search"),
+    (dict(search="topk"), "search"),
+    (dict(search="sample", top_p=1.5), "top_p"),
+    (dict(search="sample", temperature=0.0), "temperature"),
+    (dict(min_len=-1), "min_len"),
+    (dict(max_len_a=-0.5), "max_len_a"),
     (dict(on_long="drop"), "on_long"),
     (dict(alpha=-1.0), "alpha"),
     (dict(max_len=10 ** 8), "max_len"),     # would take gigabytes per sentence
@@ -232,3 +236,60 @@ def test_dev_bleu_of_training_equals_translate_on_the_dev_file(tiny_workdir, tmp
     bleu, _ = metrics.sacrebleu_score(hyps, [" ".join(map(str, t)) for t in tgt])
     with open(os.path.join(tiny_workdir, "summary.json"), encoding="utf-8") as f:
         assert json.load(f)["dev_bleu"] == bleu
+
+
+# ----------------------------------------------------------------------------- every search option
+def test_translation_does_not_depend_on_the_other_sentences_of_the_call(translator, sentences):
+    """Tokens and scores bit-identical one at a time, three at a time, all at once and shuffled."""
+    def run(groups):
+        out = {}
+        for group in groups:
+            for i, hyps in zip(group, translator.hypotheses([sentences[i] for i in group], beam_size=3, n_best=2)):
+                out[i] = [(h.ids, h.score) for h in hyps]
+        return out
+
+    everything = run([list(range(len(sentences)))])
+    order = list(np.random.default_rng(1).permutation(len(sentences)))
+    for size in (1, 3, 64):
+        assert run([order[k:k + size] for k in range(0, len(order), size)]) == everything, size
+
+
+def test_sampling_returns_n_samples_reproducibly(translator, sentences):
+    picks = [s for s in sentences if s][:4]
+    first = translator.hypotheses(picks, search="sample", n_best=5, seed=3, temperature=1.5)
+    again = translator.hypotheses(picks, search="sample", n_best=5, seed=3, temperature=1.5)
+    other = translator.hypotheses(picks, search="sample", n_best=5, seed=4, temperature=1.5)
+    assert first == again and first != other
+    for hyps in first:
+        assert len(hyps) == 5
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+    # A tiny nucleus keeps only the most likely piece: sampling becomes greedy.
+    nucleus = translator.hypotheses(picks, search="sample", n_best=2, top_p=1e-6, seed=3)
+    greedy = translator.translate(picks, search="greedy")
+    assert [[h.text for h in hyps] for hyps in nucleus] == [[g, g] for g in greedy]
+
+
+def test_per_sentence_limits_come_from_the_source_length(translator):
+    lines = ["4 5", "4 5 6 7 8 9 10 11"]
+    # a = 0.5, b = 1: limits 2 and 5 pieces (EOS included) for sources of 2 and 8 pieces.
+    hyps = translator.hypotheses(lines, search="greedy", max_len_a=0.5, max_len_b=1)
+    assert [h[0].ids for h in hyps] == [[5, 4], [11, 10, 9, 8, 7]]  # cut at 2 and 5 pieces
+    assert [len(h[0].ids) for h in translator.hypotheses(lines, search="greedy")] == [2, 8]
+
+
+def test_prefixes_force_the_start_of_every_hypothesis(translator):
+    lines = ["4 5 6 7", "9 8 7", "12 13"]
+    results = translator.hypotheses(lines, prefixes=["7 5", None, "13"], beam_size=3, n_best=3)
+    assert all(h.text.startswith("7 5") for h in results[0])
+    assert results[1][0].text == "7 8 9" and results[2][0].text == "13 12"
+    greedy = translator.hypotheses(lines, prefixes=["7 5", None, "13"], search="greedy")
+    assert greedy[0][0].text.startswith("7 5")
+
+
+def test_cli_sampling_and_bad_option(tiny_workdir):
+    result = _cli(f"--workdir={tiny_workdir}", "--search=sample", "--n_best=3", "--seed=1", stdin="4 5 6\n7 8\n")
+    assert result.returncode == 0, result.stderr
+    assert [len(line.split("\t")) for line in result.stdout.splitlines()] == [3, 3]
+    result = _cli(f"--workdir={tiny_workdir}", "--search=sample", "--top_p=1.5", stdin="4 5 6\n")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "top_p" in lines[0]
