@@ -1,33 +1,35 @@
 """Training-step throughput: s2s_jax's jitted train_step beside the anchor implementations.
 
-Runs, in one process and on the same random full-length batch shape, our `steps.train_step`
+Runs, in one invocation and on the same random full-length batch shape, our `steps.train_step`
 (the Seq2Seq model configured like the anchor: bidirectional encoder H/2 per direction, decoder H,
-Luong general attention, input feeding, Adam) and the anchor's plain-JAX and PyTorch steps from
-`../shared/anchors/rnn_bench.py` (PyTorch only if it is installed). Speeds are only comparable as
-ratios within one run.
+Luong general attention, input feeding, Adam) once per `--output-chunks` value (0 = plain output
+layer, > 0 = fused, s2s_jax.output_layer), and the anchor's plain-JAX and PyTorch steps from
+`../shared/anchors/rnn_bench.py` (PyTorch only if it is installed). Each system runs in its own
+child process, so that its peak memory is its own. Speeds are only comparable as ratios within
+one run.
 
   python bench/train_speed.py [--configs small,large] [--steps 10] [--anchors jax,torch]
+                              [--output-chunks 512,0] [--json PATH]
 
-Prints a table and writes bench/results/train_speed.json.
+Prints a table and writes --json (default bench/results/train_speed.json): one row per system and
+config with config, system (s2s_jax | jax_reference | pytorch_loop), device, tokens_per_s,
+achieved_gflops (the anchor's FLOP count per step / step time), ceiling_gflops (a dense matmul of
+the same framework, measured in the same child), compile_s, peak_mem_mb (device peak on GPU; peak
+resident memory of the child process on CPU), and step_s, loss, output_chunk.
 """
 import argparse
 import functools
 import importlib.util
 import json
 import os
+import resource
+import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
-
-from s2s_jax import data, schedules, steps
-from s2s_jax.models import Seq2Seq
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ANCHOR = os.path.join(HERE, "..", "..", "shared", "anchors", "rnn_bench.py")
+SYSTEMS = {"jax": "jax_reference", "torch": "pytorch_loop"}
 
 
 def load_anchor(path: str):
@@ -37,11 +39,19 @@ def load_anchor(path: str):
     return module
 
 
-def bench_ours(cfg: dict, num_steps: int, dtype: str) -> dict:
-    """Seconds per step and compile seconds of s2s_jax's train_step on the anchor's shapes."""
+def bench_ours(cfg: dict, num_steps: int, dtype: str, output_chunk: int) -> tuple[float, float, float]:
+    """(seconds per step, loss, compile seconds) of s2s_jax's train_step on the anchor's shapes."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    import numpy as np
+
+    from s2s_jax import data, schedules, steps
+    from s2s_jax.models import Seq2Seq
+
     B, S, T, E, H, V = (cfg[k] for k in "BSTEHV")
     model = Seq2Seq(V, V, embed_dim=E, encoder_hidden=H // 2, decoder_hidden=H, attention="general",
-                    dropout_rate=0.0, dtype=jnp.dtype(dtype))
+                    dropout_rate=0.0, dtype=jnp.dtype(dtype), output_chunk=output_chunk)
     opt = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=1, decay="constant", b1=0.9,
                                          b2=0.999, clip_norm=0.0, label_smoothing=0.0))
     config = ml_collections.ConfigDict(dict(seed=0, num_train_steps=1000, optimizer=opt,
@@ -67,7 +77,54 @@ def bench_ours(cfg: dict, num_steps: int, dtype: str) -> dict:
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - t0) / num_steps
-    return dict(step_s=seconds, compile_s=compile_s, loss=float(metrics["loss_sum"] / metrics["tokens"]))
+    return seconds, float(metrics["loss_sum"] / metrics["tokens"]), compile_s
+
+
+def peak_mem_mb(framework: str, device: str) -> float:
+    """Peak device memory on GPU, else the peak resident memory of this process, in MiB."""
+    if device == "cuda" and framework == "torch":
+        import torch
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    if device == "cuda":
+        import jax
+        return jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure(args) -> dict:
+    """One system in this process (the child's side): its JSON row."""
+    anchor = load_anchor(args.anchor)
+    cfg = anchor.CONFIGS[args.config]
+    framework = "torch" if args.system == "pytorch_loop" else "jax"
+    if framework == "jax":
+        import jax
+        device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    else:
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.system == "s2s_jax":
+        step_s, loss, compile_s = bench_ours(cfg, args.steps, args.dtype, args.output_chunk)
+    elif args.system == "jax_reference":
+        step_s, loss, compile_s = anchor.bench_jax(cfg, args.steps, device)
+    else:
+        (step_s, loss), compile_s = anchor.bench_torch(cfg, args.steps, device), None
+    peak = peak_mem_mb(framework, device)
+    return dict(config=args.config, system=args.system, device=device,
+                tokens_per_s=cfg["B"] * cfg["T"] / step_s,
+                achieved_gflops=anchor.flops_per_step(**cfg) / step_s / 1e9,
+                ceiling_gflops=anchor.matmul_ceiling(framework, device), compile_s=compile_s,
+                peak_mem_mb=peak, step_s=step_s, loss=loss,
+                output_chunk=args.output_chunk if args.system == "s2s_jax" else None)
+
+
+def run_child(args, config: str, system: str, output_chunk: int = 0) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--child", system, "--configs", config,
+               "--steps", str(args.steps), "--anchor", args.anchor, "--dtype", args.dtype,
+               "--output-chunk", str(output_chunk)]
+    child = subprocess.run(command, check=False, capture_output=True, text=True)
+    if child.returncode != 0:
+        raise SystemExit(f"{system} on {config} failed:\n{child.stderr[-3000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -77,39 +134,36 @@ def main():
     ap.add_argument("--anchors", default="jax,torch")
     ap.add_argument("--anchor", default=ANCHOR, help="path of the anchors' rnn_bench.py")
     ap.add_argument("--dtype", default="float32", help="our matmul dtype (bfloat16 on accelerators)")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "train_speed.json"))
+    ap.add_argument("--output-chunks", default="512,0",
+                    help="s2s_jax rows, one per model.output_chunk (0 = plain output layer)")
+    ap.add_argument("--json", "--out", dest="json", default=os.path.join(HERE, "results", "train_speed.json"))
+    ap.add_argument("--child", choices=("s2s_jax",) + tuple(SYSTEMS.values()), help=argparse.SUPPRESS)
+    ap.add_argument("--output-chunk", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    anchor = load_anchor(args.anchor)
-    device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    if args.child:
+        args.system, args.config = args.child, args.configs
+        print(json.dumps(measure(args)), flush=True)
+        return
     rows = []
-    for name in args.configs.split(","):
-        cfg = anchor.CONFIGS[name]
-        tokens = cfg["B"] * cfg["T"]
-        ours = bench_ours(cfg, args.steps, args.dtype)
-        rows.append(dict(config=name, impl=f"s2s_jax ({args.dtype})", **ours))
+    for config in args.configs.split(","):
+        for chunk in args.output_chunks.split(","):
+            rows.append(run_child(args, config, "s2s_jax", int(chunk)))
         for impl in args.anchors.split(","):
             if impl == "torch" and importlib.util.find_spec("torch") is None:
                 print("# PyTorch anchor skipped: torch is not installed", file=sys.stderr)
                 continue
-            if impl == "jax":
-                seconds, loss, compile_s = anchor.bench_jax(cfg, args.steps, device)
-                rows.append(dict(config=name, impl="anchor plain JAX", step_s=seconds, compile_s=compile_s, loss=loss))
-            else:
-                seconds, loss = anchor.bench_torch(cfg, args.steps, device)
-                rows.append(dict(config=name, impl="anchor PyTorch loop", step_s=seconds, compile_s=None, loss=loss))
-        for row in rows:
-            if row["config"] == name:
-                row["tokens_per_s"] = tokens / row["step_s"]
-                row["ours_vs_this"] = row["step_s"] / ours["step_s"]
-    print(f"device: {jax.devices()[0].device_kind} ({device}); jax {jax.__version__}")
-    print(f"{'config':8} {'implementation':24} {'step s':>8} {'tokens/s':>11} {'compile s':>9} {'ours is x faster':>16}")
+            rows.append(run_child(args, config, SYSTEMS[impl]))
+    print(f"{'config':8} {'system':14} {'chunk':>5} {'device':6} {'step s':>8} {'tokens/s':>10} "
+          f"{'GFLOP/s':>8} {'ceiling':>8} {'compile s':>9} {'peak MiB':>9}")
     for row in rows:
         compile_s = "" if row["compile_s"] is None else f"{row['compile_s']:.1f}"
-        print(f"{row['config']:8} {row['impl']:24} {row['step_s']:8.4f} {row['tokens_per_s']:11,.0f} "
-              f"{compile_s:>9} {row['ours_vs_this']:16.2f}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(dict(device=str(jax.devices()[0]), jax=jax.__version__, rows=rows), f, indent=2)
+        chunk = "" if row["output_chunk"] is None else row["output_chunk"]
+        print(f"{row['config']:8} {row['system']:14} {chunk:>5} {row['device']:6} {row['step_s']:8.4f} "
+              f"{row['tokens_per_s']:10,.0f} {row['achieved_gflops']:8.1f} {row['ceiling_gflops']:8.1f} "
+              f"{compile_s:>9} {row['peak_mem_mb']:9.0f}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ arrays read once outside the loop. Speed by design (DESIGN.md section 3):
 
 Public entry points (all through `model.apply(params, ..., method=...)`):
   `Seq2Seq.__call__`   teacher-forced / scheduled-sampling forward -> dict(logits, fed_tokens, attention)
+                        (or the output projection's inputs instead of logits: `return_vectors`)
   `Seq2Seq.encode`     source -> (Memory, initial decoder state with leaves [B, ...])
   `Seq2Seq.decode_step` one token per hypothesis -> (log_probs [B, K, V], new state), the
                         `step_fn` contract of `s2s_jax.decoding`.
@@ -227,15 +228,21 @@ class Decoder(nn.Module):
         new_state = dict(h=jnp.stack(hs, 2), c=jnp.stack(cs, 2), feed=vector)  # [B, K, L, H]
         return vector, weights, new_state
 
-    def logits(self, vectors: jax.Array, train: bool, rng: jax.Array | None = None) -> jax.Array:
-        """Attentional vectors [..., H] -> vocabulary logits [..., V]."""
+    def output_inputs(self, vectors: jax.Array, train: bool, rng: jax.Array | None = None) -> jax.Array:
+        """Attentional vectors [..., H] as the output projection sees them (after dropout)."""
         if train and self.dropout_rate > 0:
             vectors = self._drop(vectors, rng)
-        return matmul(vectors, self.w_out, self.dtype) + self.b_out
+        return vectors
 
-    def teacher_forced(self, tgt_in: jax.Array, state: State, memory: attn.Memory, train: bool):
+    def logits(self, vectors: jax.Array, train: bool, rng: jax.Array | None = None) -> jax.Array:
+        """Attentional vectors [..., H] -> vocabulary logits [..., V]."""
+        return matmul(self.output_inputs(vectors, train, rng), self.w_out, self.dtype) + self.b_out
+
+    def teacher_forced(self, tgt_in: jax.Array, state: State, memory: attn.Memory, train: bool,
+                       return_vectors: bool = False):
         """Ground truth at every step: the scan carries only the recurrence; one output
-        projection [B*T, H] x [H, V] after it. Returns logits [B, T, V], weights [B, T, S]."""
+        projection [B*T, H] x [H, V] after it. Returns logits [B, T, V] (or, with
+        `return_vectors`, the projection's inputs [B, T, H]) and weights [B, T, S]."""
         w = self.weights()
         gates = self.embed_gates(tgt_in, train)                       # [B, T, 4H], hoisted
         state = jax.tree.map(lambda x: x[:, None], state)             # [B, 1, ...]
@@ -245,7 +252,10 @@ class Decoder(nn.Module):
             return state, (vector[:, 0], weights[:, 0])
 
         _, (vectors, weights) = jax.lax.scan(step, state, gates.swapaxes(0, 1))
-        return self.logits(vectors.swapaxes(0, 1), train), weights.swapaxes(0, 1)
+        vectors, weights = vectors.swapaxes(0, 1), weights.swapaxes(0, 1)  # [B, T, H], [B, T, S]
+        if return_vectors:
+            return self.output_inputs(vectors, train), weights
+        return self.logits(vectors, train), weights
 
     def scheduled_sampling(self, tgt_in: jax.Array, state: State, memory: attn.Memory,
                            tf_ratio: jax.Array, rng: jax.Array, train: bool):
@@ -291,6 +301,9 @@ class Seq2Seq(nn.Module):
     input_feeding: bool = True
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    # Tokens per chunk of the fused output layer + loss (s2s_jax.output_layer) that steps uses on
+    # the teacher-forced path; 0 = logits and steps.cross_entropy. Changes no parameter.
+    output_chunk: int = 0
 
     def setup(self):
         self.encoder = Encoder(self.src_vocab_size, self.embed_dim, self.encoder_hidden,
@@ -313,17 +326,26 @@ class Seq2Seq(nn.Module):
         return jax.nn.log_softmax(self.decoder.logits(vector, False)), state
 
     def __call__(self, src, src_len, tgt_in, *, train: bool = False, tf_ratio=1.0,
-                 sampling_rng: jax.Array | None = None, fast_path_only: bool = False):
+                 sampling_rng: jax.Array | None = None, fast_path_only: bool = False,
+                 return_vectors: bool = False):
         """Training forward. Returns dict(logits [B, T, V], attention [B, T, S], fed_tokens [B, T]).
 
         `fast_path_only` (static): ratio is 1 for the whole run; compile only the teacher-forced
         path (also taken when `tf_ratio` is a Python number >= 1, as by default). Otherwise the
         ratio is traced and `lax.cond` runs the fast path whenever it is >= 1.
+        `return_vectors` (static, teacher-forced path only): instead of logits, return the output
+        projection's inputs (after dropout) as `vectors` [B, T, H] and its parameters as
+        `projection` (w_out [H, V], b_out [V]), for s2s_jax.output_layer.
         """
         memory, state = self.encode(src, src_len, train)
         if fast_path_only or (isinstance(tf_ratio, (int, float)) and tf_ratio >= 1.0):
-            logits, weights = self.decoder.teacher_forced(tgt_in, state, memory, train)
-            return dict(logits=logits, attention=weights, fed_tokens=tgt_in)
+            out, weights = self.decoder.teacher_forced(tgt_in, state, memory, train, return_vectors)
+            if return_vectors:
+                return dict(vectors=out, projection=(self.decoder.w_out, self.decoder.b_out),
+                            attention=weights, fed_tokens=tgt_in)
+            return dict(logits=out, attention=weights, fed_tokens=tgt_in)
+        if return_vectors:
+            raise ValueError("return_vectors needs the teacher-forced path (fast_path_only or tf_ratio >= 1)")
         if sampling_rng is None:
             raise ValueError("scheduled sampling (tf_ratio < 1) needs sampling_rng")
         # Run the decoder as one function of its parameters, so lax.cond can pick a path.
@@ -351,4 +373,6 @@ def make_model(model_cfg, src_vocab_size: int, tgt_vocab_size: int) -> Seq2Seq:
         reverse_source=model_cfg.reverse_source, decoder_hidden=model_cfg.decoder_hidden,
         decoder_layers=model_cfg.decoder_layers, attention=model_cfg.attention,
         attention_dim=model_cfg.attention_dim, input_feeding=model_cfg.input_feeding,
-        dropout_rate=model_cfg.dropout, dtype=jnp.dtype(model_cfg.dtype))
+        dropout_rate=model_cfg.dropout, dtype=jnp.dtype(model_cfg.dtype),
+        # Workdirs written before output_chunk existed run the plain output layer.
+        output_chunk=model_cfg.get("output_chunk", 0))

@@ -4,16 +4,16 @@
 pure functions; static arguments are bound with functools.partial, as in the Flax examples. Both
 return sums plus a token count, never means, so windows of steps and sharded batches add up.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from s2s_jax import BOS_ID, PAD_ID, data
+from s2s_jax import PAD_ID, data, output_layer
 from s2s_jax.models import Seq2Seq
-
-# Ids that are never a target token: label smoothing puts no mass on them.
-NEVER_TARGETS = (PAD_ID, BOS_ID)
+from s2s_jax.output_layer import NEVER_TARGETS
 
 
 class TrainState(train_state.TrainState):
@@ -71,7 +71,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float 
     can be targets (every id but PAD and BOS). It equals nll_sum when eps = 0.
     """
     mask = (targets != PAD_ID).astype(jnp.float32)                       # [B, T]
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))           # [B, T, V]
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))  # [B, T, V]
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # [B, T]
     if label_smoothing > 0:
         vocab = log_probs.shape[-1]
@@ -81,6 +81,19 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float 
     else:
         smoothed = nll
     return jnp.sum(nll * mask), jnp.sum(smoothed * mask), jnp.sum(mask)
+
+
+def teacher_forced_losses(model: Seq2Seq, variables: dict, batch: data.Batch, label_smoothing: float,
+                          **apply_kwargs):
+    """The teacher-forced forward and its (nll_sum, smoothed_sum, tokens): through the fused
+    output layer when `model.output_chunk` > 0, else through logits and `cross_entropy`."""
+    apply = functools.partial(model.apply, variables, batch.src, batch.src_len, batch.tgt_in,
+                              fast_path_only=True, **apply_kwargs)
+    if model.output_chunk > 0:
+        out = apply(return_vectors=True)
+        return output_layer.cross_entropy(out["vectors"], *out["projection"], batch.tgt_out,
+                                          label_smoothing, model.output_chunk, model.dtype)
+    return cross_entropy(apply()["logits"], batch.tgt_out, label_smoothing)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -98,10 +111,14 @@ def train_step(state: TrainState, batch: data.Batch, *, model: Seq2Seq, tf_sched
     tf_ratio = tf_schedule(state.step)
 
     def loss_fn(params):
-        out = model.apply({"params": params}, batch.src, batch.src_len, batch.tgt_in, train=True,
-                          tf_ratio=tf_ratio, sampling_rng=sampling_rng,
-                          fast_path_only=fast_path_only, rngs={"dropout": dropout_rng})
-        nll_sum, smoothed_sum, tokens = cross_entropy(out["logits"], batch.tgt_out, label_smoothing)
+        if fast_path_only:
+            sums = teacher_forced_losses(model, {"params": params}, batch, label_smoothing, train=True,
+                                         rngs={"dropout": dropout_rng})
+        else:
+            out = model.apply({"params": params}, batch.src, batch.src_len, batch.tgt_in, train=True,
+                              tf_ratio=tf_ratio, sampling_rng=sampling_rng, rngs={"dropout": dropout_rng})
+            sums = cross_entropy(out["logits"], batch.tgt_out, label_smoothing)
+        nll_sum, smoothed_sum, tokens = sums
         return smoothed_sum / jnp.maximum(tokens, 1.0), (nll_sum, smoothed_sum, tokens)
 
     (_, (nll_sum, smoothed_sum, tokens)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -119,6 +136,5 @@ def train_step(state: TrainState, batch: data.Batch, *, model: Seq2Seq, tf_sched
 
 def eval_step(params, batch: data.Batch, *, model: Seq2Seq):
     """Teacher-forced dev loss: (nll_sum, token_count)."""
-    out = model.apply({"params": params}, batch.src, batch.src_len, batch.tgt_in, fast_path_only=True)
-    nll_sum, _, tokens = cross_entropy(out["logits"], batch.tgt_out)
+    nll_sum, _, tokens = teacher_forced_losses(model, {"params": params}, batch, 0.0)
     return nll_sum, tokens

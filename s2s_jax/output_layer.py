@@ -1,0 +1,116 @@
+"""Fused, chunked output layer: projection, log-softmax and cross-entropy without [N, V] logits.
+
+`cross_entropy(vectors, w, b, targets, label_smoothing, chunk, dtype)` returns what
+`steps.cross_entropy(matmul(vectors, w) + b, targets, label_smoothing)` returns, (nll_sum,
+smoothed_sum, token_count), with gradients w.r.t. vectors, w and b equal to autodiff of that plain
+version (to float tolerance). A `lax.scan` runs over chunks of `chunk` tokens, so only [chunk, V]
+logits exist at a time, in the forward pass and in the backward pass.
+
+The backward pass costs no recomputation. With p = softmax(z) of a token with target t, the
+gradient of its losses w.r.t. its logits z is, for cotangents g_nll of nll_sum and g_s of
+smoothed_sum,
+
+    dz = (g_nll + g_s) p - (g_nll + (1 - eps) g_s) onehot(t) - eps g_s u
+
+where u is uniform (1 / (V - 2)) over the ids that can be targets. Only the p terms need [N, V]
+work: the forward pass (which sees p chunk by chunk anyway) stores p @ w^T [N, H], x^T @ p [H, V]
+and the column sums of p [V]; the backward pass scales them by the cotangents and adds the
+onehot and uniform terms, which are gathers, scatters and rank-one products. Three big matmuls
+in all, as for the unfused layer.
+"""
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from s2s_jax import BOS_ID, PAD_ID
+from s2s_jax.models import matmul
+
+# Ids that are never a target token: label smoothing puts no mass on them.
+NEVER_TARGETS = (PAD_ID, BOS_ID)
+
+
+def cross_entropy(vectors: jax.Array, w: jax.Array, b: jax.Array, targets: jax.Array,
+                  label_smoothing: float = 0.0, chunk: int = 512, dtype: Any = jnp.float32):
+    """vectors [..., H], w [H, V], b [V], targets [...] -> (nll_sum, smoothed_sum, token_count).
+
+    PAD targets count for nothing. `chunk` (static) tokens per step of the scan; `dtype` is the
+    matmul compute dtype (as `models.matmul`).
+    """
+    x = vectors.reshape(-1, vectors.shape[-1])                            # [N, H]
+    y = targets.reshape(-1)                                               # [N]
+    size = min(chunk, x.shape[0])
+    pad = -x.shape[0] % size
+    x = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, size, x.shape[-1])     # [C, chunk, H]
+    y = jnp.pad(y, (0, pad), constant_values=PAD_ID).reshape(-1, size)    # [C, chunk]
+    return _fused(float(label_smoothing), jnp.dtype(dtype), x, w, b, y)
+
+
+def _chunk_losses(x, w, b, y, label_smoothing, dtype):
+    """One chunk: x [c, H], y [c] -> summed (nll, smoothed), mask [c], probabilities p [c, V]."""
+    logits = matmul(x, w, dtype) + b                                      # [c, V]
+    mask = (y != PAD_ID).astype(logits.dtype)
+    lse = jax.nn.logsumexp(logits, axis=-1)                               # [c]
+    nll = lse - jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+    smoothed = nll
+    if label_smoothing > 0:
+        count = logits.shape[-1] - len(NEVER_TARGETS)
+        never = sum(logits[:, i] for i in NEVER_TARGETS)
+        uniform = lse - (jnp.sum(logits, axis=-1) - never) / count        # -mean log p over targets
+        smoothed = (1.0 - label_smoothing) * nll + label_smoothing * uniform
+    p = jnp.exp(logits - lse[:, None])
+    return jnp.sum(nll * mask), jnp.sum(smoothed * mask), mask, p
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(label_smoothing, dtype, x, w, b, y):
+    """x [C, chunk, H], y [C, chunk] -> (nll_sum, smoothed_sum, token_count)."""
+    def step(sums, xy):
+        nll, smoothed, _, _ = _chunk_losses(xy[0], w, b, xy[1], label_smoothing, dtype)
+        return (sums[0] + nll, sums[1] + smoothed), None
+
+    zero = jnp.zeros((), jnp.promote_types(dtype, jnp.float32))
+    (nll, smoothed), _ = jax.lax.scan(step, (zero, zero), (x, y))
+    return nll, smoothed, jnp.sum(y != PAD_ID).astype(zero.dtype)
+
+
+def _fused_fwd(label_smoothing, dtype, x, w, b, y):
+    """The losses, and the p terms of the gradient (module docstring), chunk by chunk."""
+    def step(carry, xy):
+        nll_sum, smoothed_sum, p_w, p_b = carry
+        x_c, y_c = xy
+        nll, smoothed, mask, p = _chunk_losses(x_c, w, b, y_c, label_smoothing, dtype)
+        p = p * mask[:, None]                                             # [c, V], PAD rows zero
+        p_x = matmul(p, w.T, dtype)                                       # [c, H]
+        carry = (nll_sum + nll, smoothed_sum + smoothed, p_w + matmul(x_c.T, p, dtype), p_b + p.sum(0))
+        return carry, p_x
+
+    out_dtype = jnp.promote_types(dtype, jnp.float32)
+    zero = jnp.zeros((), out_dtype)
+    init = (zero, zero, jnp.zeros(w.shape, out_dtype), jnp.zeros(b.shape, out_dtype))
+    (nll, smoothed, p_w, p_b), p_x = jax.lax.scan(step, init, (x, y))
+    tokens = jnp.sum(y != PAD_ID).astype(out_dtype)
+    return (nll, smoothed, tokens), (x, w, b, y, p_x, p_w, p_b)
+
+
+def _fused_bwd(label_smoothing, dtype, residuals, cotangents):
+    x, w, b, y, p_x, p_w, p_b = residuals
+    g_nll, g_smoothed, _ = cotangents                                     # token_count: constant
+    g_p = g_nll + g_smoothed                       # dz = g_p p - g_gold onehot - g_uniform u
+    g_gold = g_nll + (1.0 - label_smoothing) * g_smoothed
+    g_uniform = label_smoothing * g_smoothed
+    vocab = w.shape[1]
+    mask = (y != PAD_ID).astype(p_x.dtype)[..., None]                     # [C, chunk, 1]
+    u = jnp.ones((vocab,), p_x.dtype).at[jnp.array(NEVER_TARGETS)].set(0.0) / (vocab - len(NEVER_TARGETS))
+    x_masked = (x * mask).reshape(-1, x.shape[-1])                        # [N, H]
+    flat_y = y.reshape(-1)                                                # [N]
+    dx = g_p * p_x - mask * (g_gold * w.T[y] + g_uniform * (w @ u))       # [C, chunk, H]
+    dw = (g_p * p_w - g_gold * jnp.zeros_like(p_w).at[:, flat_y].add(x_masked.T)
+          - g_uniform * jnp.outer(x_masked.sum(0), u))                    # [H, V]
+    gold_counts = jnp.zeros_like(p_b).at[flat_y].add(mask.reshape(-1))   # [V]
+    db = g_p * p_b - g_gold * gold_counts - g_uniform * mask.sum() * u
+    return dx.astype(x.dtype), dw.astype(w.dtype), db.astype(b.dtype), None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
