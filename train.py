@@ -19,6 +19,11 @@ Compiled steps are kept in JAX's persistent compilation cache, so a rerun with t
 starts in seconds: $JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/s2s_jax/jax (under
 $XDG_CACHE_HOME if set); --compilation_cache=DIR picks another directory, --compilation_cache=off
 turns it off.
+
+Several processes (one per host, each with the same command line plus its own
+--config.distributed.process_id, and --config.distributed.num_processes and
+--config.distributed.coordinator_address=HOST:PORT of process 0; or coordinator_address=auto on a
+TPU pod, SLURM or Open MPI) train one model on one mesh over all their devices; process 0 writes.
 """
 import difflib
 import logging
@@ -32,7 +37,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from s2s_jax import checkpoints, configuration, data, training
+from s2s_jax import checkpoints, configuration, data, parallel, training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizers, metrics and plots.")
@@ -116,6 +121,19 @@ def use_compilation_cache(directory: str | None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
+def join_processes(config) -> None:
+    """Checks the config and joins the run's processes (config.distributed); before any JAX
+    computation. Process 0 logs progress; the others only warnings and errors."""
+    configuration.check(config)
+    try:
+        parallel.check_distributed(config.distributed)
+    except ValueError as error:
+        raise configuration.ConfigError(f"config: {error}") from error
+    parallel.initialize(config.distributed)
+    if jax.process_index():
+        logging.getLogger("s2s_jax").setLevel(logging.WARNING)
+
+
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -127,6 +145,7 @@ def main(argv):
     checkpoints.silence_write_echoes()  # a failed checkpoint write: one error line
     command = shlex.join(["python"] + sys.argv)
     try:
+        join_processes(FLAGS.config)
         training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except training.Interrupted as interrupted:
         print(f"resume with: {command}", flush=True)  # training logged where the checkpoint is

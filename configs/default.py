@@ -129,6 +129,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Exponential: base 0 < k < 1; inverse_sigmoid: k >= 1 (larger = slower decay); 0 = auto: the
     # ratio passes halfway from start to end at num_train_steps / 2 (s2s_jax/schedules.py).
     tf.k = 0.0
+    # Scheduled sampling: "sequential" (step by step, exact) or "parallel" (Duckworth et al. 2019:
+    # teacher-forced prediction passes, then the loss on their mixed inputs on the fast path).
+    tf.mode = "sequential"
+    # Parallel mode: prediction passes, each fed the previous one's mixed inputs (>= 1).
+    tf.passes = 1
 
     config.eval = ev = ml_collections.ConfigDict()
     # Sentences per decoding batch.
@@ -145,4 +150,13 @@ def get_config() -> ml_collections.ConfigDict:
     ev.beam_size = 5
     # GNMT length penalty exponent for beam search (0 = raw log-probability).
     ev.alpha = 0.6
+
+    # Several processes (one per host): how the run is laid out, never its maths (free on resume).
+    config.distributed = dist = ml_collections.ConfigDict()
+    # "" = one process; "HOST:PORT" of process 0's coordinator; "auto" = detected (TPU pod, SLURM, Open MPI).
+    dist.coordinator_address = ""
+    # Processes in the run (ignored when "auto").
+    dist.num_processes = 1
+    # This process's number, 0 .. num_processes - 1 (ignored when "auto"); process 0 writes the files.
+    dist.process_id = 0
     return config

@@ -204,6 +204,11 @@ class Checkpoints:
                 f"checkpoint {directory} was made with another model shape or vocabulary: "
                 f"{_first_difference(saved_shapes, param_shapes(target.params))}; use a new --workdir")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        # A target without shardings (jax.eval_shape, as translate passes) loads onto this host's
+        # first device, whatever device layout saved the checkpoint.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None
+                                else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         state_dict, meta = restored["state"], restored["meta"]

@@ -32,6 +32,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "optimizer.decay": ("constant", "cosine", "rsqrt"),
     "teacher_forcing.schedule": schedules.SCHEDULES,
+    "teacher_forcing.mode": ("sequential", "parallel"),
     "eval.search": ("greedy", "beam"),
 }
 # Numeric keys: (type, valid range). A range reads "[lo, hi)" (brackets include the bound,
@@ -75,17 +76,22 @@ RANGES = {
     "teacher_forcing.decay_steps": (int, ">= 1"),
     # Further limited per schedule by K_RANGES.
     "teacher_forcing.k": (float, ">= 0"),
+    "teacher_forcing.passes": (int, ">= 1"),
     "eval.batch_size": (int, ">= 1"),
     "eval.max_decode_len": (int, ">= 1"),
     "eval.beam_size": (int, ">= 1"),
     "eval.alpha": (float, ">= 0"),
     "eval.max_len_a": (float, ">= 0"),
     "eval.max_len_b": (int, ">= 0"),
+    # Further checked against each other by parallel.check_distributed.
+    "distributed.num_processes": (int, ">= 1"),
+    "distributed.process_id": (int, ">= 0"),
 }
 # teacher_forcing.k for the schedules that use it, unless it is schedules.AUTO_K (sized to the run).
 K_RANGES = {"exponential": "(0, 1)", "inverse_sigmoid": ">= 1"}
 BOOLS = ("model.bidirectional", "model.reverse_source", "model.input_feeding")
-STRINGS = ("data.train_prefix", "data.dev_prefix", "data.src_lang", "data.tgt_lang")
+STRINGS = ("data.train_prefix", "data.dev_prefix", "data.src_lang", "data.tgt_lang",
+           "distributed.coordinator_address")
 KNOWN_KEYS = frozenset(CHOICES) | frozenset(RANGES) | frozenset(BOOLS) | frozenset(STRINGS) | {
     "data.bucket_boundaries"}
 
@@ -98,9 +104,10 @@ SHAPE_KEYS = (
 )
 # Keys (or groups) a resumed run may change: they do not change the training trajectory. Every other
 # key does, so a new key is refused by default. num_train_steps is free only while nothing of the
-# trajectory depends on it (see _depends_on_num_train_steps).
+# trajectory depends on it (see _depends_on_num_train_steps). `distributed` lays the same global
+# batches out over other processes: the updates differ only in the order of float sums.
 FREE_KEYS = ("num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-             "keep_checkpoints", "on_nonfinite", "eval")
+             "keep_checkpoints", "on_nonfinite", "eval", "distributed")
 
 _ABSENT = object()
 _COMPARE = {"[": operator.ge, "(": operator.gt, "]": operator.le, ")": operator.lt,

@@ -20,6 +20,13 @@ Options shared by all three (keyword-only, traced arrays, defaults off):
     prefix[b, t - 1] is masked, on top of the usual masks (PAD, BOS, min_len, n-grams): a row whose
     prefix holds a forbidden token has no result. Beam search starts from one hypothesis, so only
     the forced one is alive through the prefix. Scores include the prefix's log-probs.
+  * `record_fn(state) -> float[B, K, ...]`: a per-step record of each hypothesis (e.g. the model's
+    attention weights [B, K, S]), read from the state after every step, gathered by parent with the
+    hypotheses and returned with them: the search then returns `(Beams, records)` with records
+    float32[B, N, max_len, ...], row t the record of the step that emitted token t, zeros from
+    `lengths` on. Costs O(B * K * max_len * ...) memory only when given.
+
+`ensemble_step_fn` combines several step functions into one (their states as a tuple).
 
 Conventions (see DESIGN.md section 2):
   * Step 1 feeds `bos_id`; returned sequences hold no BOS, include the EOS within `lengths`, and are
@@ -34,6 +41,7 @@ Conventions (see DESIGN.md section 2):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -42,7 +50,8 @@ import numpy as np
 
 from s2s_jax.validate import check_int
 
-__all__ = ["Beams", "NEG_INF", "beam_search", "greedy_search", "length_limits", "sample_search"]
+__all__ = ["Beams", "NEG_INF", "beam_search", "ensemble_step_fn", "greedy_search", "length_limits",
+           "sample_search"]
 
 NEG_INF = -1e7  # mask value for log-probs: large finite negative, never -inf (no NaNs)
 _FORBIDDEN = 0.5 * NEG_INF  # log-probs <= this are masked tokens, not extensions
@@ -51,6 +60,8 @@ _EMPTY = -1e30  # ranking key of an empty / invalid slot; only compared, never s
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 # final_score_fn(score float32[B, K], length int32[B, K], state leaves [B, K, ...]) -> float32[B, K]
 FinalScoreFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
+# record_fn(state leaves [B, K, ...]) -> float[B, K, ...]: what the search records per step
+RecordFn = Callable[[Any], jax.Array]
 
 
 class Beams(NamedTuple):
@@ -71,6 +82,8 @@ class _Carry(NamedTuple):
     fin_seq: jax.Array  # int32[B, N, max_len]
     fin_score: jax.Array  # float32[B, N], descending (_EMPTY for empty slots)
     fin_len: jax.Array  # int32[B, N] (0 for empty slots)
+    alive_rec: jax.Array | None  # float32[B, K, max_len, ...] records (None: no record_fn)
+    fin_rec: jax.Array | None  # float32[B, N, max_len, ...]
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,15 +332,18 @@ def _search(
     prefix=None,
     prefix_lens=None,
     final_score_fn: FinalScoreFn | None = None,
-) -> tuple[Beams, jax.Array]:
-    """Shared search loop. Returns (Beams, number of steps run).
+    record_fn: RecordFn | None = None,
+) -> tuple[Beams | tuple[Beams, jax.Array], jax.Array]:
+    """Shared search loop. Returns (Beams, number of steps run), or ((Beams, records), steps) with
+    a record_fn.
 
     stop_rule: "bound" (stop a batch element once no alive hypothesis can beat its n-th best
     finished one; exact when step_fn's log-probs are <= 0 and final_score_fn never raises a
     score), "n_best" (once n_keep hypotheses have finished) or "never" (only when nothing is alive
     or at the row's limit). A batch element that stops is frozen while others run on.
     single_start: only hypothesis 0 is alive at step 1 (beam search: the K starts are identical).
-    max_lens, prefix, prefix_lens: see the module docstring. final_score_fn: see beam_search.
+    max_lens, prefix, prefix_lens, record_fn: see the module docstring. final_score_fn: see
+    beam_search.
     """
     batch, num_k, num_n, length = _batch_size(init_state), num_hyps, n_keep, max_len
     limit = _row_limits(max_lens, batch, length)  # [batch]
@@ -336,6 +352,14 @@ def _search(
     tokens = jnp.full((batch, num_k), bos_id, jnp.int32)  # [batch, beam]
     vocab = _check_step_fn(step_fn, tokens, state)
     state_dtypes = [x.dtype for x in jax.tree.leaves(state)]
+    alive_rec = fin_rec = None
+    if record_fn is not None:
+        record = jax.eval_shape(record_fn, state)
+        if record.shape[:2] != (batch, num_k):
+            raise ValueError(f"record_fn must return an array [B, K, ...] = [{batch}, {num_k}, ...]; got "
+                             f"{record.shape}")
+        alive_rec = jnp.zeros((batch, num_k, length) + record.shape[2:], jnp.float32)  # [batch, beam, max_len, ...]
+        fin_rec = jnp.zeros((batch, num_n, length) + record.shape[2:], jnp.float32)
 
     if single_start:
         alive = jnp.broadcast_to(jnp.arange(num_k) == 0, (batch, num_k))  # [batch, beam]
@@ -351,6 +375,8 @@ def _search(
         fin_seq=jnp.full((batch, num_n, length), pad_id, jnp.int32),
         fin_score=jnp.full((batch, num_n), _EMPTY, jnp.float32),
         fin_len=jnp.zeros((batch, num_n), jnp.int32),
+        alive_rec=alive_rec,
+        fin_rec=fin_rec,
     )
     vocab_ids = jnp.arange(vocab)
     special = (vocab_ids == pad_id) | (vocab_ids == bos_id)  # [vocab]: never inside a hypothesis
@@ -401,6 +427,11 @@ def _search(
         fin_score, keep = jax.lax.top_k(all_score, num_n)  # [batch, n_best]
         fin_seq = jnp.take_along_axis(all_seq, keep[..., None], axis=1)  # [batch, n_best, max_len]
         fin_len = jnp.take_along_axis(all_len, keep, axis=1)  # [batch, n_best]
+        rec = fin_rec = None
+        if record_fn is not None:  # this step's record, appended like the token
+            rec = _gather_beams(c.alive_rec, parent)  # [batch, beam, max_len, ...]
+            rec = rec.at[:, :, c.step].set(record_fn(state))
+            fin_rec = _gather_beams(jnp.concatenate([c.fin_rec, rec], axis=1), keep)  # [batch, n_best, max_len, ...]
 
         full = fin_len[:, -1] > 0  # [batch]: n_best hypotheses have finished
         if stop_rule == "bound":
@@ -422,16 +453,37 @@ def _search(
             fin_seq=fin_seq,
             fin_score=fin_score,
             fin_len=fin_len,
+            alive_rec=rec,
+            fin_rec=fin_rec,
         )
 
     out = jax.lax.while_loop(cond, body, init)
     scores = jnp.where(out.fin_len > 0, out.fin_score, NEG_INF)  # empty slots: NEG_INF
-    return Beams(out.fin_seq, scores, out.fin_len), out.step
+    beams = Beams(out.fin_seq, scores, out.fin_len)
+    return (beams if record_fn is None else (beams, out.fin_rec)), out.step
 
 
 # --------------------------------------------------------------------------------------------
 # Public searches
 # --------------------------------------------------------------------------------------------
+
+def ensemble_step_fn(step_fns: Sequence[StepFn]) -> StepFn:
+    """One step function for an ensemble of M models: the log of the mean of their probabilities,
+    logsumexp_m(log_probs_m) - log M (fairseq's ensemble), so the result is normalised when each
+    member's log-probs are. The state is the tuple of the members' states (init_state: the tuple of
+    their initial states); each member keeps its own state and its closure's encoder memory."""
+    step_fns = tuple(step_fns)
+    if not step_fns or not all(callable(f) for f in step_fns):
+        raise ValueError(f"ensemble_step_fn needs a non-empty sequence of step functions, got {step_fns!r}")
+
+    def step_fn(tokens, states):
+        outs = [f(tokens, s) for f, s in zip(step_fns, states, strict=True)]
+        log_probs = jnp.stack([lp.astype(jnp.float32) for lp, _ in outs])  # [member, batch, beam, vocab]
+        mean = jax.nn.logsumexp(log_probs, axis=0) - np.log(len(step_fns))  # [batch, beam, vocab]
+        return mean, tuple(s for _, s in outs)
+
+    return step_fn
+
 
 def length_limits(source_lengths, max_len_a: float, max_len_b: float, max_len: int) -> jax.Array:
     """Per-row output limits by fairseq's rule: floor(max_len_a * source_length + max_len_b),
@@ -467,7 +519,8 @@ def beam_search(
     prefix=None,
     prefix_lens=None,
     final_score_fn: FinalScoreFn | None = None,
-) -> Beams:
+    record_fn: RecordFn | None = None,
+) -> Beams | tuple[Beams, jax.Array]:
     """Batched beam search in one `jax.lax.while_loop`.
 
     Each step extends every alive hypothesis by every token and keeps the `beam_size` extensions
@@ -509,9 +562,11 @@ def beam_search(
             caller can add e.g. a GNMT coverage penalty from attention it accumulates in the state.
             The "bound" stop stays exact only if the hook never raises a score (a penalty <= 0, as
             coverage is); with a hook that may raise scores use stop_early="never".
+        record_fn: optional state -> float[B, K, ...] recorded per step (see the module docstring).
 
     Returns:
-        Beams(sequences int32[B, N, max_len], scores float32[B, N], lengths int32[B, N]), best first.
+        Beams(sequences int32[B, N, max_len], scores float32[B, N], lengths int32[B, N]), best first;
+        with record_fn, (Beams, records float32[B, N, max_len, ...]).
     """
     check_int("beam_size", beam_size, 1)
     _check_common(max_len, min_len, eos_id, bos_id, pad_id)
@@ -526,13 +581,14 @@ def beam_search(
         raise ValueError(f"stop_early must be 'bound', 'n_best' or 'never', got {stop_early!r}")
     if final_score_fn is not None and not callable(final_score_fn):
         raise ValueError(f"final_score_fn must be callable or None, got {final_score_fn!r}")
-    beams, _ = _search(
+    result, _ = _search(
         step_fn, init_state, _beam_select(beam_size),
         num_hyps=beam_size, n_keep=n_best, max_len=max_len, eos_id=eos_id, bos_id=bos_id,
         pad_id=pad_id, min_len=min_len, no_repeat_ngram_size=no_repeat_ngram_size,
         score_fn=_length_penalty_fn(length_penalty, alpha), stop_rule=stop_early, single_start=True,
-        max_lens=max_lens, prefix=prefix, prefix_lens=prefix_lens, final_score_fn=final_score_fn)
-    return beams
+        max_lens=max_lens, prefix=prefix, prefix_lens=prefix_lens, final_score_fn=final_score_fn,
+        record_fn=record_fn)
+    return result
 
 
 def greedy_search(
@@ -547,19 +603,21 @@ def greedy_search(
     max_lens=None,
     prefix=None,
     prefix_lens=None,
-) -> Beams:
+    record_fn: RecordFn | None = None,
+) -> Beams | tuple[Beams, jax.Array]:
     """Greedy search: the argmax allowed token each step until EOS or `max_len` (= beam search, K = 1).
 
     Returns Beams with N = 1; the score is the raw summed log-prob (no length penalty).
-    `max_lens`, `prefix`, `prefix_lens`: as in `beam_search`.
+    `max_lens`, `prefix`, `prefix_lens`, `record_fn`: as in `beam_search`.
     """
     _check_common(max_len, min_len, eos_id, bos_id, pad_id)
-    beams, _ = _search(
+    result, _ = _search(
         step_fn, init_state, _beam_select(1),
         num_hyps=1, n_keep=1, max_len=max_len, eos_id=eos_id, bos_id=bos_id, pad_id=pad_id,
         min_len=min_len, no_repeat_ngram_size=0, score_fn=_raw_score, stop_rule="never",
-        single_start=True, max_lens=max_lens, prefix=prefix, prefix_lens=prefix_lens)
-    return beams
+        single_start=True, max_lens=max_lens, prefix=prefix, prefix_lens=prefix_lens,
+        record_fn=record_fn)
+    return result
 
 
 def sample_search(
@@ -579,7 +637,8 @@ def sample_search(
     max_lens=None,
     prefix=None,
     prefix_lens=None,
-) -> Beams:
+    record_fn: RecordFn | None = None,
+) -> Beams | tuple[Beams, jax.Array]:
     """Ancestral sampling: `num_samples` independent samples per batch element (K = N = num_samples).
 
     Each step draws token ~ softmax(log_probs / temperature) over the allowed tokens (never PAD or
@@ -587,7 +646,8 @@ def sample_search(
     nucleus: the smallest set of most likely of those whose (renormalised, tempered) probability
     mass reaches top_p. The key is `jax.random.fold_in(rng, step)`. A sample's score is its raw
     summed (untempered) log-prob; samples are returned sorted by score, best first.
-    `max_lens`, `prefix`, `prefix_lens`: as in `beam_search` (every sample starts with the prefix).
+    `max_lens`, `prefix`, `prefix_lens`, `record_fn`: as in `beam_search` (every sample starts with
+    the prefix).
     """
     _check_common(max_len, min_len, eos_id, bos_id, pad_id)
     check_int("num_samples", num_samples, 1)
@@ -596,10 +656,10 @@ def sample_search(
         raise ValueError(f"temperature must be > 0 (use greedy_search for argmax), got {temperature!r}")
     if not isinstance(top_p, jax.core.Tracer) and not 0 < float(top_p) <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    beams, _ = _search(
+    result, _ = _search(
         step_fn, init_state, _sample_select(rng, temperature, top_k, top_p),
         num_hyps=num_samples, n_keep=num_samples, max_len=max_len, eos_id=eos_id, bos_id=bos_id,
         pad_id=pad_id, min_len=min_len, no_repeat_ngram_size=0, score_fn=_raw_score,
         stop_rule="never", single_start=False, max_lens=max_lens, prefix=prefix,
-        prefix_lens=prefix_lens)
-    return beams
+        prefix_lens=prefix_lens, record_fn=record_fn)
+    return result

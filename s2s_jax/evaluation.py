@@ -4,6 +4,10 @@ decoded dev sources (sacrebleu on detokenized text).
 Dev BLEU decodes the dev source text with the same `inference.CorpusDecoder` as
 `python -m s2s_jax.translate`, with the options of `config.eval`: it depends on the sources only
 and equals what translate gives for the same model, options and dev file.
+
+The dev loss runs on the mesh (each process feeds its rows of each batch); decoding runs on this
+process's first device with a local copy of the parameters: every process decodes the whole dev
+set, identically (process 0 logs the result).
 """
 import functools
 import logging
@@ -35,8 +39,9 @@ class Evaluator:
             s, n = self.eval_step(params, parallel.shard_batch(batch, self.mesh))
             loss_sum, tokens = loss_sum + float(s), tokens + float(n)
         result = dict(dev_loss=loss_sum / tokens, dev_ppl=float(np.exp(loss_sum / tokens)))
+        local = parallel.local_copy(params)
         for search in self.searches:
-            hyps = self.translate(params, search)
+            hyps = self.translate(local, search)
             bleu, signature = metrics.sacrebleu_score(hyps, self.corpus.dev_tgt_text)
             suffix = "" if search == "greedy" else "_beam"
             result[f"dev_bleu{suffix}"] = bleu

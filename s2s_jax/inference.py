@@ -14,6 +14,18 @@ depends on the sources and the options only, never on a reference:
     beam x vocabulary would not fit the memory budget), whatever the number of sentences; XLA's
     float results depend on array shapes, not on the other rows, so a sentence's tokens and score
     do not depend on what else is translated with it.
+
+Beyond the plain searches (all opt-in; off, the compiled search is unchanged):
+  * attention per hypothesis (`return_attention`): the model's decode state carries each step's
+    attention weights (`Seq2Seq.encode(track_attention=True)`), which the search records and
+    gathers along with the hypotheses (`decoding`'s `record_fn`);
+  * GNMT coverage penalty (`coverage` = beta, beam only): the state also carries the summed
+    attention, and a finished hypothesis's score gets beta * sum_i log(min(coverage_i, 1)) over the
+    real source positions i (its EOS included), each log floored at log(COVERAGE_FLOOR);
+  * ensembles: `model` and `params` may be tuples of models and their parameters (same target
+    vocabulary): their log-probs are combined by `decoding.ensemble_step_fn` (log of the mean
+    probability), each keeps its own encoder memory and state; an ensemble's attention and coverage
+    are the means of its members'.
 """
 from __future__ import annotations
 
@@ -23,9 +35,11 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from s2s_jax import EOS_ID, PAD_ID, data, decoding
+from s2s_jax import attention as attn
 from s2s_jax.models import Seq2Seq
 from s2s_jax.validate import is_int
 
@@ -39,38 +53,95 @@ DECODE_ROWS = 32
 MAX_STEP_ELEMENTS = 1 << 27
 # Prefixes are padded to a multiple of this many pieces (bounds the number of compiled shapes).
 PREFIX_QUANTUM = 8
+# Coverage penalty: log(min(coverage, 1)) is floored at log(COVERAGE_FLOOR) (about -13.8), so a
+# source position that got no attention costs a finite amount instead of -inf.
+COVERAGE_FLOOR = 1e-6
 
 
-def step_fn_for(model: Seq2Seq, params, src: jax.Array, src_len: jax.Array):
-    """Encodes the batch; returns (step_fn, init_state) fitting `decoding.beam_search`."""
-    memory, init_state = model.apply({"params": params}, src, src_len, method=Seq2Seq.encode)
+def members(model, params) -> tuple[tuple[Seq2Seq, ...], tuple]:
+    """(models, params) as tuples: one model, or the members of an ensemble."""
+    return (model, params) if isinstance(model, tuple) else ((model,), (params,))
 
-    def step_fn(tokens, state):
-        return model.apply({"params": params}, memory, tokens, state, method=Seq2Seq.decode_step)
 
-    return step_fn, init_state
+def step_fn_for(model: Seq2Seq | tuple[Seq2Seq, ...], params, src: jax.Array, src_len: jax.Array, *,
+                track_attention: bool = False):
+    """Encodes the batch; returns (step_fn, init_state) fitting `decoding.beam_search`.
+
+    model, params: one model, or tuples of models and their params (an ensemble: the state is the
+    tuple of the members' states). track_attention: the state holds `attention` and `coverage`
+    (`Seq2Seq.encode`; read them with `tracked`).
+    """
+    step_fns, init_states = [], []
+    for one, one_params in zip(*members(model, params), strict=True):
+        memory, init_state = one.apply({"params": one_params}, src, src_len, track_attention=track_attention,
+                                       method=Seq2Seq.encode)
+        step_fns.append(functools.partial(_decode_step, one, one_params, memory))
+        init_states.append(init_state)
+    if isinstance(model, tuple):
+        return decoding.ensemble_step_fn(step_fns), tuple(init_states)
+    return step_fns[0], init_states[0]
+
+
+def _decode_step(model: Seq2Seq, params, memory: attn.Memory, tokens, state):
+    return model.apply({"params": params}, memory, tokens, state, method=Seq2Seq.decode_step)
+
+
+def tracked(state, key: str) -> jax.Array:
+    """The `attention` or `coverage` leaf [B, K, S] of a tracking decode state (step_fn_for), the
+    mean over the members for an ensemble's state."""
+    if isinstance(state, tuple):
+        return sum(s[key] for s in state) / len(state)
+    return state[key]
+
+
+def coverage_penalty(coverage: jax.Array, mask: jax.Array, beta) -> jax.Array:
+    """GNMT's coverage penalty beta * sum_i log(max(min(coverage_i, 1), COVERAGE_FLOOR)) over the
+    real source positions (mask bool[B, S]) of coverage [B, K, S] (summed attention) -> [B, K]."""
+    terms = jnp.log(jnp.clip(coverage, COVERAGE_FLOOR, 1.0))  # [B, K, S]
+    return beta * jnp.sum(jnp.where(mask[:, None, :], terms, 0.0), axis=-1)
+
+
+def _add_coverage(score, length, state, *, mask, beta):
+    """The beam search's final_score_fn for a coverage penalty: score [B, K] + the penalty."""
+    del length
+    return score + coverage_penalty(tracked(state, "coverage"), mask, beta)
 
 
 @functools.partial(jax.jit, static_argnames=(
     "model", "search", "beam_size", "max_len", "alpha", "n_best", "min_len", "no_repeat_ngram_size",
-    "temperature", "top_k", "top_p"))
-def decode_batch(model: Seq2Seq, params, src: jax.Array, src_len: jax.Array, *, search: str = "greedy",
-                 beam_size: int = 5, max_len: int = 100, alpha: float = 0.6, n_best: int | None = None,
-                 min_len: int = 0, no_repeat_ngram_size: int = 0, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, max_lens=None, prefix=None, prefix_lens=None, rng=None) -> decoding.Beams:
+    "temperature", "top_k", "top_p", "coverage", "return_attention"))
+def decode_batch(model: Seq2Seq | tuple[Seq2Seq, ...], params, src: jax.Array, src_len: jax.Array, *,
+                 search: str = "greedy", beam_size: int = 5, max_len: int = 100, alpha: float = 0.6,
+                 n_best: int | None = None, min_len: int = 0, no_repeat_ngram_size: int = 0,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, coverage: float = 0.0,
+                 return_attention: bool = False, max_lens=None, prefix=None, prefix_lens=None,
+                 rng=None) -> decoding.Beams | tuple[decoding.Beams, jax.Array]:
     """src [B, S], src_len [B] -> Beams(sequences [B, N, max_len], scores [B, N], lengths [B, N]).
 
+    model, params: one model, or tuples of them (an ensemble; see the module docstring).
+    coverage: GNMT coverage penalty beta >= 0 (beam only; 0 = off). return_attention: return
+    (Beams, attention float32[B, N, max_len, S]) with each hypothesis's attention weights per
+    generated piece (zeros from its length on).
     max_lens int32[B] (per-row limits <= max_len), prefix int32[B, P] / prefix_lens int32[B]
     (forced target prefixes) and rng (sampling) are traced; everything else is static.
     """
-    step_fn, init_state = step_fn_for(model, params, src, src_len)
+    if coverage and search != "beam":
+        raise ValueError(f"coverage applies to beam search only, got search={search!r}")
+    track = bool(coverage) or return_attention  # the state carries attention and coverage
+    step_fn, init_state = step_fn_for(model, params, src, src_len, track_attention=track)
     rows = dict(max_lens=max_lens, prefix=prefix, prefix_lens=prefix_lens)
+    if return_attention:
+        rows["record_fn"] = functools.partial(tracked, key="attention")
     if search == "greedy":
         return decoding.greedy_search(step_fn, init_state, max_len=max_len, min_len=min_len, **rows)
     if search == "beam":
+        final_score_fn = None
+        if coverage:
+            final_score_fn = functools.partial(_add_coverage, mask=attn.source_mask(src_len, src.shape[1]),
+                                               beta=coverage)
         return decoding.beam_search(step_fn, init_state, beam_size=beam_size, max_len=max_len, alpha=alpha,
                                     n_best=n_best, min_len=min_len, no_repeat_ngram_size=no_repeat_ngram_size,
-                                    **rows)
+                                    final_score_fn=final_score_fn, **rows)
     if search == "sample":
         return decoding.sample_search(step_fn, init_state, rng, max_len=max_len, temperature=temperature,
                                       top_k=top_k, top_p=top_p, min_len=min_len, num_samples=n_best, **rows)
@@ -86,7 +157,10 @@ class Hypothesis(NamedTuple):
     """One output of the search."""
     text: str          # detokenized
     ids: list[int]     # target ids, EOS excluded
-    score: float       # beam: GNMT length-penalised log-prob; greedy, sample: summed log-prob
+    score: float       # beam: GNMT length-penalised log-prob (+ coverage penalty); greedy, sample: summed log-prob
+    # With return_attention: float32[T, S], row t the weights over the S source pieces (EOS included)
+    # while emitting piece t; T = len(ids) + 1 (the EOS step), or len(ids) if cut at the output limit.
+    attention: np.ndarray | None = None
 
 
 def _is_number(value) -> bool:
@@ -97,7 +171,7 @@ def _is_number(value) -> bool:
 class SearchOptions(NamedTuple):
     """How to decode: one checked set of options shared by `Translator` and the command line.
 
-    Which search reads what: beam: beam_size, alpha, no_repeat_ngram_size; sample: temperature,
+    Which search reads what: beam: beam_size, alpha, no_repeat_ngram_size, coverage; sample: temperature,
     top_k, top_p, seed (n_best = number of samples); all: n_best, min_len, max_len_a, max_len_b,
     max_len, on_long.
     """
@@ -107,6 +181,7 @@ class SearchOptions(NamedTuple):
     n_best: int = 1                 # hypotheses returned per sentence (sample: samples drawn)
     min_len: int = 0                # EOS forbidden before this many pieces (EOS included)
     no_repeat_ngram_size: int = 0   # forbid repeating any n-gram of this size (beam; 0 = off)
+    coverage: float = 0.0           # GNMT coverage penalty beta (beam; 0 = off)
     temperature: float = 1.0        # sampling temperature (> 0)
     top_k: int = 0                  # sample among the k most likely pieces (0 = all)
     top_p: float = 1.0              # nucleus: the smallest set with this much probability (1 = all)
@@ -150,10 +225,14 @@ class SearchOptions(NamedTuple):
         if self.search == "sample" and self.n_best > 1024:
             raise ValueError(f"n_best (samples per sentence) must be <= 1024, got {self.n_best}")
         for name, low, high, closed in (("alpha", 0.0, float("inf"), "[0, inf)"),
-                                        ("max_len_a", 0.0, float("inf"), "[0, inf)")):
+                                        ("max_len_a", 0.0, float("inf"), "[0, inf)"),
+                                        ("coverage", 0.0, float("inf"), "[0, inf)")):
             value = getattr(self, name)
             if not _is_number(value) or not low <= value < high:
                 raise ValueError(f"{name} must be a finite number in {closed}, got {value!r}")
+        if self.coverage and self.search != "beam":
+            raise ValueError(f"coverage (penalty {self.coverage}) applies to beam search only, "
+                             f"got search={self.search!r}")
         if not _is_number(self.temperature) or not self.temperature > 0:
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
@@ -166,14 +245,16 @@ class SearchOptions(NamedTuple):
         return dict(search=self.search, beam_size=self.beam_size if beam else 1,
                     alpha=float(self.alpha) if beam else 0.0, n_best=self.n_best if beam or sample else None,
                     min_len=self.min_len, no_repeat_ngram_size=self.no_repeat_ngram_size if beam else 0,
+                    coverage=float(self.coverage) if beam else 0.0,
                     temperature=float(self.temperature) if sample else 1.0, top_k=self.top_k if sample else 0,
                     top_p=float(self.top_p) if sample else 1.0)
 
 
 class CorpusDecoder:
-    """Source sentences -> n-best hypotheses in input order, for one model and its tokenizers."""
+    """Source sentences -> n-best hypotheses in input order, for one model (or an ensemble: a tuple
+    of models, decoded with a tuple of params) and its tokenizers."""
 
-    def __init__(self, config, model: Seq2Seq, src_tokenizer, tgt_tokenizer):
+    def __init__(self, config, model: Seq2Seq | tuple[Seq2Seq, ...], src_tokenizer, tgt_tokenizer):
         self.model, self.src_tokenizer, self.tgt_tokenizer = model, src_tokenizer, tgt_tokenizer
         self.boundaries = [int(b) for b in config.data.bucket_boundaries]
         # Longest source in pieces (EOS excluded): what the model was trained on; fits the last bucket.
@@ -184,6 +265,8 @@ class CorpusDecoder:
 
     def check(self, options: SearchOptions) -> None:
         options.check(vocab_size=self.tgt_tokenizer.vocab_size, max_output_len=self.max_output_len)
+        if options.coverage and any(m.attention == "none" for m in members(self.model, None)[0]):
+            raise ValueError("coverage needs attention: a model has model.attention='none'")
 
     def rows(self, options: SearchOptions) -> int:
         """Rows of every decoding call for these options: DECODE_ROWS unless memory says fewer."""
@@ -225,10 +308,12 @@ class CorpusDecoder:
         return ids
 
     def __call__(self, params, sentences: Sequence[str], options: SearchOptions,
-                 prefixes: Sequence[str | None] | None = None) -> list[list[Hypothesis]]:
+                 prefixes: Sequence[str | None] | None = None,
+                 return_attention: bool = False) -> list[list[Hypothesis]]:
         """Per sentence, up to n_best hypotheses, best first; a blank sentence gives [Hypothesis("", [], 0.0)].
 
         prefixes: optional target text per sentence (or None) that every hypothesis starts with.
+        return_attention: each hypothesis gets its `attention` [T, S] (recorded by the search).
         """
         self.check(options)
         if isinstance(sentences, str):
@@ -244,15 +329,19 @@ class CorpusDecoder:
             real = [todo[i] for i in batch.index if i >= 0]
             cap = options.max_len or max_decode_len(batch.src.shape[1], self.max_len_cap)
             prefix, prefix_lens = self._prefix_arrays([forced[i] for i in real], len(batch.index), cap)
-            beams = decode_batch(self.model, params, batch.src, batch.src_len, max_len=cap,
-                                 max_lens=decoding.length_limits(batch.src_len - 1, options.max_len_a,
-                                                                 options.max_len_b, cap),
-                                 prefix=prefix, prefix_lens=prefix_lens,
-                                 rng=jax.random.fold_in(jax.random.PRNGKey(options.seed), number),
-                                 **options.static())
+            out = decode_batch(self.model, params, batch.src, batch.src_len, max_len=cap,
+                               max_lens=decoding.length_limits(batch.src_len - 1, options.max_len_a,
+                                                               options.max_len_b, cap),
+                               prefix=prefix, prefix_lens=prefix_lens,
+                               rng=jax.random.fold_in(jax.random.PRNGKey(options.seed), number),
+                               return_attention=return_attention, **options.static())
+            beams, weights = out if return_attention else (out, None)
             sequences, scores, lengths = (np.asarray(x) for x in beams)  # [rows, N, L], [rows, N], [rows, N]
+            weights = None if weights is None else np.asarray(weights)  # [rows, N, L, S]
             for row, index in enumerate(real):
-                results[index] = self._hypotheses(sequences[row], scores[row], lengths[row])
+                results[index] = self._hypotheses(
+                    sequences[row], scores[row], lengths[row],
+                    None if weights is None else weights[row, :, :, :batch.src_len[row]])
         return results
 
     def _prefix_arrays(self, prefixes: list[list[int]], rows: int, cap: int):
@@ -270,9 +359,12 @@ class CorpusDecoder:
             prefix[row, :len(ids)], lens[row] = ids, len(ids)
         return prefix, lens
 
-    def _hypotheses(self, sequences: np.ndarray, scores: np.ndarray, lengths: np.ndarray) -> list[Hypothesis]:
-        """One sentence's result slots [N, L], [N], [N] -> hypotheses; empty slots are dropped."""
-        hyps = [Hypothesis("", [int(t) for t in sequences[k, :lengths[k]] if t != EOS_ID], float(scores[k]))
+    def _hypotheses(self, sequences: np.ndarray, scores: np.ndarray, lengths: np.ndarray,
+                    weights: np.ndarray | None) -> list[Hypothesis]:
+        """One sentence's result slots [N, L], [N], [N] (and attention [N, L, S] or None) ->
+        hypotheses; empty slots are dropped."""
+        hyps = [Hypothesis("", [int(t) for t in sequences[k, :lengths[k]] if t != EOS_ID], float(scores[k]),
+                           None if weights is None else weights[k, :lengths[k]])
                 for k in range(len(lengths)) if lengths[k] > 0]
         texts = self.tgt_tokenizer.decode([h.ids for h in hyps])
         return [h._replace(text=t) for h, t in zip(hyps, texts)]

@@ -62,10 +62,15 @@ class MetricsLog:
     Opening it for a run that resumes at `resume_step` cuts metrics.jsonl back to that step (rows
     after it are written again) and hides TensorBoard events after it (purge_step), also when the
     run restarts from step 0.
+
+    One writer: in a run of several processes only process 0's log writes; the others' do nothing.
     """
 
     def __init__(self, workdir: str, resume_step: int):
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.writer = None
+        if jax.process_index():
+            return
         rows = []
         if os.path.exists(self.path):
             with open(self.path, encoding="utf-8") as f:
@@ -88,6 +93,8 @@ class MetricsLog:
                                     filename_suffix=f".from{resume_step:09d}.{os.getpid()}")
 
     def write(self, step: int, values: dict) -> None:
+        if self.writer is None:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         for name, value in values.items():
@@ -95,7 +102,8 @@ class MetricsLog:
         self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 # ----------------------------------------------------------------------------- the window

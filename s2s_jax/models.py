@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from s2s_jax import attention as attn
 
-State = dict[str, jax.Array]  # decoder state: h, c [B, K, L, H]; feed [B, K, H]
+State = dict[str, jax.Array]  # decoder state: h, c [B, K, L, H]; feed [B, K, H] (+ attention, coverage [B, K, S])
 
 dense_init = nn.initializers.xavier_uniform()
 recurrent_init = nn.initializers.orthogonal()
@@ -226,6 +226,8 @@ class Decoder(nn.Module):
             context, weights = attn.attend(self.attention, w["attention"], x, memory)  # [B, K, He]
             vector = jnp.tanh(matmul(jnp.concatenate([context, x], -1), w["w_combine"], self.dtype))
         new_state = dict(h=jnp.stack(hs, 2), c=jnp.stack(cs, 2), feed=vector)  # [B, K, L, H]
+        if "attention" in state:  # tracked for the search (Seq2Seq.encode(track_attention=True))
+            new_state.update(attention=weights, coverage=state["coverage"] + weights)  # [B, K, S]
         return vector, weights, new_state
 
     def output_inputs(self, vectors: jax.Array, train: bool, rng: jax.Array | None = None) -> jax.Array:
@@ -265,7 +267,7 @@ class Decoder(nn.Module):
         w = self.weights()
         batch, length = tgt_in.shape
         coin_rng, drop_rng = jax.random.split(rng)
-        use_gold = jax.random.bernoulli(coin_rng, tf_ratio, (batch, length)).at[:, 0].set(True)
+        use_gold = self.gold_coins(coin_rng, tf_ratio, (batch, length))
         step_rngs = jax.random.split(drop_rng, (length, 2))
         state = jax.tree.map(lambda x: x[:, None], state)             # [B, 1, ...]
         previous = tgt_in[:, 0]
@@ -283,6 +285,31 @@ class Decoder(nn.Module):
         xs = (tgt_in.swapaxes(0, 1), use_gold.swapaxes(0, 1), step_rngs)
         _, (logits, weights, fed) = jax.lax.scan(step, (state, previous), xs)
         return logits.swapaxes(0, 1), weights.swapaxes(0, 1), fed.swapaxes(0, 1)
+
+    @staticmethod
+    def gold_coins(rng: jax.Array, tf_ratio: jax.Array, shape: tuple[int, int]) -> jax.Array:
+        """Per target token [B, T]: feed the ground truth? True with probability `tf_ratio`, and
+        always at position 0 (BOS)."""
+        return jax.random.bernoulli(rng, tf_ratio, shape).at[:, 0].set(True)
+
+    def parallel_sampling(self, tgt_in: jax.Array, state: State, memory: attn.Memory,
+                          tf_ratio: jax.Array, rng: jax.Array, passes: int) -> jax.Array:
+        """Parallel scheduled sampling (Duckworth et al. 2019): the inputs [B, T] of the final,
+        differentiated teacher-forced pass. Each of `passes` teacher-forced passes (no gradient;
+        no dropout in the decoder, the encoder outputs are the final pass's) reads the previous
+        pass's inputs (the first: the ground truth) and predicts an argmax token at every
+        position; the next inputs are, per target token, the ground truth where
+        `scheduled_sampling`'s coin (the same draw from the same `rng`) says so, else the
+        prediction of the previous position. With `passes` >= T these are the tokens that
+        `scheduled_sampling` without dropout feeds."""
+        use_gold = self.gold_coins(jax.random.split(rng)[0], tf_ratio, tgt_in.shape)  # [B, T]
+        tokens = tgt_in
+        for _ in range(passes):
+            logits, _ = self.teacher_forced(tokens, state, memory, train=False)
+            predicted = jnp.argmax(jax.lax.stop_gradient(logits), -1).astype(tgt_in.dtype)  # [B, T]
+            # Position t reads the prediction made at t - 1; position 0 is always gold.
+            tokens = jnp.where(use_gold, tgt_in, jnp.roll(predicted, 1, axis=1))
+        return tokens
 
 
 class Seq2Seq(nn.Module):
@@ -314,10 +341,19 @@ class Seq2Seq(nn.Module):
                                self.decoder_layers, self.attention, self.attention_dim,
                                self.input_feeding, self.dropout_rate, self.dtype)
 
-    def encode(self, src: jax.Array, src_len: jax.Array, train: bool = False):
-        """src [B, S], src_len [B] -> (Memory with leaves [B, S, ...], decoder state with leaves [B, ...])."""
+    def encode(self, src: jax.Array, src_len: jax.Array, train: bool = False, track_attention: bool = False):
+        """src [B, S], src_len [B] -> (Memory with leaves [B, S, ...], decoder state with leaves [B, ...]).
+
+        `track_attention` (static): the state also holds `attention`, the last step's weights [B, S],
+        and `coverage`, their sum over the steps so far [B, S] (zero at padding, like the weights);
+        `decode_step` keeps both up to date.
+        """
         values, final = self.encoder(src, src_len, train)
-        return self.decoder.memory(values, src_len), self.decoder.initial_state(final)
+        memory, state = self.decoder.memory(values, src_len), self.decoder.initial_state(final)
+        if track_attention:
+            zeros = jnp.zeros(memory.mask.shape, jnp.float32)  # [B, S]
+            state = dict(state, attention=zeros, coverage=zeros)
+        return memory, state
 
     def decode_step(self, memory: attn.Memory, tokens: jax.Array, state: State):
         """tokens [B, K], state leaves [B, K, ...] -> (log_probs [B, K, V], new state)."""
@@ -327,30 +363,43 @@ class Seq2Seq(nn.Module):
 
     def __call__(self, src, src_len, tgt_in, *, train: bool = False, tf_ratio=1.0,
                  sampling_rng: jax.Array | None = None, fast_path_only: bool = False,
-                 return_vectors: bool = False):
+                 return_vectors: bool = False, parallel_passes: int = 0):
         """Training forward. Returns dict(logits [B, T, V], attention [B, T, S], fed_tokens [B, T]).
 
-        `fast_path_only` (static): ratio is 1 for the whole run; compile only the teacher-forced
-        path (also taken when `tf_ratio` is a Python number >= 1, as by default). Otherwise the
-        ratio is traced and `lax.cond` runs the fast path whenever it is >= 1.
+        `parallel_passes` (static): 0 = sequential scheduled sampling (`Decoder.scheduled_sampling`);
+        k >= 1 = parallel scheduled sampling with k prediction passes (`Decoder.parallel_sampling`),
+        whose outputs always come from the teacher-forced path, on the mixed inputs.
+        `fast_path_only` (static), sequential only: ratio is 1 for the whole run; compile only the
+        teacher-forced path (also taken when `tf_ratio` is a Python number >= 1, as by default).
+        Otherwise the ratio is traced and `lax.cond` runs the fast path (parallel: leaves the
+        inputs unmixed) whenever it is >= 1.
         `return_vectors` (static, teacher-forced path only): instead of logits, return the output
         projection's inputs (after dropout) as `vectors` [B, T, H] and its parameters as
         `projection` (w_out [H, V], b_out [V]), for s2s_jax.output_layer.
         """
         memory, state = self.encode(src, src_len, train)
-        if fast_path_only or (isinstance(tf_ratio, (int, float)) and tf_ratio >= 1.0):
-            out, weights = self.decoder.teacher_forced(tgt_in, state, memory, train, return_vectors)
-            if return_vectors:
-                return dict(vectors=out, projection=(self.decoder.w_out, self.decoder.b_out),
-                            attention=weights, fed_tokens=tgt_in)
-            return dict(logits=out, attention=weights, fed_tokens=tgt_in)
+        gold = isinstance(tf_ratio, (int, float)) and tf_ratio >= 1.0
+        if not gold and (parallel_passes or not fast_path_only):
+            if sampling_rng is None:
+                raise ValueError("scheduled sampling (tf_ratio < 1) needs sampling_rng")
+            ratio = jnp.asarray(tf_ratio, jnp.float32)
+            if not parallel_passes:
+                if return_vectors:
+                    raise ValueError("return_vectors needs the teacher-forced path (fast_path_only, "
+                                     "tf_ratio >= 1 or parallel_passes > 0)")
+                # Run the decoder as one function of its parameters, so lax.cond can pick a path.
+                return self._decode_either(tgt_in, state, memory, ratio, sampling_rng, train)
+            # The passes draw nothing from the module's rng streams (rngs=False): the final pass's
+            # dropout is that of plain teacher forcing.
+            mix = lambda decoder, ratio, rng: decoder.parallel_sampling(  # noqa: E731
+                tgt_in, state, memory, ratio, rng, parallel_passes)
+            tgt_in = nn.cond(ratio >= 1.0, lambda *_: tgt_in, mix, self.decoder, ratio, sampling_rng,
+                             rngs=False)
+        out, weights = self.decoder.teacher_forced(tgt_in, state, memory, train, return_vectors)
         if return_vectors:
-            raise ValueError("return_vectors needs the teacher-forced path (fast_path_only or tf_ratio >= 1)")
-        if sampling_rng is None:
-            raise ValueError("scheduled sampling (tf_ratio < 1) needs sampling_rng")
-        # Run the decoder as one function of its parameters, so lax.cond can pick a path.
-        return self._decode_either(tgt_in, state, memory, jnp.asarray(tf_ratio, jnp.float32),
-                                   sampling_rng, train)
+            return dict(vectors=out, projection=(self.decoder.w_out, self.decoder.b_out),
+                        attention=weights, fed_tokens=tgt_in)
+        return dict(logits=out, attention=weights, fed_tokens=tgt_in)
 
     def _decode_either(self, tgt_in, state, memory, tf_ratio, rng, train):
         def fast(decoder, *_):

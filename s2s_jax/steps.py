@@ -98,9 +98,14 @@ def teacher_forced_losses(model: Seq2Seq, variables: dict, batch: data.Batch, la
 
 # ----------------------------------------------------------------------------- steps
 def train_step(state: TrainState, batch: data.Batch, *, model: Seq2Seq, tf_schedule,
-               fast_path_only: bool, label_smoothing: float, base_rng: jax.Array):
+               fast_path_only: bool, label_smoothing: float, base_rng: jax.Array,
+               tf_mode: str = "sequential", tf_passes: int = 1):
     """One optimizer step on the smoothed loss. Returns (new_state, metrics), sums not means:
     loss_sum (plain NLL), smoothed_loss_sum, tokens, grad_norm, tf_ratio, finite.
+
+    Scheduled sampling (unless `fast_path_only`) as config.teacher_forcing's mode and passes say:
+    "sequential" decodes step by step; "parallel" mixes the inputs in `tf_passes` teacher-forced
+    passes, then computes the loss like teacher forcing (fused output layer included).
 
     A non-finite loss, gradient or updated parameter leaves params and optimizer state unchanged
     (the step counter still advances); `metrics["finite"]` tells the loop, which stops or goes on
@@ -111,9 +116,11 @@ def train_step(state: TrainState, batch: data.Batch, *, model: Seq2Seq, tf_sched
     tf_ratio = tf_schedule(state.step)
 
     def loss_fn(params):
-        if fast_path_only:
+        if fast_path_only or tf_mode == "parallel":
+            sampling = {} if fast_path_only else dict(tf_ratio=tf_ratio, sampling_rng=sampling_rng,
+                                                      parallel_passes=tf_passes)
             sums = teacher_forced_losses(model, {"params": params}, batch, label_smoothing, train=True,
-                                         rngs={"dropout": dropout_rng})
+                                         rngs={"dropout": dropout_rng}, **sampling)
         else:
             out = model.apply({"params": params}, batch.src, batch.src_len, batch.tgt_in, train=True,
                               tf_ratio=tf_ratio, sampling_rng=sampling_rng, rngs={"dropout": dropout_rng})

@@ -22,6 +22,13 @@ Failure handling (see tests/test_reliability.py):
   (a SystemExit whose message says how to resume); a second signal stops at once, without saving;
 - a SIGKILL at any moment loses at most the steps since the last complete checkpoint: checkpoints,
   config.json, summary.json and the metrics.jsonl rewrite are all written atomically.
+
+Several processes (config.distributed; train.py joins them): every process runs this same loop on
+the same global batches and feeds its own rows of each (`parallel.shard_batch`); process 0 alone
+holds the workdir lock and writes tokenizers, config.json, metrics.jsonl, TensorBoard events and
+summary.json; every process takes part in saving and restoring the checkpoints (orbax). Dev loss
+is computed on the mesh; dev decoding runs in every process on its first device (the whole dev set,
+identically).
 """
 import functools
 import json
@@ -104,8 +111,10 @@ def _check_inputs(config, workdir: str) -> _Inputs:
         if corpus.stats.get(f"{split}_empty_skipped"):
             logger.warning("%s: skipped %d pairs with an empty side (data.on_empty='skip')",
                            split, corpus.stats[f"{split}_empty_skipped"])
-    mesh = parallel.make_mesh()
     try:
+        parallel.check_distributed(config.distributed)
+        parallel.check_processes(config.distributed)
+        mesh = parallel.make_mesh()
         parallel.check_batch_size(config.data.batch_size, mesh, "data.batch_size")
         parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
         batches = data.TrainBatches(corpus.train_src, corpus.train_tgt, batch_size=config.data.batch_size,
@@ -113,7 +122,9 @@ def _check_inputs(config, workdir: str) -> _Inputs:
     except ValueError as error:
         raise configuration.ConfigError(f"config: {error}") from error
     model = make_model(config.model, corpus.src_tokenizer.vocab_size, corpus.tgt_tokenizer.vocab_size)
-    abstract_state = jax.eval_shape(lambda: steps.init_state(config, model))  # shapes only
+    abstract_state = jax.tree.map(  # shapes only, replicated on the mesh: orbax restores onto it
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
+        jax.eval_shape(lambda: steps.init_state(config, model)))
     param_count = sum(x.size for x in jax.tree.leaves(abstract_state.params))
     logger.info("model: %s parameters; %d batches per epoch; batch shapes %s",
                 f"{param_count:,}", batches.batches_per_epoch, batches.shapes)
@@ -127,7 +138,8 @@ def _jit_train_step(config, model: Seq2Seq, mesh):
                           fast_path_only=schedules.is_always_one(config.teacher_forcing.schedule,
                                                                  config.teacher_forcing.start),
                           label_smoothing=config.optimizer.label_smoothing,
-                          base_rng=jax.random.PRNGKey(config.seed)),
+                          base_rng=jax.random.PRNGKey(config.seed), tf_mode=config.teacher_forcing.mode,
+                          tf_passes=config.teacher_forcing.passes),
         in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
         out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
         donate_argnums=0)
@@ -247,6 +259,8 @@ class _Loop:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes) in `workdir`; returns the run's summary (final dev metrics, timings)."""
     configuration.check(config)
+    if jax.process_index():  # process 0 holds the lock for all
+        return _train_in(config, workdir)
     with workdir_lock.hold(workdir):
         return _train_in(config, workdir)
 
@@ -259,12 +273,15 @@ def _train_in(config, workdir: str) -> dict:
     store = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
     try:  # raises CheckpointError for a checkpoint of another model shape or vocabulary
         restored = store.restore_latest(inputs.abstract_state)
-        # Every check has passed: from here on the run writes.
-        data.save_tokenizers(inputs.corpus, workdir)
-        configuration.save(config, workdir)
+        # Every check has passed: from here on the run writes (process 0; all write checkpoints).
+        writer = jax.process_index() == 0
+        if writer:
+            data.save_tokenizers(inputs.corpus, workdir)
+            configuration.save(config, workdir)
         if restored is None:
-            state, window = steps.init_state(config, inputs.model), logbook.Window()
-        else:
+            state = parallel.replicate(steps.init_state(config, inputs.model), inputs.mesh)
+            window = logbook.Window()
+        else:  # on the mesh already
             state, meta = restored
             window = logbook.Window(**meta["window"])
             logger.info("resumed from %s at step %d", store.directory, int(state.step))
@@ -272,11 +289,11 @@ def _train_in(config, workdir: str) -> dict:
         if int(state.step) >= config.num_train_steps and os.path.exists(summary_path):
             with open(summary_path, encoding="utf-8") as f:  # a finished run: nothing to redo
                 summary = json.load(f)
-            print(_final_line(summary, config), flush=True)
+            if writer:
+                print(_final_line(summary, config), flush=True)
             return summary
         log = logbook.MetricsLog(workdir, int(state.step))
         try:
-            state = jax.device_put(state, parallel.replicated(inputs.mesh))
             loop = _Loop(config, inputs, state, window, store, log, stats)
             dev = loop.run() or loop.evaluator(loop.state.params)  # a finished run without a summary
         finally:
@@ -287,8 +304,9 @@ def _train_in(config, workdir: str) -> dict:
                    compilations=stats.count, compile_s=stats.seconds,
                    train_step_shapes=len(inputs.batches.shapes), parameters=inputs.param_count,
                    bleu_signature=loop.evaluator.signature)
-    logbook.write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
-    print(_final_line(summary, config), flush=True)
+    if writer:
+        logbook.write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
+        print(_final_line(summary, config), flush=True)
     return summary
 
 

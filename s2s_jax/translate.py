@@ -1,12 +1,20 @@
 """Translate text with a trained workdir: a Python API (`Translator`) and a command line.
 
     python -m s2s_jax.translate --workdir=runs/demo --input=data/bible-es-en/test.es --output=hyp.en
+    python -m s2s_jax.translate --workdir=runs/a,runs/b ...      # an ensemble of two runs
 
 Python:
     translator = Translator.from_workdir("runs/demo")
     translator.translate(["Y dijo Dios: Sea la luz."], beam_size=5)          # -> ["..."]
     translator.hypotheses(sentences, n_best=3)                               # -> [[Hypothesis, ...], ...]
-    weights, src_pieces, out_pieces = translator.attention(sentence, output)  # [T, S]
+    translator.hypotheses(sentences, return_attention=True)                  # Hypothesis.attention [T, S]
+    weights, src_pieces, out_pieces = translator.attention(sentence, output)  # [T, S], any output
+    Translator.from_workdirs(["runs/a", "runs/b"])                            # an ensemble
+
+Ensembles (`from_workdirs`) average the members' probabilities (`decoding.ensemble_step_fn`). The
+members must share their source and target tokenizers (identical sentencepiece models, or the same
+synthetic vocabulary size); the first workdir's config gives the buckets and the default options.
+An ensemble's attention is the mean of its members'.
 
 Decoding is `inference.CorpusDecoder`, the same code that computes dev BLEU during training:
 sentences are grouped into the config's length buckets by source length, decoded, and returned in
@@ -42,9 +50,11 @@ def _teacher_forced(model: Seq2Seq, params, src, src_len, tgt_in):
 
 
 class Translator:
-    """A trained model with its tokenizers, ready to translate."""
+    """A trained model (or an ensemble: tuples of models and params) with its tokenizers, ready to
+    translate."""
 
-    def __init__(self, config, model: Seq2Seq, params, src_tokenizer, tgt_tokenizer, workdir: str | None = None):
+    def __init__(self, config, model: Seq2Seq | tuple[Seq2Seq, ...], params, src_tokenizer, tgt_tokenizer,
+                 workdir: str | None = None):
         self.config, self.model, self.params = config, model, params
         self.src_tokenizer, self.tgt_tokenizer = src_tokenizer, tgt_tokenizer
         self.workdir = workdir
@@ -81,6 +91,26 @@ class Translator:
         logger.info("loaded %s step %s", workdir, meta.get("step"))
         return cls(config, model, state.params, src_tok, tgt_tok, workdir)
 
+    @classmethod
+    def from_workdirs(cls, workdirs: Sequence[str]) -> Translator:
+        """An ensemble of the workdirs' models (one workdir: that model), decoded with the first
+        workdir's config and tokenizers. Raises ValueError unless all share their tokenizers."""
+        if isinstance(workdirs, str) or not workdirs:
+            raise ValueError(f"from_workdirs takes a non-empty list of workdirs, got {workdirs!r}")
+        loaded = [cls.from_workdir(w) for w in workdirs]
+        first = loaded[0]
+        for other in loaded[1:]:
+            if _tokenizer_key(other) != _tokenizer_key(first):
+                raise ValueError(
+                    f"cannot ensemble {first.workdir} (vocabularies: source {first.src_tokenizer.vocab_size}, "
+                    f"target {first.tgt_tokenizer.vocab_size}) with {other.workdir} (source "
+                    f"{other.src_tokenizer.vocab_size}, target {other.tgt_tokenizer.vocab_size}): the members "
+                    "must share their source and target tokenizers")
+        if len(loaded) == 1:
+            return first
+        return cls(first.config, tuple(t.model for t in loaded), tuple(t.params for t in loaded),
+                   first.src_tokenizer, first.tgt_tokenizer, ",".join(workdirs))
+
     def options(self, **overrides) -> SearchOptions:
         """Search options: the workdir's config.eval (beam size, alpha, length rule) under `overrides`
         (a None override keeps the default)."""
@@ -104,12 +134,14 @@ class Translator:
         return [hyps[0].text for hyps in self.hypotheses(sentences, **options)]
 
     def hypotheses(self, sentences: Sequence[str], prefixes: Sequence[str | None] | None = None,
-                   **options) -> list[list[Hypothesis]]:
+                   return_attention: bool = False, **options) -> list[list[Hypothesis]]:
         """Per sentence, up to n_best Hypothesis(text, ids, score), best first (search="sample":
         n_best samples, by score). `prefixes`: per sentence a target text (or None) that every
-        hypothesis must start with (interactive translation, forced tags)."""
+        hypothesis must start with (interactive translation, forced tags). `return_attention`: each
+        hypothesis also gets the attention weights the search recorded for it, [T, S]
+        (see `inference.Hypothesis`)."""
         return self.decoder(self.params, list(sentences) if not isinstance(sentences, str) else sentences,
-                            self.options(**options), prefixes)
+                            self.options(**options), prefixes, return_attention)
 
     # ------------------------------------------------------------------------------ attention
     def attention(self, sentence: str, output: str | Sequence[int]):
@@ -117,7 +149,8 @@ class Translator:
 
         output: target text, or target ids (up to the first EOS, e.g. `Hypothesis.ids`).
         Returns (weights float32[T, S], src_pieces [S], out_pieces [T]): row t is the attention
-        while the decoder emits out_pieces[t]; both piece lists end with "</s>" (the EOS).
+        while the decoder emits out_pieces[t]; both piece lists end with "</s>" (the EOS). An
+        ensemble's weights are the mean of its members'.
         """
         src = self.decoder.source_ids(sentence, 0, "truncate") + [EOS_ID]
         if isinstance(output, str):
@@ -138,8 +171,9 @@ class Translator:
         src_arr[0, :len(src)] = src
         tgt_arr = np.zeros((1, t_pad), np.int32)
         tgt_arr[0, :len(tgt_in)] = tgt_in
-        _, weights = _teacher_forced(self.model, self.params, jnp.asarray(src_arr),
-                                     jnp.asarray([len(src)], jnp.int32), jnp.asarray(tgt_arr))
+        weights = np.mean([np.asarray(_teacher_forced(model, params, jnp.asarray(src_arr),
+                                                      jnp.asarray([len(src)], jnp.int32), jnp.asarray(tgt_arr))[1])
+                           for model, params in zip(*inference.members(self.model, self.params))], axis=0)
         weights = np.asarray(weights[0, :len(tgt_in), :len(src)], np.float32)  # [T, S]
         return weights, _pieces(self.src_tokenizer, src), _pieces(self.tgt_tokenizer, out + [EOS_ID])
 
@@ -147,6 +181,23 @@ class Translator:
         """Writes the attention heat map of (sentence, output) to `path` (e.g. a .png)."""
         weights, src_pieces, out_pieces = self.attention(sentence, output)
         plotting.plot_attention(weights, src_pieces, out_pieces, path, title=title)
+
+    def plot_hypothesis(self, sentence: str, hypothesis: Hypothesis, path: str, title: str | None = None) -> None:
+        """Writes the heat map of the attention the search recorded for `hypothesis` (from
+        `hypotheses(..., return_attention=True)`) while translating `sentence`."""
+        if hypothesis.attention is None:
+            raise ValueError("the hypothesis has no attention: use hypotheses(..., return_attention=True)")
+        weights = hypothesis.attention                              # [T, S]
+        src = self.decoder.source_ids(sentence, 0, "truncate") + [EOS_ID]
+        out = (hypothesis.ids + [EOS_ID])[:len(weights)]             # no EOS row if cut at the limit
+        plotting.plot_attention(weights, _pieces(self.src_tokenizer, src), _pieces(self.tgt_tokenizer, out),
+                                path, title=title)
+
+
+def _tokenizer_key(translator: Translator) -> tuple:
+    """What must be equal for two models to form an ensemble: both tokenizers."""
+    return tuple(tok.model_proto() if isinstance(tok, data.Tokenizer) else tok.vocab_size
+                 for tok in (translator.src_tokenizer, translator.tgt_tokenizer))
 
 
 def _has_steps(directory: str) -> bool:
@@ -166,7 +217,8 @@ def _define_flags() -> None:
     search flag maps onto one `inference.SearchOptions` field; unset ones keep its default (or the
     workdir's config.eval)."""
     from absl import flags
-    flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizers/, checkpoints).", required=True)
+    flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizers/, checkpoints); several, "
+                        "comma-separated, decode as an ensemble (same tokenizers).", required=True)
     flags.DEFINE_string("input", None, "Source text, one sentence per line (strict UTF-8); default stdin.")
     flags.DEFINE_string("output", None, "Where to write one translation per line (its directory is created); "
                         "default stdout.")
@@ -181,6 +233,7 @@ def _define_flags() -> None:
                          "tab-separated, best first.")
     flags.DEFINE_integer("min_len", 0, "Forbid EOS before this many pieces (EOS included).")
     flags.DEFINE_integer("no_repeat_ngram_size", 0, "Beam: never repeat an n-gram of this size (0 = off).")
+    flags.DEFINE_float("coverage", 0.0, "Beam: GNMT coverage penalty beta (0 = off).")
     flags.DEFINE_float("temperature", 1.0, "Sample: softmax temperature (> 0).")
     flags.DEFINE_integer("top_k", 0, "Sample: only among the k most likely pieces (0 = all).")
     flags.DEFINE_float("top_p", 1.0, "Sample: only among the smallest set of pieces with this much "
@@ -194,11 +247,12 @@ def _define_flags() -> None:
     flags.DEFINE_enum("on_long", "truncate", list(ON_LONG),
                       "A source longer than data.max_len pieces: truncate (with a warning) or error.")
     flags.DEFINE_string("attention_dir", None, "Write one attention heat map per sentence here, "
-                        "{line:05d}.png (best hypothesis; none for empty lines).")
+                        "{line:05d}.png: the attention the search recorded for the best hypothesis "
+                        "(none for empty lines).")
 
 
-OPTION_FLAGS = ("search", "beam_size", "alpha", "n_best", "min_len", "no_repeat_ngram_size", "temperature",
-                "top_k", "top_p", "seed", "max_len_a", "max_len_b", "max_len", "on_long")
+OPTION_FLAGS = ("search", "beam_size", "alpha", "n_best", "min_len", "no_repeat_ngram_size", "coverage",
+                "temperature", "top_k", "top_p", "seed", "max_len_a", "max_len_b", "max_len", "on_long")
 
 
 def _make_parent(path: str) -> None:
@@ -232,8 +286,9 @@ def main(argv) -> None:
     try:
         lines = data.read_lines(f.input if f.input else "/dev/stdin")
         prefixes = _read_prefixes(f.prefixes, len(lines)) if f.prefixes else None
-        translator = Translator.from_workdir(f.workdir)
-        results = translator.hypotheses(lines, prefixes, **{name: f[name].value for name in OPTION_FLAGS})
+        translator = Translator.from_workdirs(f.workdir.split(","))
+        results = translator.hypotheses(lines, prefixes, return_attention=bool(f.attention_dir),
+                                        **{name: f[name].value for name in OPTION_FLAGS})
     except (ValueError, checkpoints.CheckpointError) as error:  # DataError, ConfigError are ValueErrors
         raise SystemExit(f"translate: {error}") from None
     text = "".join("\t".join(h.text for h in hyps) + "\n" for hyps in results)
@@ -247,8 +302,8 @@ def main(argv) -> None:
         os.makedirs(f.attention_dir, exist_ok=True)
         for line, (sentence, hyps) in enumerate(zip(lines, results), start=1):
             if sentence.strip():
-                translator.plot_attention(sentence, hyps[0].ids, os.path.join(f.attention_dir, f"{line:05d}.png"),
-                                          title=f"line {line}")
+                translator.plot_hypothesis(sentence, hyps[0], os.path.join(f.attention_dir, f"{line:05d}.png"),
+                                           title=f"line {line}")
 
 
 def run() -> None:

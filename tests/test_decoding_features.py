@@ -1,6 +1,6 @@
 """Tests for the optional search features of s2s_jax.decoding: nucleus sampling (top_p), per-row
-output limits (max_lens, length_limits), prefix forcing (prefix, prefix_lens) and the beam
-search's final-score hook (final_score_fn).
+output limits (max_lens, length_limits), prefix forcing (prefix, prefix_lens), the beam
+search's final-score hook (final_score_fn) and per-step records (record_fn).
 
 References: the brute-force enumeration, Python greedy and teacher forcing of test_decoding.py,
 the exact renormalised nucleus, and each row decoded alone with its own static max_len.
@@ -214,6 +214,43 @@ def test_final_score_hook_penalty_keeps_bound_exact():
 
 
 # --------------------------------------------------------------------------------------------
+# Per-step records
+# --------------------------------------------------------------------------------------------
+
+
+def record(state):
+    """[batch, beam, 3]: the toy's state after a step: (hash, steps, the step's input token)."""
+    return jnp.concatenate([state["h"][..., None].astype(jnp.float32), state["aux"]], axis=-1)
+
+
+def hand_records(toy, h0, seq, max_len):
+    """The same records by hand along one returned sequence, zeros from its length on. [max_len, 3]"""
+    out, h = np.zeros((max_len, 3), np.float32), h0
+    for t, token in enumerate(seq):
+        fed = BOS if t == 0 else seq[t - 1]
+        h = (3 * h + fed + 1) % toy.mod
+        out[t] = (h, t + 1, fed)
+    return out
+
+
+@pytest.mark.parametrize("search", ["beam", "greedy", "sample"])
+def test_records_follow_their_hypotheses(search):
+    toy, max_len = Toy(5, mod=11, seed=6, eos_bias=-0.5), 5
+    init, key = toy.init_state(H0), jax.random.PRNGKey(3)
+    run = {"beam": functools.partial(beam_search, beam_size=6, n_best=4, max_lens=np.array([5, 3, 4])),
+           "greedy": greedy_search,
+           "sample": functools.partial(sample_search, rng=key, num_samples=5)}[search]
+    plain = run(toy.step_fn, init, max_len=max_len)
+    beams, records = jax.jit(functools.partial(run, toy.step_fn, max_len=max_len, record_fn=record))(init)
+    for got, want in zip(beams, plain):  # recording changes nothing else
+        np.testing.assert_array_equal(got, want)
+    assert records.shape == beams.sequences.shape + (3,) and records.dtype == jnp.float32
+    for b, h0 in enumerate(H0):
+        for n, (_, seq) in enumerate(as_list(beams, b)):
+            np.testing.assert_array_equal(records[b, n], hand_records(toy, h0, seq, max_len))
+
+
+# --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------
 
@@ -237,5 +274,7 @@ def test_bad_feature_arguments():
             sample_search(toy.step_fn, init, key, max_len=3, top_p=top_p)
     with pytest.raises(ValueError, match="final_score_fn"):
         beam_search(toy.step_fn, init, beam_size=2, max_len=3, final_score_fn=1.0)
+    with pytest.raises(ValueError, match="record_fn"):
+        beam_search(toy.step_fn, init, beam_size=2, max_len=3, record_fn=lambda state: state["h"][0])
     with pytest.raises(ValueError, match="max_len"):
         length_limits(np.array([3]), 1.0, 0, 0)

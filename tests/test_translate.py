@@ -47,6 +47,18 @@ def reverse(line: str) -> str:
     return " ".join(line.split()[::-1])
 
 
+def gnmt_score(translator, sentence: str, ids: list[int], alpha: float) -> float:
+    """Teacher-forced log-prob of ids + EOS under the GNMT length penalty (no coverage)."""
+    src = translator.src_tokenizer.encode([sentence])[0] + [EOS_ID]
+    src_arr, tgt_arr = np.zeros((2, 1, 32), np.int32)  # one padded shape: one compilation
+    src_arr[0, :len(src)] = src
+    tgt_arr[0, :len(ids) + 1] = [BOS_ID] + ids
+    log_probs, _ = translate._teacher_forced(translator.model, translator.params, src_arr,
+                                             np.array([len(src)], np.int32), tgt_arr)
+    total = sum(float(log_probs[0, t, tok]) for t, tok in enumerate(ids + [EOS_ID]))
+    return total / ((5 + len(ids) + 1) / 6) ** alpha
+
+
 def test_reverses_dev_like_inputs_in_input_order(sentences, beam5):
     assert len(beam5) == len(sentences)
     assert beam5[17] == ""
@@ -89,16 +101,8 @@ def test_n_best_sorted_distinct_and_scored_by_the_model(translator, sentences):
         assert scores == sorted(scores, reverse=True)
         assert hyps[0].text == reverse(sentence)
         # Independent check of each score: teacher-forced log-prob of ids + EOS, GNMT penalty.
-        src = translator.src_tokenizer.encode([sentence])[0] + [EOS_ID]
         for h in hyps:
-            src_arr, tgt_arr = np.zeros((2, 1, 12), np.int32)  # one padded shape: one compilation
-            src_arr[0, :len(src)] = src
-            tgt_arr[0, :len(h.ids) + 1] = [BOS_ID] + h.ids
-            log_probs, _ = translate._teacher_forced(translator.model, translator.params, src_arr,
-                                                     np.array([len(src)], np.int32), tgt_arr)
-            total = sum(float(log_probs[0, t, tok]) for t, tok in enumerate(h.ids + [EOS_ID]))
-            length = len(h.ids) + 1
-            assert h.score == pytest.approx(total / ((5 + length) / 6) ** alpha, abs=1e-4)
+            assert h.score == pytest.approx(gnmt_score(translator, sentence, h.ids, alpha), abs=1e-4)
 
 
 def test_attention_rows_sum_to_one_and_plot(translator, tmp_path):
@@ -114,6 +118,57 @@ def test_attention_rows_sum_to_one_and_plot(translator, tmp_path):
     path = tmp_path / "a.png"
     translator.plot_attention("4 5 6 7", "7 6 5 4", str(path), title="reverse")
     assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("options", [dict(beam_size=4, n_best=3), dict(search="greedy"),
+                                     dict(search="beam", beam_size=3, n_best=2, max_len_a=0.0, max_len_b=3)])
+def test_search_attention_equals_teacher_forced_attention(translator, sentences, options):
+    """The weights the search records for each returned hypothesis are the model's teacher-forced
+    attention on that output (one row per generated piece; no EOS row when cut at the limit)."""
+    picks = [s for s in sentences if 2 <= len(s.split()) <= 7][:4]  # one bucket: fewer compilations
+    results = translator.hypotheses(picks, return_attention=True, **options)
+    plain = translator.hypotheses(picks, **options)
+    cut = False
+    for sentence, hyps, plain_hyps in zip(picks, results, plain):
+        assert [(h.ids, h.score) for h in hyps] == [(h.ids, h.score) for h in plain_hyps]  # bit-identical
+        for h in hyps:
+            want, src_pieces, _ = translator.attention(sentence, h.ids)  # [len(ids) + 1, S]
+            ended = h.attention.shape[0] == len(h.ids) + 1
+            cut |= not ended
+            assert h.attention.shape == (len(h.ids) + (1 if ended else 0), len(src_pieces))
+            np.testing.assert_allclose(h.attention, want[:h.attention.shape[0]], atol=1e-5)
+            np.testing.assert_allclose(h.attention.sum(axis=1), 1.0, atol=1e-5)
+    assert cut == ("max_len_b" in options), "the limit of 3 pieces should cut hypotheses, only it"
+
+
+def coverage_of(h, beta: float) -> float:
+    """beta * sum_i log(min(sum_j a_ij, 1)) by hand from the returned attention, floored at 1e-6."""
+    return beta * float(np.sum(np.log(np.clip(h.attention.astype(np.float64).sum(axis=0), 1e-6, 1.0))))
+
+
+def test_coverage_penalty_scores_and_ranking(translator, sentences):
+    """With beta > 0 each score is the plain GNMT score plus beta times the coverage term of its
+    recorded attention, and the n-best list is the top of everything the beta = 0 and beta > 0
+    searches found, ranked by that sum (both searches prune on the same raw log-probs)."""
+    beta, alpha, width = 2.0, 0.6, 6
+    picks = [s for s in sentences if 2 <= len(s.split()) <= 7][:8]
+    kw = dict(beam_size=width, n_best=width, alpha=alpha, return_attention=True)
+    plain = translator.hypotheses(picks, beam_size=width, n_best=width, alpha=alpha)
+    zero = translator.hypotheses(picks, coverage=0.0, **kw)
+    assert [[(h.ids, h.score) for h in hyps] for hyps in zero] == [[(h.ids, h.score) for h in hyps] for hyps in plain]
+    covered = translator.hypotheses(picks, coverage=beta, **kw)
+    changed = False
+    for sentence, zero_hyps, cov_hyps in zip(picks, zero, covered):
+        for h in cov_hyps:
+            assert coverage_of(h, beta) <= 0 and len(h.attention) == len(h.ids) + 1  # ends with EOS
+            assert h.score == pytest.approx(gnmt_score(translator, sentence, h.ids, alpha) + coverage_of(h, beta),
+                                            abs=1e-4)
+        rescored = {tuple(h.ids): h.score + coverage_of(h, beta) for h in zero_hyps}
+        rescored.update({tuple(h.ids): h.score for h in cov_hyps})
+        best = sorted(rescored, key=lambda ids: -rescored[ids])[:width]
+        assert [tuple(h.ids) for h in cov_hyps] == best
+        changed |= [h.ids for h in cov_hyps] != [h.ids for h in zero_hyps]
+    assert changed, "the coverage penalty should change some ranking"
 
 
 def test_plotting_checks_shapes(tmp_path):
@@ -146,6 +201,8 @@ def test_long_sentence_error_names_line_and_truncate_warns(translator, caplog):
     (dict(alpha=-1.0), "alpha"),
     (dict(max_len=10 ** 8), "max_len"),     # would take gigabytes per sentence
     (dict(beam_size=21), "beam_size"),      # more than the 20-symbol vocabulary
+    (dict(coverage=-0.1), "coverage"),
+    (dict(search="greedy", coverage=0.5), "coverage"),
 ])
 def test_bad_options_fail_before_decoding(translator, monkeypatch, options, match):
     def no_decoding(*args, **kwargs):

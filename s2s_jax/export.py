@@ -1,0 +1,303 @@
+"""Self-contained translation artifacts: the jitted search serialised with `jax.export`, next to the
+tokenizers, loadable and runnable without the model code (no flax, no `s2s_jax.models`).
+
+    python -m s2s_jax.export --workdir=runs/demo --output=demo.s2s.zip [--n_best=1,5] [--platforms=cpu,cuda]
+    python -m s2s_jax.export --workdir=runs/a,runs/b ...  # an ensemble (Translator.from_workdirs)
+
+    translator = s2s_jax.export.load("demo.s2s.zip")     # jax, numpy, sentencepiece only
+    translator.translate(["Y dijo Dios: Sea la luz."])   # == Translator.translate, same floats
+    translator.translate(sentences, n_best=3)            # [[best, second, third], ...]
+    translator.hypotheses(sentences, n_best=3)           # [[Hypothesis(text, ids, score), ...], ...]
+    translator.hypotheses(sentences, return_attention=True)   # Hypothesis.attention [T, S]
+
+The file is a zip archive:
+    manifest.json          format, search options, rows per call, buckets, limits, tokenizer kind
+    params.npz             the model parameters, flattened: "0000", "0001", ... in pytree order
+    decode/S{s}_N{n}.jax   one `jax.export` serialisation per source bucket length s and n-best n:
+                           (param leaves, src int32[b, s], src_len int32[b], max_lens int32[b])
+                           -> (sequences int32[b, n, L], scores float32[b, n], lengths int32[b, n]),
+                           b symbolic, L the bucket's compiled output limit
+    decode/S{s}_N{n}_A.jax the same with return_attention (when exported with attention): also
+                           attention float32[b, n, L, s]; a separate function because tracking
+                           attention changes the compiled search
+    tokenizers/{src,tgt}.model   sentencepiece models (absent for synthetic id tasks)
+
+Why one function per bucket rather than a symbolic source length: the compiled output limit
+L = min(eval.max_decode_len, 2 * s + 10) is a static loop bound and array size of the search, and
+XLA's floats depend on shapes; exporting each bucket keeps every shape of `CorpusDecoder`, so the
+loaded artifact returns exactly what `Translator` returns. The batch is symbolic, but the loader
+decodes the same number of rows per call as `CorpusDecoder` (batch invariance), each with the
+same per-row limit floor(max_len_a * source pieces + max_len_b). The parameters are arguments,
+not constants, so they are stored once for all the functions.
+
+Only the loader's imports are at module level (jax, numpy, sentencepiece through `s2s_jax.data`,
+and the jax-only `s2s_jax.decoding`); `export` imports the model code when it runs.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+import zipfile
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import numpy as np
+import sentencepiece as spm
+
+from s2s_jax import EOS_ID, data, decoding
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "s2s_jax.export/1"
+MANIFEST, PARAMS = "manifest.json", "params.npz"
+
+
+class Hypothesis(NamedTuple):
+    """One output of the search (the fields of `inference.Hypothesis`)."""
+    text: str          # detokenized
+    ids: list[int]     # target ids, EOS excluded
+    score: float       # beam: GNMT length-penalised log-prob (+ coverage penalty); greedy: summed log-prob
+    attention: np.ndarray | None = None  # with return_attention: float32[T, S] (see inference.Hypothesis)
+
+
+def _function_path(length: int, n_best: int, attention: bool) -> str:
+    return f"decode/S{length}_N{n_best}{'_A' if attention else ''}.jax"
+
+
+# ---------------------------------------------------------------------------------- export
+def export(workdirs: str | Sequence[str], output: str, *, n_best: Sequence[int] | None = None,
+           attention: bool = True, platforms: Sequence[str] | None = None, **options) -> dict:
+    """Writes the artifact of a workdir's best (else latest) checkpoint, or of an ensemble of
+    several workdirs, to the zip file `output`; returns its manifest.
+
+    n_best: the n-best sizes to export (default 1 and the beam size); attention: also export the
+    searches that return attention; options: `SearchOptions` fields fixed in the artifact (default:
+    the workdir's config.eval, as `Translator`), search "beam" or "greedy"; platforms: jax.export
+    lowering platforms, e.g. ("cpu", "cuda") (default: this machine's).
+    """
+    from s2s_jax import inference
+    from s2s_jax.translate import Translator
+
+    translator = Translator.from_workdirs([workdirs] if isinstance(workdirs, str) else list(workdirs))
+    base = translator.options(**options)
+    if base.search == "sample":
+        raise ValueError("search='sample' is not exported (beam or greedy)")
+    sizes = sorted({1, base.static()["beam_size"]} if n_best is None else set(n_best))
+    if not sizes:
+        raise ValueError("n_best: no size to export")
+    for n in sizes:  # SearchOptions.check names a bad one
+        translator.options(**options, n_best=n)
+    decoder = translator.decoder
+    # Every bucket a source of 1..max_source_len pieces (+ EOS) can fall into (data.eval_batches).
+    lengths = sorted({data.padded_length(n + 1, decoder.boundaries) for n in range(1, decoder.max_source_len + 1)})
+    leaves, treedef = jax.tree.flatten(translator.params)
+    leaf_specs = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in leaves]
+    batch = jax.export.symbolic_shape("b")[0]
+    vector = jax.ShapeDtypeStruct((batch,), np.int32)  # src_len, max_lens
+
+    functions, buckets = {}, []
+    start = time.perf_counter()
+    for length in lengths:
+        cap = base.max_len or inference.max_decode_len(length, decoder.max_len_cap)
+        buckets.append({"length": length, "max_len": cap})
+        for n in sizes:
+            for tracks in (False, True) if attention else (False,):
+                def decode(param_leaves, src, src_len, max_lens, cap=cap, n=n, tracks=tracks):
+                    out = inference.decode_batch(translator.model, jax.tree.unflatten(treedef, param_leaves), src,
+                                                 src_len, max_len=cap, max_lens=max_lens, return_attention=tracks,
+                                                 **base._replace(n_best=n).static())
+                    return (*out[0], out[1]) if tracks else tuple(out)
+
+                exported = jax.export.export(jax.jit(decode), platforms=platforms)(
+                    leaf_specs, jax.ShapeDtypeStruct((batch, length), np.int32), vector, vector)
+                functions[_function_path(length, n, tracks)] = exported.serialize()
+    seconds = time.perf_counter() - start
+
+    tokenizers = {}
+    if isinstance(translator.src_tokenizer, data.Tokenizer):
+        tokenizers = {f"tokenizers/{side}.model": tok.model_proto()
+                      for side, tok in (("src", translator.src_tokenizer), ("tgt", translator.tgt_tokenizer))}
+    manifest = {
+        "format": FORMAT,
+        "workdir": translator.workdir,
+        "jax_version": jax.__version__,
+        "platforms": list(exported.platforms),
+        "options": base._replace(n_best=None)._asdict(),
+        "n_best": sizes,
+        "attention": attention,
+        "rows": decoder.rows(base),
+        "buckets": buckets,
+        "boundaries": decoder.boundaries,
+        "max_source_len": decoder.max_source_len,
+        "tokenizer": "sentencepiece" if tokenizers else "ids",
+        "vocab_sizes": [translator.src_tokenizer.vocab_size, translator.tgt_tokenizer.vocab_size],
+        "export_seconds": round(seconds, 2),
+    }
+    params = io.BytesIO()
+    np.savez(params, **{f"{i:04d}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    partial = output + ".partial"
+    with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(MANIFEST, json.dumps(manifest, indent=1))
+        archive.writestr(PARAMS, params.getvalue())
+        for name, content in {**functions, **tokenizers}.items():
+            archive.writestr(name, content)
+    os.replace(partial, output)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------- loading
+class ExportedTranslator:
+    """A loaded artifact: `translate` and `hypotheses` as `Translator`'s, with the exported options."""
+
+    def __init__(self, archive: zipfile.ZipFile):
+        manifest = json.loads(archive.read(MANIFEST))
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"not an {FORMAT} artifact: format {manifest.get('format')!r}")
+        self.manifest, self.options = manifest, manifest["options"]
+        self.n_best_sizes, self.rows, self.boundaries = manifest["n_best"], manifest["rows"], manifest["boundaries"]
+        self.max_source_len = manifest["max_source_len"]
+        self.caps = {b["length"]: b["max_len"] for b in manifest["buckets"]}  # compiled output limit per bucket
+        if manifest["tokenizer"] == "sentencepiece":
+            self.src_tokenizer, self.tgt_tokenizer = (
+                data.Tokenizer(spm.SentencePieceProcessor(model_proto=archive.read(f"tokenizers/{side}.model")))
+                for side in ("src", "tgt"))
+        else:
+            self.src_tokenizer, self.tgt_tokenizer = (data.IdTokenizer(v) for v in manifest["vocab_sizes"])
+        with np.load(io.BytesIO(archive.read(PARAMS))) as stored:
+            self.params = [jax.device_put(stored[name]) for name in sorted(stored.files)]
+        # Deserialised now; each compiles for [rows, length] on first use.
+        self.functions = {
+            (length, n, tracks): jax.jit(jax.export.deserialize(bytearray(
+                archive.read(_function_path(length, n, tracks)))).call)
+            for length in self.caps for n in self.n_best_sizes
+            for tracks in ((False, True) if manifest["attention"] else (False,))}
+
+    def translate(self, sentences: Sequence[str], n_best: int = 1, on_long: str | None = None) -> list:
+        """The best translation of each sentence ("" for a blank one); n_best > 1: per sentence a
+        list of up to n_best texts, best first (the texts of `hypotheses`)."""
+        results = self.hypotheses(sentences, n_best, on_long=on_long)
+        return [hyps[0].text for hyps in results] if n_best == 1 else [[h.text for h in hyps] for hyps in results]
+
+    def hypotheses(self, sentences: Sequence[str], n_best: int = 1, *, return_attention: bool = False,
+                   on_long: str | None = None) -> list[list[Hypothesis]]:
+        """Per sentence, up to n_best Hypothesis(text, ids, score[, attention]), best first; a blank
+        sentence gives [Hypothesis("", [], 0.0)]. on_long: "truncate" or "error" (default: the
+        exported option)."""
+        if isinstance(sentences, str):
+            raise TypeError("translate takes a list of sentences, not one string")
+        if n_best not in self.n_best_sizes:
+            raise ValueError(f"n_best must be one of the exported sizes {self.n_best_sizes}, got {n_best!r}")
+        if return_attention and not self.manifest["attention"]:
+            raise ValueError("this artifact was exported without attention")
+        on_long = on_long or self.options["on_long"]
+        if on_long not in ("truncate", "error"):
+            raise ValueError(f"on_long must be 'truncate' or 'error', got {on_long!r}")
+        src_ids = [self._source_ids(s, i, on_long) for i, s in enumerate(sentences)]
+        results = [[Hypothesis("", [], 0.0)] for _ in src_ids]
+        todo = [i for i, ids in enumerate(src_ids) if ids]  # blank lines are not decoded
+        batches = data.eval_batches([src_ids[i] for i in todo], [[] for _ in todo], batch_size=self.rows,
+                                    boundaries=self.boundaries)
+        for batch in batches:  # [rows, bucket] each, as CorpusDecoder decodes them
+            length = batch.src.shape[1]
+            max_lens = decoding.length_limits(batch.src_len - 1, self.options["max_len_a"], self.options["max_len_b"],
+                                              self.caps[length])
+            out = [np.asarray(x) for x in self.functions[length, n_best, return_attention](
+                self.params, batch.src, batch.src_len, max_lens)]
+            sequences, scores, lengths = out[:3]  # [rows, N, L], [rows, N], [rows, N]
+            weights = out[3] if return_attention else None  # [rows, N, L, S]
+            for row, index in enumerate(todo[i] for i in batch.index if i >= 0):
+                results[index] = self._hypotheses(sequences[row], scores[row], lengths[row],
+                                                  None if weights is None else weights[row, :, :, :batch.src_len[row]])
+        return results
+
+    def _source_ids(self, sentence: str, index: int, on_long: str) -> list[int]:
+        """Piece ids of one sentence (EOS excluded), at most max_source_len of them; [] if blank."""
+        if not isinstance(sentence, str):
+            raise TypeError(f"sentence {index + 1} is a {type(sentence).__name__}, not a string")
+        if not sentence.strip():
+            return []
+        try:
+            ids = self.src_tokenizer.encode([sentence])[0]
+        except ValueError as error:
+            raise ValueError(f"line {index + 1}: cannot tokenize {sentence[:60]!r}: {error}") from None
+        if len(ids) > self.max_source_len:
+            message = (f"{len(ids)} source pieces, more than the {self.max_source_len} the model was trained on "
+                       "(data.max_len)")
+            if on_long == "error":
+                raise ValueError(f"line {index + 1}: {message}: {sentence[:60]!r}; shorten it or use "
+                                 "on_long='truncate'")
+            logger.warning("sentence %d (line %d): %s; truncated to the first %d", index, index + 1, message,
+                           self.max_source_len)
+            ids = ids[:self.max_source_len]
+        return ids
+
+    def _hypotheses(self, sequences: np.ndarray, scores: np.ndarray, lengths: np.ndarray,
+                    weights: np.ndarray | None) -> list[Hypothesis]:
+        """One sentence's result slots [N, L], [N], [N] (and attention [N, L, S] or None) ->
+        hypotheses; empty slots are dropped."""
+        hyps = [Hypothesis("", [int(t) for t in sequences[k, :lengths[k]] if t != EOS_ID], float(scores[k]),
+                           None if weights is None else weights[k, :lengths[k]])
+                for k in range(len(lengths)) if lengths[k] > 0]
+        texts = self.tgt_tokenizer.decode([h.ids for h in hyps])
+        return [h._replace(text=t) for h, t in zip(hyps, texts)]
+
+
+def load(path: str) -> ExportedTranslator:
+    """Loads an artifact written by `export` (needs jax, numpy, sentencepiece and flatbuffers)."""
+    with zipfile.ZipFile(path) as archive:
+        return ExportedTranslator(archive)
+
+
+# ---------------------------------------------------------------------------------- command line
+OPTION_FLAGS = ("search", "beam_size", "alpha", "min_len", "no_repeat_ngram_size", "coverage", "max_len_a",
+                "max_len_b", "max_len")
+
+
+def main(argv) -> None:
+    from absl import flags
+    from absl import logging as absl_logging
+
+    from s2s_jax import checkpoints
+    if len(argv) > 1:
+        raise SystemExit(f"export: unexpected arguments {argv[1:]}")
+    f = flags.FLAGS
+    if not f["verbosity"].present:  # keep stderr to warnings and errors (orbax logs a lot at INFO)
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    options = {name: f[name].value for name in OPTION_FLAGS if f[name].value is not None}
+    try:
+        manifest = export(f.workdir.split(","), f.output, n_best=[int(n) for n in f.n_best] if f.n_best else None,
+                          attention=f.attention, platforms=f.platforms, **options)
+    except (ValueError, checkpoints.CheckpointError) as error:  # DataError, ConfigError are ValueErrors
+        raise SystemExit(f"export: {error}") from None
+    print(f"{f.output}: {os.path.getsize(f.output) / 2**20:.2f} MiB, buckets "
+          f"{[b['length'] for b in manifest['buckets']]} x n_best {manifest['n_best']}"
+          f"{' (+ attention)' if manifest['attention'] else ''}, exported in {manifest['export_seconds']:.1f} s")
+
+
+def run() -> None:
+    from absl import app, flags
+    flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizers/, checkpoints); several, "
+                        "comma-separated, export an ensemble.", required=True)
+    flags.DEFINE_string("output", None, "The artifact to write (a zip file).", required=True)
+    flags.DEFINE_list("n_best", None, "N-best sizes to export; default: 1 and the beam size.")
+    flags.DEFINE_bool("attention", True, "Also export the searches that return attention.")
+    flags.DEFINE_list("platforms", None, "jax.export platforms, e.g. cpu,cuda; default: this machine's.")
+    flags.DEFINE_enum("search", None, ["beam", "greedy"], "Decoding; default beam.")
+    flags.DEFINE_integer("beam_size", None, "Beam size; default: the workdir's eval.beam_size.")
+    flags.DEFINE_float("alpha", None, "GNMT length-penalty exponent; default: the workdir's eval.alpha.")
+    flags.DEFINE_integer("min_len", None, "Forbid EOS before this many pieces (EOS included).")
+    flags.DEFINE_integer("no_repeat_ngram_size", None, "Beam: never repeat an n-gram of this size (0 = off).")
+    flags.DEFINE_float("coverage", None, "Beam: GNMT coverage penalty beta (0 = off).")
+    flags.DEFINE_float("max_len_a", None, "Per-sentence output limit a * source pieces + b.")
+    flags.DEFINE_integer("max_len_b", None, "See --max_len_a.")
+    flags.DEFINE_integer("max_len", None, "Compiled output limit override (EOS included).")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
