@@ -148,6 +148,14 @@ class Window:
         return row
 
 
+def window_rates(wall_s: float, compile_s: float, tokens: float, steps: int) -> tuple[float, float]:
+    """(tokens per second, seconds per step) of a progress window whose `wall_s` seconds include
+    `compile_s` of compilation: compilation is not training time (the first window of a run
+    would otherwise predict its remaining time from compile-bound steps)."""
+    train_s = max(wall_s - compile_s, 1e-9)
+    return tokens / train_s, train_s / max(steps, 1)
+
+
 def progress_line(done: int, total: int, row: dict, seconds_per_step: float) -> str:
     """`step 50/3500 | loss 5.123 | 8,010 tok/s | tf 1.00 | 0m40s elapsed, ~7m10s left`."""
     return (f"step {done}/{total} | loss {row.get('train_loss', float('nan')):.3f} | "

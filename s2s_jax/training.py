@@ -227,14 +227,14 @@ class _Loop:
     def _progress(self, done: int, tf_ratio: float) -> None:
         """Writes the window's row and prints the progress line; compilation is not training time."""
         window, clock = self.window, self.clock
-        train_s = max(time.time() - clock["time"] - (self.stats.seconds - clock["compile_s"]), 1e-9)
+        tokens_per_s, seconds_per_step = logbook.window_rates(
+            time.time() - clock["time"], self.stats.seconds - clock["compile_s"], window.tokens - clock["tokens"],
+            window.steps + window.skipped - clock["steps"])
         row = dict(window.averages(self.config.optimizer.label_smoothing > 0), tf_ratio=tf_ratio,
-                   learning_rate=float(self.learning_rate(done - 1)),
-                   tokens_per_s=(window.tokens - clock["tokens"]) / train_s,
+                   learning_rate=float(self.learning_rate(done - 1)), tokens_per_s=tokens_per_s,
                    elapsed_s=time.time() - self.started)
         self.log.write(done, row)
-        steps_timed = max(window.steps + window.skipped - clock["steps"], 1)
-        logger.info("%s", logbook.progress_line(done, self.config.num_train_steps, row, train_s / steps_timed))
+        logger.info("%s", logbook.progress_line(done, self.config.num_train_steps, row, seconds_per_step))
         self.window = logbook.Window()
         self._start_clock()
 

@@ -74,3 +74,13 @@ def test_window_averages_report_plain_nll_and_smoothed_loss_apart():
                                                    nonfinite_skipped=1)
     assert "train_loss_smoothed" not in window.averages(smoothing=False)
     assert logbook.Window(**window.as_dict()).as_dict() == window.as_dict()  # round trip via checkpoints
+
+
+def test_progress_rates_leave_compilation_out():
+    """A first window of 10 s, 8 of them compiling, 2 steps of 50 tokens: the ETA is built on 1 s
+    per step (the 8-minute demo once predicted 27 minutes from its first line)."""
+    tokens_per_s, seconds_per_step = logbook.window_rates(10.0, 8.0, 100.0, 2)
+    assert (tokens_per_s, seconds_per_step) == (50.0, 1.0)
+    line = logbook.progress_line(2, 482, dict(train_loss=5.0, tokens_per_s=tokens_per_s, tf_ratio=1.0,
+                                              elapsed_s=10.0), seconds_per_step)
+    assert line.endswith("0m10s elapsed, ~8m00s left")
