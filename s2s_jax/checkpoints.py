@@ -207,8 +207,8 @@ class Checkpoints:
         # A target without shardings (jax.eval_shape, as translate passes) loads onto this host's
         # first device, whatever device layout saved the checkpoint.
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None
-                                else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
+                                if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None else x, abstract)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         state_dict, meta = restored["state"], restored["meta"]

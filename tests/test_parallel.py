@@ -51,6 +51,9 @@ def test_two_devices_match_one(tmp_path):
     assert two["dev_loss"] == pytest.approx(one["dev_loss"], rel=1e-3)
     # Dev BLEU (greedy and beam), decoded on the mesh, equals the one-device figure.
     assert (two["greedy"], two["beam"]) == (one["greedy"], one["beam"])
-    # A checkpoint saved on two devices loads on this process's one device.
+    # A checkpoint saved on two devices loads on this process's one device and translates as the
+    # one-device model does.
     from s2s_jax.translate import Translator
-    assert Translator.from_workdir(str(tmp_path / "two")).translate(["4 5 6"], search="greedy") == ["6 5 4"]
+    sentences = ["4 5 6", "7 8 9 10", "11 4"]
+    assert (Translator.from_workdir(str(tmp_path / "two")).translate(sentences, search="greedy")
+            == Translator.from_workdir(str(tmp_path / "one")).translate(sentences, search="greedy"))
