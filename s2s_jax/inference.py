@@ -195,8 +195,8 @@ class SearchOptions(NamedTuple):
     def from_eval_config(cls, eval_cfg, search: str) -> SearchOptions:
         """The options of dev BLEU during training (config.eval) for `search`."""
         return cls(search=search, beam_size=int(eval_cfg.beam_size), alpha=float(eval_cfg.alpha),
-                   max_len_a=float(eval_cfg.get("max_len_a", cls.max_len_a)),  # absent in older workdirs
-                   max_len_b=int(eval_cfg.get("max_len_b", cls.max_len_b)))
+                   max_len_a=float(eval_cfg.get("max_len_a", cls._field_defaults["max_len_a"])),  # absent in
+                   max_len_b=int(eval_cfg.get("max_len_b", cls._field_defaults["max_len_b"])))  # older workdirs
 
     def check(self, *, vocab_size: int, max_output_len: int) -> None:
         """Raises ValueError naming the first bad option; sizes are capped by what the model allows."""

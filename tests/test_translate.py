@@ -350,3 +350,11 @@ def test_cli_sampling_and_bad_option(tiny_workdir):
     result = _cli(f"--workdir={tiny_workdir}", "--search=sample", "--top_p=1.5", stdin="4 5 6\n")
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and "top_p" in lines[0]
+
+
+def test_eval_options_of_a_workdir_older_than_the_length_rule():
+    """config.json of older workdirs has no eval.max_len_a / max_len_b: the defaults apply."""
+    from ml_collections import ConfigDict
+    old_eval = ConfigDict(dict(beam_size=4, alpha=0.5, batch_size=16, max_decode_len=64, search="greedy"))
+    options = inference.SearchOptions.from_eval_config(old_eval, "beam")
+    assert (options.beam_size, options.alpha, options.max_len_a, options.max_len_b) == (4, 0.5, 2.0, 10)
