@@ -7,6 +7,7 @@ small set, so a jitted train step compiles once per bucket.
 from __future__ import annotations
 
 import bisect
+import logging
 import hashlib
 import io
 import json
@@ -22,6 +23,8 @@ import sentencepiece as spm
 from s2s_jax import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 IdSeqs = list[list[int]]
+
+logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -188,6 +191,28 @@ class IdTokenizer:
 
     def decode(self, ids_batch) -> list[str]:
         return [" ".join(map(str, _content_ids(row))) for row in ids_batch]
+
+
+def source_ids(tokenizer, sentence: str, index: int, max_len: int, on_long: str) -> list[int]:
+    """Piece ids of sentence number `index` (0-based; EOS excluded) for translation, at most
+    `max_len` of them; [] for a blank sentence. A longer source is cut with a warning
+    (on_long="truncate") or refused with a ValueError naming its line (on_long="error")."""
+    if not isinstance(sentence, str):
+        raise TypeError(f"sentence {index + 1} is a {type(sentence).__name__}, not a string")
+    if not sentence.strip():
+        return []
+    shown = repr(sentence if len(sentence) <= 60 else sentence[:60] + "...")
+    try:
+        ids = tokenizer.encode([sentence])[0]
+    except ValueError as error:
+        raise ValueError(f"line {index + 1}: cannot tokenize {shown}: {error}") from None
+    if len(ids) > max_len:
+        message = f"{len(ids)} source pieces, more than the {max_len} the model was trained on (data.max_len)"
+        if on_long == "error":
+            raise ValueError(f"line {index + 1}: {message}: {shown}; shorten it or use on_long='truncate'")
+        logger.warning("sentence %d (line %d): %s; truncated to the first %d", index, index + 1, message, max_len)
+        ids = ids[:max_len]
+    return ids
 
 
 # --------------------------------------------------------------------------- synthetic tasks

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import time
 import zipfile
@@ -49,8 +48,6 @@ import numpy as np
 import sentencepiece as spm
 
 from s2s_jax import EOS_ID, data, decoding
-
-logger = logging.getLogger(__name__)
 
 FORMAT = "s2s_jax.export/1"
 MANIFEST, PARAMS = "manifest.json", "params.npz"
@@ -197,7 +194,8 @@ class ExportedTranslator:
         on_long = on_long or self.options["on_long"]
         if on_long not in ("truncate", "error"):
             raise ValueError(f"on_long must be 'truncate' or 'error', got {on_long!r}")
-        src_ids = [self._source_ids(s, i, on_long) for i, s in enumerate(sentences)]
+        src_ids = [data.source_ids(self.src_tokenizer, s, i, self.max_source_len, on_long)
+                   for i, s in enumerate(sentences)]
         results = [[Hypothesis("", [], 0.0)] for _ in src_ids]
         todo = [i for i, ids in enumerate(src_ids) if ids]  # blank lines are not decoded
         batches = data.eval_batches([src_ids[i] for i in todo], [[] for _ in todo], batch_size=self.rows,
@@ -214,27 +212,6 @@ class ExportedTranslator:
                 results[index] = self._hypotheses(sequences[row], scores[row], lengths[row],
                                                   None if weights is None else weights[row, :, :, :batch.src_len[row]])
         return results
-
-    def _source_ids(self, sentence: str, index: int, on_long: str) -> list[int]:
-        """Piece ids of one sentence (EOS excluded), at most max_source_len of them; [] if blank."""
-        if not isinstance(sentence, str):
-            raise TypeError(f"sentence {index + 1} is a {type(sentence).__name__}, not a string")
-        if not sentence.strip():
-            return []
-        try:
-            ids = self.src_tokenizer.encode([sentence])[0]
-        except ValueError as error:
-            raise ValueError(f"line {index + 1}: cannot tokenize {sentence[:60]!r}: {error}") from None
-        if len(ids) > self.max_source_len:
-            message = (f"{len(ids)} source pieces, more than the {self.max_source_len} the model was trained on "
-                       "(data.max_len)")
-            if on_long == "error":
-                raise ValueError(f"line {index + 1}: {message}: {sentence[:60]!r}; shorten it or use "
-                                 "on_long='truncate'")
-            logger.warning("sentence %d (line %d): %s; truncated to the first %d", index, index + 1, message,
-                           self.max_source_len)
-            ids = ids[:self.max_source_len]
-        return ids
 
     def _hypotheses(self, sequences: np.ndarray, scores: np.ndarray, lengths: np.ndarray,
                     weights: np.ndarray | None) -> list[Hypothesis]:

@@ -30,7 +30,6 @@ Beyond the plain searches (all opt-in; off, the compiled search is unchanged):
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -42,8 +41,6 @@ from s2s_jax import EOS_ID, PAD_ID, data, decoding
 from s2s_jax import attention as attn
 from s2s_jax.models import Seq2Seq
 from s2s_jax.validate import is_int
-
-logger = logging.getLogger(__name__)
 
 SEARCHES = ("beam", "greedy", "sample")
 ON_LONG = ("truncate", "error")
@@ -275,23 +272,7 @@ class CorpusDecoder:
 
     def source_ids(self, sentence: str, index: int, on_long: str) -> list[int]:
         """Piece ids of one sentence (EOS excluded), at most max_source_len of them; [] if blank."""
-        if not isinstance(sentence, str):
-            raise TypeError(f"sentence {index + 1} is a {type(sentence).__name__}, not a string")
-        if not sentence.strip():
-            return []
-        try:
-            ids = self.src_tokenizer.encode([sentence])[0]
-        except ValueError as error:
-            raise ValueError(f"line {index + 1}: cannot tokenize {preview(sentence)}: {error}") from None
-        limit = self.max_source_len
-        if len(ids) > limit:
-            message = f"{len(ids)} source pieces, more than the {limit} the model was trained on (data.max_len)"
-            if on_long == "error":
-                raise ValueError(f"line {index + 1}: {message}: {preview(sentence)}; shorten it or use "
-                                 "on_long='truncate'")
-            logger.warning("sentence %d (line %d): %s; truncated to the first %d", index, index + 1, message, limit)
-            ids = ids[:limit]
-        return ids
+        return data.source_ids(self.src_tokenizer, sentence, index, self.max_source_len, on_long)
 
     def prefix_ids(self, prefixes: Sequence[str | None] | None, count: int) -> list[list[int]]:
         """Target piece ids of each sentence's forced prefix ([] for none)."""
@@ -368,7 +349,3 @@ class CorpusDecoder:
                 for k in range(len(lengths)) if lengths[k] > 0]
         texts = self.tgt_tokenizer.decode([h.ids for h in hyps])
         return [h._replace(text=t) for h, t in zip(hyps, texts)]
-
-
-def preview(sentence: str, width: int = 60) -> str:
-    return repr(sentence if len(sentence) <= width else sentence[:width] + "...")

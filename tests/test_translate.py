@@ -182,7 +182,7 @@ def test_long_sentence_error_names_line_and_truncate_warns(translator, caplog):
     lines = ["4 5", "6 7", long]
     with pytest.raises(ValueError, match="line 3"):
         translator.translate(lines, on_long="error")
-    with caplog.at_level(logging.WARNING, logger="s2s_jax.inference"):
+    with caplog.at_level(logging.WARNING, logger="s2s_jax.data"):
         out = translator.translate(lines, on_long="truncate")
     assert len(out) == 3 and out[0] == "5 4"
     assert any("sentence 2 (line 3)" in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
