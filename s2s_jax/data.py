@@ -193,6 +193,27 @@ class IdTokenizer:
         return [" ".join(map(str, _content_ids(row))) for row in ids_batch]
 
 
+class Hypothesis(NamedTuple):
+    """One output of the search."""
+    text: str          # detokenized
+    ids: list[int]     # target ids, EOS excluded
+    score: float       # beam: GNMT length-penalised log-prob (+ coverage penalty); greedy, sample: summed log-prob
+    # With return_attention: float32[T, S], row t the weights over the S source pieces (EOS included)
+    # while emitting piece t; T = len(ids) + 1 (the EOS step), or len(ids) if cut at the output limit.
+    attention: np.ndarray | None = None
+
+
+def hypotheses(tokenizer, sequences: np.ndarray, scores: np.ndarray, lengths: np.ndarray,
+               weights: np.ndarray | None = None) -> list[Hypothesis]:
+    """One sentence's search result slots [N, L], [N], [N] (and attention [N, L, S] or None) ->
+    detokenized hypotheses; empty slots (length 0) are dropped."""
+    hyps = [Hypothesis("", [int(t) for t in sequences[k, :lengths[k]] if t != EOS_ID], float(scores[k]),
+                       None if weights is None else weights[k, :lengths[k]])
+            for k in range(len(lengths)) if lengths[k] > 0]
+    texts = tokenizer.decode([h.ids for h in hyps])
+    return [h._replace(text=t) for h, t in zip(hyps, texts)]
+
+
 def source_ids(tokenizer, sentence: str, index: int, max_len: int, on_long: str) -> list[int]:
     """Piece ids of sentence number `index` (0-based; EOS excluded) for translation, at most
     `max_len` of them; [] for a blank sentence. A longer source is cut with a warning

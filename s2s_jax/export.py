@@ -41,24 +41,16 @@ import os
 import time
 import zipfile
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import jax
 import numpy as np
 import sentencepiece as spm
 
-from s2s_jax import EOS_ID, data, decoding
+from s2s_jax import data, decoding
+from s2s_jax.data import Hypothesis
 
 FORMAT = "s2s_jax.export/1"
 MANIFEST, PARAMS = "manifest.json", "params.npz"
-
-
-class Hypothesis(NamedTuple):
-    """One output of the search (the fields of `inference.Hypothesis`)."""
-    text: str          # detokenized
-    ids: list[int]     # target ids, EOS excluded
-    score: float       # beam: GNMT length-penalised log-prob (+ coverage penalty); greedy: summed log-prob
-    attention: np.ndarray | None = None  # with return_attention: float32[T, S] (see inference.Hypothesis)
 
 
 def _function_path(length: int, n_best: int, attention: bool) -> str:
@@ -209,19 +201,9 @@ class ExportedTranslator:
             sequences, scores, lengths = out[:3]  # [rows, N, L], [rows, N], [rows, N]
             weights = out[3] if return_attention else None  # [rows, N, L, S]
             for row, index in enumerate(todo[i] for i in batch.index if i >= 0):
-                results[index] = self._hypotheses(sequences[row], scores[row], lengths[row],
+                results[index] = data.hypotheses(self.tgt_tokenizer, sequences[row], scores[row], lengths[row],
                                                   None if weights is None else weights[row, :, :, :batch.src_len[row]])
         return results
-
-    def _hypotheses(self, sequences: np.ndarray, scores: np.ndarray, lengths: np.ndarray,
-                    weights: np.ndarray | None) -> list[Hypothesis]:
-        """One sentence's result slots [N, L], [N], [N] (and attention [N, L, S] or None) ->
-        hypotheses; empty slots are dropped."""
-        hyps = [Hypothesis("", [int(t) for t in sequences[k, :lengths[k]] if t != EOS_ID], float(scores[k]),
-                           None if weights is None else weights[k, :lengths[k]])
-                for k in range(len(lengths)) if lengths[k] > 0]
-        texts = self.tgt_tokenizer.decode([h.ids for h in hyps])
-        return [h._replace(text=t) for h, t in zip(hyps, texts)]
 
 
 def load(path: str) -> ExportedTranslator:

@@ -37,8 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from s2s_jax import EOS_ID, PAD_ID, data, decoding
+from s2s_jax import PAD_ID, data, decoding
 from s2s_jax import attention as attn
+from s2s_jax.data import Hypothesis
 from s2s_jax.models import Seq2Seq
 from s2s_jax.validate import is_int
 
@@ -148,16 +149,6 @@ def decode_batch(model: Seq2Seq | tuple[Seq2Seq, ...], params, src: jax.Array, s
 def max_decode_len(source_length: int, cap: int) -> int:
     """Compiled output limit for a source bucket of `source_length` positions."""
     return min(cap, 2 * source_length + 10)
-
-
-class Hypothesis(NamedTuple):
-    """One output of the search."""
-    text: str          # detokenized
-    ids: list[int]     # target ids, EOS excluded
-    score: float       # beam: GNMT length-penalised log-prob (+ coverage penalty); greedy, sample: summed log-prob
-    # With return_attention: float32[T, S], row t the weights over the S source pieces (EOS included)
-    # while emitting piece t; T = len(ids) + 1 (the EOS step), or len(ids) if cut at the output limit.
-    attention: np.ndarray | None = None
 
 
 def _is_number(value) -> bool:
@@ -320,7 +311,7 @@ class CorpusDecoder:
             sequences, scores, lengths = (np.asarray(x) for x in beams)  # [rows, N, L], [rows, N], [rows, N]
             weights = None if weights is None else np.asarray(weights)  # [rows, N, L, S]
             for row, index in enumerate(real):
-                results[index] = self._hypotheses(
+                results[index] = data.hypotheses(self.tgt_tokenizer, 
                     sequences[row], scores[row], lengths[row],
                     None if weights is None else weights[row, :, :, :batch.src_len[row]])
         return results
@@ -339,13 +330,3 @@ class CorpusDecoder:
         for row, ids in enumerate(prefixes):
             prefix[row, :len(ids)], lens[row] = ids, len(ids)
         return prefix, lens
-
-    def _hypotheses(self, sequences: np.ndarray, scores: np.ndarray, lengths: np.ndarray,
-                    weights: np.ndarray | None) -> list[Hypothesis]:
-        """One sentence's result slots [N, L], [N], [N] (and attention [N, L, S] or None) ->
-        hypotheses; empty slots are dropped."""
-        hyps = [Hypothesis("", [int(t) for t in sequences[k, :lengths[k]] if t != EOS_ID], float(scores[k]),
-                           None if weights is None else weights[k, :lengths[k]])
-                for k in range(len(lengths)) if lengths[k] > 0]
-        texts = self.tgt_tokenizer.decode([h.ids for h in hyps])
-        return [h._replace(text=t) for h, t in zip(hyps, texts)]
