@@ -96,6 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.input_feeding = True
     # Dropout on embeddings, between encoder layers and before the output projection.
     model.dropout = 0.2
+    # Weights and embeddings ~ U(-init_scale, init_scale) (Luong et al. 2015); 0 = Glorot uniform with
+    # orthogonal recurrent weights. 0.1 leaves the early unigram plateau far sooner (BUILD_NOTES.md).
+    model.init_scale = 0.1
     # Matmul compute dtype: float32, or bfloat16 on accelerators (parameters stay float32).
     model.dtype = "float32"
     # Tokens per chunk of the fused output projection + loss in training and dev loss (0 = plain logits).

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from s2s_jax import initializers
+
 SCORES = ("dot", "general", "concat", "scaled_dot")
 MASK_VALUE = -1e7  # large finite negative: a fully padded row stays finite (never -inf)
 
@@ -29,10 +31,11 @@ class AttentionParams(nn.Module):
     query_dim: int
     memory_dim: int
     attention_dim: int
+    init_scale: float = 0.1  # s2s_jax.initializers
 
     @nn.compact
     def __call__(self) -> dict:
-        init = nn.initializers.xavier_uniform()
+        init = initializers.matrix(self.init_scale)
         if self.score in ("dot", "scaled_dot"):
             return {}
         if self.score == "general":
@@ -42,7 +45,7 @@ class AttentionParams(nn.Module):
                 "w_memory": self.param("w_memory", init, (self.memory_dim, self.attention_dim)),
                 "w_query": self.param("w_query", init, (self.query_dim, self.attention_dim)),
                 "bias": self.param("bias", nn.initializers.zeros, (self.attention_dim,)),
-                "v": self.param("v", nn.initializers.normal(self.attention_dim ** -0.5),
+                "v": self.param("v", initializers.vector(self.init_scale, self.attention_dim),
                                 (self.attention_dim,)),
             }
         raise ValueError(f"unknown attention score {self.score!r}; expected one of {SCORES}")

@@ -65,6 +65,7 @@ RANGES = {
     "model.attention_dim": (int, ">= 1"),
     "model.dropout": (float, "[0, 1)"),
     "model.output_chunk": (int, ">= 0"),
+    "model.init_scale": (float, "[0, 1]"),
     "optimizer.learning_rate": (float, "> 0"),
     "optimizer.warmup_steps": (int, ">= 0"),
     "optimizer.b1": (float, "[0, 1)"),

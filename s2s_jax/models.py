@@ -21,12 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from s2s_jax import attention as attn
+from s2s_jax import initializers
 
 State = dict[str, jax.Array]  # decoder state: h, c [B, K, L, H]; feed [B, K, H] (+ attention, coverage [B, K, S])
-
-dense_init = nn.initializers.xavier_uniform()
-recurrent_init = nn.initializers.orthogonal()
-
 
 def lstm_bias_init(key, shape, dtype=jnp.float32):
     """Zero bias with forget-gate bias 1 (gate order i, f, g, o)."""
@@ -72,12 +69,13 @@ class LSTMLayer(nn.Module):
     hidden: int
     dtype: Any = jnp.float32
     reverse: bool = False
+    init_scale: float = 0.1  # s2s_jax.initializers
 
     @nn.compact
     def __call__(self, inputs: jax.Array, lengths: jax.Array):
         """Returns outputs [B, S, H] (zero at padding) and the final (h, c) [B, H] at each length."""
-        w_i = self.param("w_i", dense_init, (inputs.shape[-1], 4 * self.hidden))
-        w_h = self.param("w_h", recurrent_init, (self.hidden, 4 * self.hidden))
+        w_i = self.param("w_i", initializers.matrix(self.init_scale), (inputs.shape[-1], 4 * self.hidden))
+        w_h = self.param("w_h", initializers.recurrent(self.init_scale), (self.hidden, 4 * self.hidden))
         bias = self.param("bias", lstm_bias_init, (4 * self.hidden,))
         gates_in = matmul(inputs, w_i, self.dtype) + bias              # [B, S, 4H] in one matmul
         valid = attn.source_mask(lengths, inputs.shape[1])            # [B, S]
@@ -106,6 +104,7 @@ class Encoder(nn.Module):
     reverse_source: bool = False
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    init_scale: float = 0.1  # s2s_jax.initializers
 
     @property
     def output_dim(self) -> int:
@@ -118,15 +117,15 @@ class Encoder(nn.Module):
         With `reverse_source` the LSTMs read each sentence backwards, and the outputs are put back
         in source order, so attention weights always line up with the source tokens.
         """
-        x = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=dense_init)(src)
+        x = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=initializers.matrix(self.init_scale))(src)
         x = dropout(x, self.dropout_rate, train)
         if self.reverse_source:
             x = reverse_padded(x, src_len)
         for layer in range(self.num_layers):
-            forward, (h_fw, _) = LSTMLayer(self.hidden, self.dtype, name=f"layer{layer}_fw")(x, src_len)
+            forward, (h_fw, _) = LSTMLayer(self.hidden, self.dtype, init_scale=self.init_scale, name=f"layer{layer}_fw")(x, src_len)
             outputs, finals = [forward], [h_fw]
             if self.bidirectional:
-                backward, (h_bw, _) = LSTMLayer(self.hidden, self.dtype, reverse=True,
+                backward, (h_bw, _) = LSTMLayer(self.hidden, self.dtype, reverse=True, init_scale=self.init_scale,
                                                 name=f"layer{layer}_bw")(x, src_len)
                 outputs.append(backward)
                 finals.append(h_bw)
@@ -150,6 +149,7 @@ class Decoder(nn.Module):
     input_feeding: bool = True
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    init_scale: float = 0.1  # s2s_jax.initializers
 
     @property
     def feeds(self) -> bool:
@@ -160,18 +160,20 @@ class Decoder(nn.Module):
             raise ValueError(f"attention={self.attention!r} needs decoder hidden ({self.hidden}) == "
                              f"encoder output size ({self.memory_dim}); use general or concat")
         h4 = 4 * self.hidden
-        self.embedding = self.param("embedding", dense_init, (self.vocab_size, self.embed_dim))
-        self.w_embed = self.param("w_embed", dense_init, (self.embed_dim, h4))
-        self.w_feed = self.param("w_feed", dense_init, (self.hidden, h4)) if self.feeds else None
-        self.w_i = [self.param(f"w_i{l}", dense_init, (self.hidden, h4)) for l in range(1, self.num_layers)]
-        self.w_h = [self.param(f"w_h{l}", recurrent_init, (self.hidden, h4)) for l in range(self.num_layers)]
+        matrix = initializers.matrix(self.init_scale)
+        self.embedding = self.param("embedding", matrix, (self.vocab_size, self.embed_dim))
+        self.w_embed = self.param("w_embed", matrix, (self.embed_dim, h4))
+        self.w_feed = self.param("w_feed", matrix, (self.hidden, h4)) if self.feeds else None
+        self.w_i = [self.param(f"w_i{l}", matrix, (self.hidden, h4)) for l in range(1, self.num_layers)]
+        self.w_h = [self.param(f"w_h{l}", initializers.recurrent(self.init_scale), (self.hidden, h4))
+                    for l in range(self.num_layers)]
         self.bias = [self.param(f"bias{l}", lstm_bias_init, (h4,)) for l in range(self.num_layers)]
-        self.bridge = nn.Dense(2 * self.num_layers * self.hidden, kernel_init=dense_init)
+        self.bridge = nn.Dense(2 * self.num_layers * self.hidden, kernel_init=matrix)
         if self.attention != "none":
             self.attention_params = attn.AttentionParams(
-                self.attention, self.hidden, self.memory_dim, self.attention_dim)
-            self.w_combine = self.param("w_combine", dense_init, (self.memory_dim + self.hidden, self.hidden))
-        self.w_out = self.param("w_out", dense_init, (self.hidden, self.vocab_size))
+                self.attention, self.hidden, self.memory_dim, self.attention_dim, self.init_scale)
+            self.w_combine = self.param("w_combine", matrix, (self.memory_dim + self.hidden, self.hidden))
+        self.w_out = self.param("w_out", matrix, (self.hidden, self.vocab_size))
         self.b_out = self.param("b_out", nn.initializers.zeros, (self.vocab_size,))
         self.dropout = nn.Dropout(self.dropout_rate)  # embeddings and attentional vectors
 
@@ -331,15 +333,17 @@ class Seq2Seq(nn.Module):
     # Tokens per chunk of the fused output layer + loss (s2s_jax.output_layer) that steps uses on
     # the teacher-forced path; 0 = logits and steps.cross_entropy. Changes no parameter.
     output_chunk: int = 0
+    # Weight initialisation (s2s_jax.initializers): U(-s, s) for s > 0, Glorot / orthogonal for 0.
+    init_scale: float = 0.1
 
     def setup(self):
         self.encoder = Encoder(self.src_vocab_size, self.embed_dim, self.encoder_hidden,
                                self.encoder_layers, self.bidirectional, self.reverse_source,
-                               self.dropout_rate, self.dtype)
+                               self.dropout_rate, self.dtype, self.init_scale)
         memory_dim = self.encoder_hidden * (2 if self.bidirectional else 1)
         self.decoder = Decoder(self.tgt_vocab_size, self.embed_dim, self.decoder_hidden, memory_dim,
                                self.decoder_layers, self.attention, self.attention_dim,
-                               self.input_feeding, self.dropout_rate, self.dtype)
+                               self.input_feeding, self.dropout_rate, self.dtype, self.init_scale)
 
     def encode(self, src: jax.Array, src_len: jax.Array, train: bool = False, track_attention: bool = False):
         """src [B, S], src_len [B] -> (Memory with leaves [B, S, ...], decoder state with leaves [B, ...]).
@@ -424,4 +428,6 @@ def make_model(model_cfg, src_vocab_size: int, tgt_vocab_size: int) -> Seq2Seq:
         attention_dim=model_cfg.attention_dim, input_feeding=model_cfg.input_feeding,
         dropout_rate=model_cfg.dropout, dtype=jnp.dtype(model_cfg.dtype),
         # Workdirs written before output_chunk existed run the plain output layer.
-        output_chunk=model_cfg.get("output_chunk", 0))
+        output_chunk=model_cfg.get("output_chunk", 0),
+        # Workdirs written before init_scale existed were initialised with Glorot / orthogonal.
+        init_scale=model_cfg.get("init_scale", 0.0))

@@ -352,6 +352,36 @@ def test_dot_attention_needs_matching_sizes():
                        jnp.ones((1,), jnp.int32), dummy)
 
 
+@pytest.mark.parametrize("init_scale", [0.1, 0.0])
+def test_weight_initialisation(init_scale):
+    """U(-s, s) for every weight (s > 0), else Glorot with orthogonal recurrent weights; biases
+    zero with forget-gate bias 1 either way."""
+    model = Seq2Seq(SRC_V, TGT_V, embed_dim=E, encoder_hidden=HE, decoder_hidden=HD, attention="concat",
+                    attention_dim=A, init_scale=init_scale)
+    dummy = jnp.ones((1, 3), jnp.int32)
+    params = model.init(jax.random.PRNGKey(0), dummy, jnp.ones((1,), jnp.int32), dummy,
+                        fast_path_only=True)["params"]
+    flat = {"/".join(str(k.key) for k in path): np.asarray(x)
+            for path, x in jax.tree_util.tree_leaves_with_path(params)}
+    biases = {name: x for name, x in flat.items() if name.rsplit("/", 1)[-1].startswith(("bias", "b_out"))}
+    weights = {name: x for name, x in flat.items() if name not in biases}
+    assert len(weights) >= 15 and len(biases) >= 5
+    for name, x in biases.items():
+        expected = np.zeros_like(x)
+        if "attention" not in name and "bridge" not in name and name != "decoder/b_out":  # LSTM gates
+            expected[len(x) // 4:len(x) // 2] = 1.0
+        np.testing.assert_array_equal(x, expected, err_msg=name)
+    for name, x in weights.items():
+        if init_scale > 0:
+            assert np.abs(x).max() <= init_scale and x.std() > 0.5 * init_scale / np.sqrt(3), name
+    w_h = flat["decoder/w_h0"]
+    is_orthogonal = np.allclose(w_h @ w_h.T, np.eye(w_h.shape[0]), atol=1e-5)
+    assert is_orthogonal == (init_scale == 0)
+    if init_scale == 0:
+        limit = np.sqrt(6 / sum(flat["decoder/w_out"].shape))  # Glorot uniform
+        assert np.abs(flat["decoder/w_out"]).max() <= limit
+
+
 def test_scheduled_sampling_needs_rng():
     model, params = make_seq2seq("general")
     src, src_len, tgt_in = seq2seq_batch()
