@@ -16,11 +16,11 @@ from configs import default
 def get_config():
     config = default.get_config()
     # Steps that fit the 10-minute budget on 2 CPU cores (compilation and evaluation included).
-    config.num_train_steps = 3000
+    config.num_train_steps = 3500
     # Progress every 50 steps.
     config.log_every_steps = 50
     # One dev evaluation, at the end.
-    config.eval_every_steps = 3000
+    config.eval_every_steps = 3500
     # Checkpoint every 500 steps (a killed demo resumes from there).
     config.checkpoint_every_steps = 500
     # Small batches: more updates per second; per token they learn faster here (BUILD_NOTES.md).
@@ -39,6 +39,4 @@ def get_config():
     config.optimizer.learning_rate = 1e-3
     # Short warmup.
     config.optimizer.warmup_steps = 100
-    # Cosine decay to 10% of the peak by the last step: the run ends on a settled model.
-    config.optimizer.decay = "cosine"
     return config
