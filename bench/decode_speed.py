@@ -2,6 +2,7 @@
 
     python bench/decode_speed.py                      # random-init demo-sized model (~3 min, 2 CPU cores)
     python bench/decode_speed.py --workdir=runs/demo  # a trained model on its dev sentences
+    python bench/decode_speed.py --model=joeynmt      # the JoeyNMT anchor's size, against its figures
 
 Per configuration: compile time (jit lower + XLA compile, ahead of time), then one untimed warm-up
 batch, then sentences/s and output tokens/s (best hypothesis, EOS counted) over the timed batches
@@ -12,6 +13,13 @@ Without --workdir the model is NOT trained: embed 128, bidirectional LSTM encode
 direction, LSTM decoder 256, general attention, input feeding, V = 4000 on both sides, random
 sources of 10..30 ids, and a fixed output limit (--max_len, default 40). Such a model rarely emits
 EOS, so nearly every search runs all max_len steps: a worst case for the loop length.
+
+`--model=joeynmt`: the same, at the JoeyNMT anchor's size (configs/default.py: embed 256,
+bidirectional LSTM encoder 256 per direction, decoder 256, V = 8000) and its decoding run
+(../shared/anchors/README.md): 617 sentences in batches of 64, output limit 34 (JoeyNMT's mean
+output length on dev, so a model that never stops writes as many tokens as JoeyNMT did), sources
+of 15..55 ids (dev's length range in 8000-piece units), beam 1 (greedy) and 5; each speed is also
+given as a multiple of JoeyNMT's (2,252 and 475 target tokens/s, greedy and beam 5).
 
 Writes bench/results/decode_speed.json next to this file.
 """
@@ -30,25 +38,32 @@ import numpy as np
 from s2s_jax import EOS_ID, data, inference
 from s2s_jax.models import Seq2Seq
 
-# The model of configs/demo.py (its spm vocabulary of 4000 pieces per side), written out here so the
-# bench does not change when that config is tuned.
-DEMO = dict(src_vocab_size=4000, tgt_vocab_size=4000, embed_dim=128, encoder_hidden=128, bidirectional=True,
-            decoder_hidden=256, attention="general", attention_dim=128, input_feeding=True)
+# The models of configs/demo.py (its spm vocabulary of 4000 pieces per side) and configs/default.py
+# (the JoeyNMT anchor's), written out here so the bench does not change when a config is tuned:
+# (model, source lengths low..high, padded source length, default output limit).
+MODELS = {
+    "demo": (dict(src_vocab_size=4000, tgt_vocab_size=4000, embed_dim=128, encoder_hidden=128, bidirectional=True,
+                  decoder_hidden=256, attention="general", attention_dim=128, input_feeding=True), (10, 30), 32, 40),
+    "joeynmt": (dict(src_vocab_size=8000, tgt_vocab_size=8000, embed_dim=256, encoder_hidden=256, bidirectional=True,
+                     decoder_hidden=256, attention="general", attention_dim=256, input_feeding=True), (15, 55), 56, 34),
+}
+# The JoeyNMT anchor's decoding speed on dev, target tokens/s, by beam (../shared/anchors/README.md).
+JOEYNMT_TOKENS_PER_S = {1: 2252, 5: 475}
 
 
 def random_setup(args):
-    """A randomly initialised demo-sized model and random sources padded to one length."""
-    model = Seq2Seq(**DEMO)
+    """A randomly initialised model of --model's size and random sources padded to one length."""
+    sizes, (low, high), source_len, max_len = MODELS[args.model]
+    model = Seq2Seq(**sizes)
     rng = np.random.default_rng(args.seed)
-    lengths = rng.integers(10, 31, size=args.sentences)                 # source pieces, EOS excluded
-    src_ids = [rng.integers(4, DEMO["src_vocab_size"], size=n).tolist() for n in lengths]
-    source_len = 32
+    lengths = rng.integers(low, high + 1, size=args.sentences)          # source pieces, EOS excluded
+    src_ids = [rng.integers(4, sizes["src_vocab_size"], size=n).tolist() for n in lengths]
     dummy = jnp.ones((1, source_len), jnp.int32)
     params = model.init(jax.random.PRNGKey(args.seed), dummy, jnp.ones((1,), jnp.int32), dummy,
                         fast_path_only=True)["params"]
-    description = ("random-init demo-sized model (NOT trained; outputs are meaningless): "
-                   + ", ".join(f"{k}={v}" for k, v in DEMO.items()))
-    return model, params, src_ids, source_len, args.max_len or 40, description
+    description = (f"random-init {args.model}-sized model (NOT trained; outputs are meaningless): "
+                   + ", ".join(f"{k}={v}" for k, v in sizes.items()))
+    return model, params, src_ids, source_len, args.max_len or max_len, description
 
 
 def workdir_setup(args):
@@ -118,7 +133,9 @@ def measure(model, params, src_ids, source_len, max_len, beam: int, batch_size: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", help="trained workdir; default: random-init demo-sized model")
+    parser.add_argument("--workdir", help="trained workdir; default: a random-init model of --model's size")
+    parser.add_argument("--model", choices=sorted(MODELS), default="demo",
+                        help="random-init model size; joeynmt also sets the anchor's beams, batch and sentences")
     parser.add_argument("--beams", default="1,5,10")
     parser.add_argument("--batches", default="1,32,128")
     parser.add_argument("--sentences", type=int, default=256, help="sentences per configuration (batch > 1)")
@@ -128,6 +145,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per configuration; the fastest counts")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.model == "joeynmt" and not args.workdir:
+        args.beams, args.batches, args.sentences = "1,5", "64", 617
     beams = [int(b) for b in args.beams.split(",")]
     batch_sizes = [int(b) for b in args.batches.split(",")]
 
@@ -159,16 +178,25 @@ def main() -> None:
         ratios[f"beam{beam}"] = {f"batch{b}": cost[smallest] / cost[b] for b in batch_sizes}
         steps = "  ".join(f"batch {b}: {cost[smallest] / cost[b]:6.1f}x" for b in batch_sizes)
         print(f"  beam {beam:2d}: {steps}")
+    against_joeynmt = {}
+    if args.model == "joeynmt" and not args.workdir:
+        print("target tokens/s against the JoeyNMT anchor's (goal: >= 10x):")
+        for row in rows:
+            anchor = JOEYNMT_TOKENS_PER_S[row["beam"]]
+            against_joeynmt[f"beam{row['beam']}"] = ratio = row["tokens_per_s"] / anchor
+            print(f"  beam {row['beam']}: {row['tokens_per_s']:,.0f} / {anchor:,} = {ratio:.1f}x")
     total_s = time.perf_counter() - started
     print(f"total {total_s:.0f} s")
 
     result = dict(command=" ".join([Path(sys.executable).name] + sys.argv), model=description,
                   mode="workdir" if args.workdir else "random-init", source_len=source_len, max_len=max_len,
                   alpha=args.alpha, repeats=args.repeats, rows=rows, per_sentence_cost_ratio_vs_smallest_batch=ratios,
+                  joeynmt_tokens_per_s=JOEYNMT_TOKENS_PER_S if against_joeynmt else None,
+                  ratio_vs_joeynmt=against_joeynmt or None,
                   total_s=total_s, device=jax.devices()[0].device_kind, backend=jax.default_backend(),
                   cpu_count=os.cpu_count(), load_average_1min=os.getloadavg()[0], jax_version=jax.__version__,
                   python=platform.python_version(), machine=platform.machine())
-    out = Path(__file__).parent / "results" / "decode_speed.json"
+    out = Path(__file__).parent / "results" / ("decode_speed_joeynmt.json" if against_joeynmt else "decode_speed.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -87,10 +87,16 @@ def final_params(workdir) -> dict:
 
 def test_two_processes_train_as_one_process_with_two_devices(env, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    single = subprocess.run(command(one), cwd=REPO, env=devices(env, 2), capture_output=True, text=True,
-                            timeout=TIMEOUT)
-    assert single.returncode == 0, single.stderr[-3000:]
-    first, second = train_two_processes(env, two)
+    # The one-process run goes on beside the two-process one (they share nothing but the cache).
+    single = subprocess.Popen(command(one), cwd=REPO, env=devices(env, 2), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        first, second = train_two_processes(env, two)
+        single_output = single.communicate(timeout=TIMEOUT)[0]
+    finally:
+        single.kill()
+        single.wait()
+    assert single.returncode == 0, single_output[-3000:]
     # One writer: process 0 prints the progress and final lines; process 1 none of them.
     assert "step 20/20" in first and "final | step 20" in first
     assert "step 20/20" not in second and "final |" not in second
