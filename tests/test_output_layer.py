@@ -68,9 +68,9 @@ def test_fused_gradients_match_finite_differences(label_smoothing):
         check_grads(lambda *p: loss(*p, targets)[0], (x, w, b), order=1, modes=["rev"], eps=1e-6)
 
 
-# (attention, input feeding, bidirectional, encoder layers)
-MODELS = [("general", True, True, 1), ("general", False, True, 2),
-          ("concat", True, True, 2), ("concat", False, False, 1)]
+# (attention, input feeding, bidirectional, encoder layers): each setting of each axis once. The
+# fused layer sees only the decoder's output vectors; its own gradients are checked above.
+MODELS = [("general", False, True, 1), ("concat", True, False, 2)]
 
 
 @pytest.mark.parametrize("attention,input_feeding,bidirectional,encoder_layers", MODELS)

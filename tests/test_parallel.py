@@ -24,26 +24,38 @@ config.data.synthetic_train_size = 640
 config.data.synthetic_dev_size = 32
 config.eval.batch_size = 32
 config.eval.search = "beam"
+config.data.bucket_boundaries = (12,)  # one batch shape: one compilation per function
 summary = training.train_and_evaluate(config, sys.argv[1])
 print(json.dumps(dict(devices=jax.device_count(), dev_loss=summary["dev_loss"],
                       beam=summary["dev_bleu_beam"], greedy=summary["dev_bleu"])))
 """
 
 
-def train(workdir: str, devices: int) -> tuple[dict, list[float]]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    result = subprocess.run([sys.executable, "-c", RUN, workdir], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-        losses = [row["train_loss"] for row in map(json.loads, f) if "train_loss" in row]
-    return json.loads(result.stdout.strip().splitlines()[-1]), losses
+def train(workdirs: dict[int, str]) -> dict[int, tuple[dict, list[float]]]:
+    """Runs the tiny run once per {devices: workdir}, side by side; returns (summary, train losses)."""
+    runs = {}
+    for devices, workdir in workdirs.items():
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        runs[devices] = subprocess.Popen([sys.executable, "-c", RUN, workdir], cwd=REPO, env=env,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = {}
+    try:
+        for devices, run in runs.items():
+            stdout, stderr = run.communicate(timeout=300)
+            assert run.returncode == 0, stderr[-2000:]
+            with open(os.path.join(workdirs[devices], "metrics.jsonl"), encoding="utf-8") as f:
+                losses = [row["train_loss"] for row in map(json.loads, f) if "train_loss" in row]
+            results[devices] = json.loads(stdout.strip().splitlines()[-1]), losses
+    finally:
+        for run in runs.values():
+            run.kill()
+            run.wait()
+    return results
 
 
 def test_two_devices_match_one(tmp_path):
-    one, losses_one = train(str(tmp_path / "one"), 1)
-    two, losses_two = train(str(tmp_path / "two"), 2)
+    results = train({1: str(tmp_path / "one"), 2: str(tmp_path / "two")})
+    (one, losses_one), (two, losses_two) = results[1], results[2]
     assert (one["devices"], two["devices"]) == (1, 2)
     assert len(losses_one) == len(losses_two) == 4
     # Same batches, same updates; only the order of the cross-device sums differs.
