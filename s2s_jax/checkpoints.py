@@ -123,6 +123,7 @@ class Checkpoints:
 
     def __init__(self, workdir: str, keep: int):
         self.directory = os.path.join(workdir, "checkpoints")
+        self._keep = keep
         self._manager = _manager(self.directory, keep)
         self.good_step: int | None = None  # newest step known to load (restored or saved here)
         self._unreadable: set[int] = set()  # listed steps that failed to load
@@ -155,6 +156,22 @@ class Checkpoints:
             raise CheckpointError(f"cannot write checkpoint step {step} to {self.directory}: {reason}; "
                                   f"previous checkpoint: {previous}") from error
         self.good_step = step
+
+    def prune(self) -> None:
+        """Deletes the steps that the preservation policy deletes after a save: a run killed
+        between writing a step and deleting the older ones leaves them behind. For the training
+        run that owns the workdir (all its processes call it); a reader never deletes."""
+        steps = self.steps()
+        keep = set(steps[-self._keep:])
+        # The best dev BLEU, the newer of equals (as BestN); a step without one is never the best.
+        best_bleu, best = max(((_dev_bleu(self._manager.metrics(step) or {}), step) for step in steps),
+                              default=(-math.inf, None))
+        if best_bleu > -math.inf:
+            keep.add(best)
+        for step in steps:
+            if step not in keep:
+                self._manager.delete(step)
+                logger.info("deleted checkpoint step %d of %s (neither recent nor best)", step, self.directory)
 
     def restore_latest(self, target: Any) -> tuple[Any, dict] | None:
         """Newest loadable checkpoint as (state like `target`, meta), or None if there is none.

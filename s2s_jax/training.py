@@ -273,6 +273,7 @@ def _train_in(config, workdir: str) -> dict:
     store = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
     try:  # raises CheckpointError for a checkpoint of another model shape or vocabulary
         restored = store.restore_latest(inputs.abstract_state)
+        store.prune()  # what a kill after the last save left to delete
         # Every check has passed: from here on the run writes (process 0; all write checkpoints).
         writer = jax.process_index() == 0
         if writer:

@@ -92,6 +92,28 @@ def test_keeps_the_last_steps_and_the_best(tmp_path, saves):
     assert_loads_best_or_latest(workdir, saves)  # a new store reads the ranking back from disk
 
 
+@pytest.mark.parametrize("saves", CASES.values(), ids=CASES.keys())
+def test_prune_deletes_what_a_killed_run_left(tmp_path, saves):
+    """A run killed after a save, before deleting the older steps, leaves them all: prune (called by
+    the next training run) deletes exactly those the policy would have."""
+    workdir = str(tmp_path)
+    everything = checkpoints.Checkpoints(workdir, keep=len(saves))  # deletes nothing: as if killed
+    try:
+        for step, bleu in saves:
+            state = make_state(step)
+            everything.save(step, state, meta(state), dev_bleu=bleu)
+    finally:
+        everything.close()
+    assert disk_steps(workdir) == [step for step, _ in saves]
+    store = checkpoints.Checkpoints(workdir, KEEP)
+    try:
+        store.prune()
+        assert store.steps() == disk_steps(workdir) == expected_steps(saves)[0]
+    finally:
+        store.close()
+    assert_loads_best_or_latest(workdir, saves)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_random_saves_across_reopened_stores(tmp_path, seed):
     """Steps with and without BLEU in random order; the store is closed and reopened at random
