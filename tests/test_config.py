@@ -12,7 +12,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from configs import default, demo, tiny
+from configs import default, demo, gpu, tiny
 from s2s_jax import configuration, schedules, workdir_lock
 from s2s_jax.configuration import ConfigError
 
@@ -37,14 +37,15 @@ def _refused(config, match):
 
 
 # ----------------------------------------------------------------------------- ranges
-@pytest.mark.parametrize("module", [default, demo, tiny], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [default, demo, gpu, tiny], ids=lambda m: m.__name__)
 def test_shipped_configs_pass(module):
     configuration.check(module.get_config())
 
 
-@pytest.mark.parametrize("module, vocab, parameters", [(default, 8000, 8_580_416)], ids=["default"])
+@pytest.mark.parametrize("module, vocab, parameters", [(default, 8000, 8_580_416), (gpu, 8000, 42_620_736)],
+                         ids=["default", "gpu"])
 def test_config_builds_the_model_its_docstring_states(module, vocab, parameters):
-    """Shapes only (jax.eval_shape): the parameter count configs/default.py documents."""
+    """Shapes only (jax.eval_shape): the parameter count each config's docstring states."""
     import jax
     from s2s_jax import steps
     from s2s_jax.models import make_model
