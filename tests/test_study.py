@@ -1,7 +1,7 @@
 """bench/study.py end to end on its tiny preset: two variants (the reference, which has attention maps
 and an exposure gap, and attention "none", which has neither) trained, analysed and written (about
 40 s on 2 CPU cores), then rerun from the command line on the same directory, which must train
-nothing. It is one test so that pytest-xdist never trains the study twice in two workers.
+nothing. It is one test, so the tiny study is trained once.
 
 Independent references: sacrebleu's dev BLEU of the training evaluation (the one non-empty length
 bucket of the synthetic task must equal it) and the training evaluation's teacher-forced dev loss
