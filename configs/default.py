@@ -109,7 +109,8 @@ def get_config() -> ml_collections.ConfigDict:
     opt.learning_rate = 1e-3
     # Linear warmup steps from 0 to the peak.
     opt.warmup_steps = 200
-    # After warmup: "constant", "cosine" (to 10% of peak at the last step) or "rsqrt".
+    # After warmup: "constant", "cosine" (to 10% of peak at the last step), "rsqrt", or "wsd"
+    # (constant, then linear to 0 over the last 20% of num_train_steps).
     opt.decay = "constant"
     # Adam beta1.
     opt.b1 = 0.9

@@ -30,7 +30,7 @@ CHOICES = {
     "data.on_empty": ("skip", "error"),
     "model.attention": ("none",) + SCORES,
     "model.dtype": ("float32", "bfloat16"),
-    "optimizer.decay": ("constant", "cosine", "rsqrt"),
+    "optimizer.decay": ("constant", "cosine", "rsqrt", "wsd"),
     "teacher_forcing.schedule": schedules.SCHEDULES,
     "teacher_forcing.mode": ("sequential", "parallel"),
     "eval.search": ("greedy", "beam"),
@@ -203,9 +203,9 @@ def to_json(config: ml_collections.ConfigDict) -> dict:
 
 
 def _depends_on_num_train_steps(config: ml_collections.ConfigDict) -> bool:
-    """True when the trajectory is a function of num_train_steps: the cosine learning-rate decay
-    ends at the last step, and an auto-sized teacher-forcing k is computed from it."""
-    return config.optimizer.decay == "cosine" or schedules.uses_num_train_steps(config)
+    """True when the trajectory is a function of num_train_steps: the cosine and wsd learning-rate
+    decays end at the last step, and an auto-sized teacher-forcing k is computed from it."""
+    return config.optimizer.decay in ("cosine", "wsd") or schedules.uses_num_train_steps(config)
 
 
 def _unused(config: ml_collections.ConfigDict) -> set[str]:

@@ -21,6 +21,10 @@ class TrainState(train_state.TrainState):
 
 
 # ----------------------------------------------------------------------------- optimizer
+# Fraction of num_train_steps over which the "wsd" learning rate falls linearly to 0.
+WSD_COOLDOWN = 0.2
+
+
 def make_learning_rate(opt_cfg, num_train_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to the peak over `warmup_steps`, then (by `decay`):
 
@@ -28,15 +32,19 @@ def make_learning_rate(opt_cfg, num_train_steps: int) -> optax.Schedule:
       cosine    cosine from the peak at the end of warmup to 10% of it at `num_train_steps`
       rsqrt     peak * sqrt(warmup / step) (the Transformer's inverse square root; 1 at the
                 end of warmup, halved at 4x the warmup steps)
+      wsd       warmup-stable-decay: the peak, then linear to 0 over the last WSD_COOLDOWN of
+                `num_train_steps` (Hägele et al. 2024)
     """
-    # Only cosine reads num_train_steps: configuration._depends_on_num_train_steps relies on it.
+    # Only cosine and wsd read num_train_steps: configuration._depends_on_num_train_steps relies on it.
     peak, warmup = float(opt_cfg.learning_rate), int(opt_cfg.warmup_steps)
     decay_steps = max(num_train_steps - warmup, 1)
+    cooldown = max(round(WSD_COOLDOWN * num_train_steps), 1)
     after = {
         "constant": optax.constant_schedule(peak),
         "cosine": optax.cosine_decay_schedule(peak, decay_steps, alpha=0.1),
         # Called with the steps since the end of warmup (join_schedules), >= 0 where it is used.
         "rsqrt": lambda since: peak * jnp.sqrt(max(warmup, 1) / (jnp.maximum(since, 0) + max(warmup, 1))),
+        "wsd": lambda since: peak * jnp.clip((decay_steps - jnp.asarray(since, jnp.float32)) / cooldown, 0.0, 1.0),
     }[opt_cfg.decay]
     if warmup == 0:
         return after

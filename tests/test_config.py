@@ -262,6 +262,7 @@ def test_free_changes_are_returned(tmp_path):
 @pytest.mark.parametrize("changes, free", [
     ({"optimizer.decay": "cosine"}, False),  # the cosine decay ends at num_train_steps
     ({"optimizer.decay": "rsqrt"}, True),
+    ({"optimizer.decay": "wsd"}, False),  # the cooldown ends at num_train_steps
     ({"teacher_forcing.schedule": "inverse_sigmoid"}, False),  # auto k is sized to num_train_steps
     ({"teacher_forcing.schedule": "exponential"}, False),
     ({"teacher_forcing.schedule": "inverse_sigmoid", "teacher_forcing.k": 50.0}, True),

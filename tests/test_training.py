@@ -327,7 +327,7 @@ def opt_config(decay, warmup=10, peak=1e-2, clip_norm=0.0):
                            clip_norm=clip_norm, label_smoothing=0.0))
 
 
-@pytest.mark.parametrize("decay", ["constant", "cosine", "rsqrt"])
+@pytest.mark.parametrize("decay", ["constant", "cosine", "rsqrt", "wsd"])
 @pytest.mark.parametrize("warmup", [0, 1, 10])
 def test_learning_rate_is_finite_at_every_step_python_int_or_traced(decay, warmup):
     """The loop calls the schedule with Python ints from step 0 (rsqrt used to divide by zero)."""
@@ -338,7 +338,7 @@ def test_learning_rate_is_finite_at_every_step_python_int_or_traced(decay, warmu
         assert value == pytest.approx(float(jax.jit(schedule)(jnp.int32(step))), rel=1e-6)
 
 
-@pytest.mark.parametrize("decay", ["constant", "cosine", "rsqrt"])
+@pytest.mark.parametrize("decay", ["constant", "cosine", "rsqrt", "wsd"])
 def test_learning_rate_shapes(decay):
     peak, warmup, total = 1e-2, 10, 110
     schedule = steps.make_learning_rate(opt_config(decay, warmup, peak), total)
@@ -351,6 +351,11 @@ def test_learning_rate_shapes(decay):
     elif decay == "cosine":
         assert lr(warmup + (total - warmup) // 2) == pytest.approx(peak * 0.55)  # halfway down to 10%
         assert lr(total) == pytest.approx(peak * 0.1)
+    elif decay == "wsd":
+        cooldown = round(steps.WSD_COOLDOWN * total)                  # 22 steps
+        assert lr(total - cooldown) == pytest.approx(peak)            # stable up to the cooldown
+        assert lr(total - cooldown // 2) == pytest.approx(peak / 2)   # halfway down
+        assert lr(total) == 0.0
     else:
         assert lr(4 * warmup) == pytest.approx(peak / 2)  # peak * sqrt(warmup / step)
         assert lr(100 * warmup) == pytest.approx(peak / 10)
