@@ -11,8 +11,9 @@ attention), scheduled sampling (inverse sigmoid from 1 to 0, k sized to the run;
 parallel), and the reference with seeds 1 and 2 (it has seed 42) to show the seed-to-seed spread.
 Every preset evaluates once, at the end, with greedy and beam-5 search.
 
-Presets (durations are estimates until measured):
-  cpu   2,000 steps per variant: about 90 minutes for all twelve on 2 idle CPU cores.
+Presets:
+  cpu   2,000 steps per variant: about 1 h 30 min for all twelve on 2 CPU cores (measured:
+        docs/study, 3-9 minutes per variant).
   gpu   6,000 steps per variant: roughly 30 minutes for all twelve on one H100 (a guess).
   tiny  configs/tiny.py's synthetic reverse task, 30 steps: about 20 s per variant, mostly compiling
         (measured on 2 busy CPU cores; tests/test_study.py).
