@@ -16,5 +16,5 @@ timeout --signal=INT --kill-after=120 "$seconds" "$python" train.py --config=con
 for search in greedy beam; do
   "$python" -m s2s_jax.translate --workdir="$workdir" --input="$data/dev.es" \
     --output="$workdir/dev.$search.en" --search=$search --beam_size=5 --alpha=0
-  echo "$search: $("$python" -m sacrebleu -b -m bleu chrf "$data/dev.en" < "$workdir/dev.$search.en" | tr '\n' ' ')"
+  echo "$search: $("$python" -m sacrebleu "$data/dev.en" -m bleu chrf -b < "$workdir/dev.$search.en" | tr '\n' ' ')"
 done
