@@ -3,7 +3,7 @@
 For each size in --pairs, writes a corpus of random Zipfian "words" (source and target drawn from
 two vocabularies of --words types, lengths 5-40 words, the target a noisy function of the source so
 the model has something to learn) under --out, then runs `train.py --config=configs/default.py`
-for --steps steps on it in a child process and reports the child's peak resident memory
+for --steps steps on it in a child process and reports that child's peak resident memory
 (preparation included: reading, sentencepiece training, tokenization), the preparation seconds
 (from the start of the child to train.py's `data:` line) and the training tokens/s of its last
 progress line (every 10 steps).
@@ -19,7 +19,7 @@ import argparse
 import json
 import os
 import re
-import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -87,7 +87,7 @@ def run_training(corpus: str, workdir: str, steps: int) -> dict:
                "--config.data.tgt_lang=tgt", f"--config.num_train_steps={steps}",
                f"--config.log_every_steps={LOG_EVERY}", f"--config.eval_every_steps={steps}",
                f"--config.checkpoint_every_steps={steps}", "--config.eval.max_decode_len=16"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    shutil.rmtree(workdir, ignore_errors=True)  # a finished workdir would not train again
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     prepare_s, tokens_per_s, log = None, None, []
@@ -98,12 +98,11 @@ def run_training(corpus: str, workdir: str, steps: int) -> dict:
         match = PROGRESS.search(line)
         if match:
             tokens_per_s = float(match.group(2).replace(",", ""))
-    if child.wait() != 0:
+    _, status, usage = os.wait4(child.pid, 0)                  # this child's own peak RSS (KiB)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
         raise SystemExit(f"data_scale: training on {corpus} failed:\n{''.join(log[-20:])}")
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak_kb <= before:
-        raise SystemExit("data_scale: run one size per process (the children's peak RSS is a maximum)")
-    return dict(peak_rss_mb=peak_kb / 1024, wall_s=time.perf_counter() - started,
+    return dict(peak_rss_mb=usage.ru_maxrss / 1024, wall_s=time.perf_counter() - started,
                 prepare_s=prepare_s, tokens_per_s=tokens_per_s)
 
 
@@ -115,19 +114,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="/tmp/data_scale")
     parser.add_argument("--json", default=os.path.join(REPO, "bench", "results", "data_scale.json"))
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:  # one size per process: RUSAGE_CHILDREN's peak is a maximum over all children
-        corpus = ensure_corpus(args.out, args.child, args.words, args.seed)
-        row = run_training(corpus, os.path.join(args.out, f"workdir{args.child}"), args.steps)
-        print(json.dumps(dict(pairs=args.child, steps=args.steps, **row)), flush=True)
-        return
     rows = []
     for pairs in (int(p) for p in args.pairs.split(",")):
-        child = subprocess.run([sys.executable, __file__, f"--child={pairs}", f"--steps={args.steps}",
-                                f"--words={args.words}", f"--seed={args.seed}", f"--out={args.out}"],
-                               stdout=subprocess.PIPE, text=True, check=True)
-        rows.append(json.loads(child.stdout))
+        corpus = ensure_corpus(args.out, pairs, args.words, args.seed)
+        rows.append(dict(pairs=pairs, steps=args.steps,
+                         **run_training(corpus, os.path.join(args.out, f"workdir{pairs}"), args.steps)))
     print(f"{'pairs':>10} {'peak RSS MiB':>13} {'prepare s':>10} {'tokens/s':>9} {'wall s':>7}")
     for row in rows:
         print(f"{row['pairs']:>10,} {row['peak_rss_mb']:>13,.0f} {row['prepare_s']:>10.1f} "
