@@ -48,6 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.vocab_size = 8000
     # Sentencepiece model type: "unigram" or "bpe".
     data.spm_model_type = "unigram"
+    # Sentencepiece trains on a uniform random sample of at most this many training pairs.
+    data.spm_sample_size = 1_000_000
     # Training pairs with more pieces than this on either side are dropped (dev never is).
     data.max_len = 64
     # Padded lengths of the batch buckets (one jit shape each); the last must be >= max_len + 1.
@@ -163,4 +165,6 @@ def get_config() -> ml_collections.ConfigDict:
     dist.num_processes = 1
     # This process's number, 0 .. num_processes - 1 (ignored when "auto"); process 0 writes the files.
     dist.process_id = 0
+    # A process silent for this long counts as dead: the others stop with an error (JAX's heartbeat).
+    dist.heartbeat_timeout_s = 30
     return config

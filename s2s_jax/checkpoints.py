@@ -37,6 +37,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from s2s_jax import parallel
 
 logger = logging.getLogger(__name__)
 
@@ -240,12 +241,15 @@ class Checkpoints:
         return flax.serialization.from_state_dict(target, state_dict), meta
 
     def _move_aside(self, step: int) -> None:
-        source = os.path.join(self.directory, str(step))
-        n = 0
-        while os.path.exists(f"{source}.unreadable-{n}"):
-            n += 1
-        os.rename(source, f"{source}.unreadable-{n}")
-        logger.warning("moved unreadable checkpoint %s to %s.unreadable-%d", source, source, n)
+        """Renames a step that does not load (process 0; the others wait) before it is rewritten."""
+        if jax.process_index() == 0:
+            source = os.path.join(self.directory, str(step))
+            n = 0
+            while os.path.exists(f"{source}.unreadable-{n}"):
+                n += 1
+            os.rename(source, f"{source}.unreadable-{n}")
+            logger.warning("moved unreadable checkpoint %s to %s.unreadable-%d", source, source, n)
+        parallel.barrier(f"move_aside_{step}")
         self._unreadable.discard(step)
         self._manager.reload()
 

@@ -49,6 +49,7 @@ RANGES = {
     "data.max_len": (int, ">= 1"),
     "data.batch_size": (int, ">= 1"),
     "data.max_train_pairs": (int, ">= 0"),
+    "data.spm_sample_size": (int, ">= 1"),
     "data.max_dev_pairs": (int, ">= 0"),
     # Ids 0-3 are PAD, BOS, EOS, UNK: at least one symbol.
     "data.synthetic_vocab_size": (int, ">= 5"),
@@ -87,6 +88,7 @@ RANGES = {
     # Further checked against each other by parallel.check_distributed.
     "distributed.num_processes": (int, ">= 1"),
     "distributed.process_id": (int, ">= 0"),
+    "distributed.heartbeat_timeout_s": (int, ">= 1"),
 }
 # teacher_forcing.k for the schedules that use it, unless it is schedules.AUTO_K (sized to the run).
 K_RANGES = {"exponential": "(0, 1)", "inverse_sigmoid": ">= 1"}
@@ -216,8 +218,8 @@ def _unused(config: ml_collections.ConfigDict) -> set[str]:
         unused |= {key for key in flat if key.startswith("data.synthetic_")}
     else:
         unused |= {"data.train_prefix", "data.dev_prefix", "data.src_lang", "data.tgt_lang",
-                   "data.vocab_size", "data.spm_model_type", "data.on_empty", "data.max_train_pairs",
-                   "data.max_dev_pairs"}
+                   "data.vocab_size", "data.spm_model_type", "data.spm_sample_size", "data.on_empty",
+                   "data.max_train_pairs", "data.max_dev_pairs"}
     if config.model.attention != "concat":
         unused.add("model.attention_dim")
     tf = config.teacher_forcing

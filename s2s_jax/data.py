@@ -7,20 +7,22 @@ small set, so a jitted train step compiles once per bucket.
 from __future__ import annotations
 
 import bisect
-import logging
+import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
 import sentencepiece as spm
 
-from s2s_jax import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from s2s_jax import BOS_ID, EOS_ID, PAD_ID, UNK_ID, tokenized
 
 IdSeqs = list[list[int]]
 
@@ -39,31 +41,84 @@ def _error(path: str, message: str, line: int | None = None) -> DataError:
 # --------------------------------------------------------------------------- reading
 
 
-def read_lines(path: str) -> list[str]:
-    """Reads a strict UTF-8 file, one item per '\\n'-terminated line, without line endings.
+def iter_lines(path: str, *, start: int = 0, first_line: int = 1,
+               digest=None) -> Iterator[tuple[int, str, int]]:
+    """Yields (line number, text, byte offset after the line) of a strict UTF-8 file, read as a
+    stream from byte `start` (the line numbered `first_line`); `digest` (a hashlib object) is fed
+    every byte read.
 
     Only '\\n' separates lines (a trailing '\\r' is dropped), so Unicode line separators
     inside a sentence cannot shift the alignment of a parallel corpus. A leading BOM is dropped.
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        f = open(path, "rb")
     except OSError as e:
         raise _error(path, f"cannot read file ({e.strerror or e})") from e
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    raw = data.split(b"\n")
-    if raw[-1] == b"":
-        raw.pop()
-    lines = []
-    for number, line in enumerate(raw, start=1):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            byte = line[e.start]
-            raise _error(path, f"invalid UTF-8 (byte 0x{byte:02x} at column {e.start + 1})", number) from None
-        lines.append(text.removesuffix("\r"))
-    return lines
+    with f:
+        if start:  # a pipe cannot seek: only a resumed read does
+            f.seek(start)
+        offset, number = start, first_line
+        for raw in f:
+            if digest is not None:
+                digest.update(raw)
+            offset += len(raw)
+            line = raw[3:] if offset == len(raw) and raw.startswith(b"\xef\xbb\xbf") else raw
+            line = line.removesuffix(b"\n")
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                byte = line[e.start]
+                raise _error(path, f"invalid UTF-8 (byte 0x{byte:02x} at column {e.start + 1})", number) from None
+            yield number, text.removesuffix("\r"), offset
+            number += 1
+
+
+def read_lines(path: str) -> list[str]:
+    """Every line of a strict UTF-8 file (see iter_lines), without line endings."""
+    return [text for _, text, _ in iter_lines(path)]
+
+
+class Pair(NamedTuple):
+    """A line pair of a parallel corpus, with the byte offsets after it in both files."""
+    number: int  # line number, from 1
+    src: str
+    tgt: str
+    src_end: int
+    tgt_end: int
+
+
+def iter_parallel(src_path: str, tgt_path: str, *, start: Pair | None = None,
+                  digests=(None, None)) -> Iterator[Pair]:
+    """Yields every line pair of aligned source/target files (after the pair `start`, if given);
+    DataError when one file has more lines than the other."""
+    first = start.number + 1 if start else 1
+    src = iter_lines(src_path, start=start.src_end if start else 0, first_line=first, digest=digests[0])
+    tgt = iter_lines(tgt_path, start=start.tgt_end if start else 0, first_line=first, digest=digests[1])
+    count = first - 1
+    for number, s, src_end in src:
+        t_line = next(tgt, None)
+        if t_line is None:
+            raise _error(src_path, f"{number + sum(1 for _ in src)} lines, but {tgt_path} has {count} lines")
+        yield Pair(number, s, t_line[1], src_end, t_line[2])
+        count = number
+    extra = sum(1 for _ in tgt)
+    if extra:
+        raise _error(src_path, f"{count} lines, but {tgt_path} has {count + extra} lines")
+
+
+def _check_on_empty(on_empty: str) -> None:
+    if on_empty not in ("skip", "error"):
+        raise ValueError(f"on_empty must be 'skip' or 'error', got {on_empty!r}")
+
+
+def is_blank(pair: Pair, on_empty: str, src_path: str, tgt_path: str) -> bool:
+    """True for a pair with an empty or whitespace-only side (on_empty="skip"); DataError naming
+    the file and line instead with on_empty="error"."""
+    if pair.src.strip() and pair.tgt.strip():
+        return False
+    if on_empty == "error":
+        raise _error(src_path if not pair.src.strip() else tgt_path, "empty line", pair.number)
+    return True
 
 
 def read_parallel(src_path: str, tgt_path: str, *, on_empty: str = "skip") -> tuple[list[str], list[str], int]:
@@ -72,19 +127,15 @@ def read_parallel(src_path: str, tgt_path: str, *, on_empty: str = "skip") -> tu
     A pair with an empty or whitespace-only side is dropped and counted (on_empty="skip")
     or raises DataError (on_empty="error").
     """
-    if on_empty not in ("skip", "error"):
-        raise ValueError(f"on_empty must be 'skip' or 'error', got {on_empty!r}")
-    src, tgt = read_lines(src_path), read_lines(tgt_path)
-    if len(src) != len(tgt):
-        raise _error(src_path, f"{len(src)} lines, but {tgt_path} has {len(tgt)} lines")
-    keep_src, keep_tgt = [], []
-    for number, (s, t) in enumerate(zip(src, tgt), start=1):
-        if s.strip() and t.strip():
-            keep_src.append(s)
-            keep_tgt.append(t)
-        elif on_empty == "error":
-            raise _error(src_path if not s.strip() else tgt_path, "empty line", number)
-    return keep_src, keep_tgt, len(src) - len(keep_src)
+    _check_on_empty(on_empty)
+    keep_src, keep_tgt, skipped = [], [], 0
+    for pair in iter_parallel(src_path, tgt_path):
+        if is_blank(pair, on_empty, src_path, tgt_path):
+            skipped += 1
+        else:
+            keep_src.append(pair.src)
+            keep_tgt.append(pair.tgt)
+    return keep_src, keep_tgt, skipped
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -284,6 +335,13 @@ def pair_length(src: Sequence[int], tgt: Sequence[int]) -> int:
     return max(len(src), len(tgt)) + 1
 
 
+def sequence_lengths(seqs: Sequence) -> np.ndarray:
+    """int64[len(seqs)]: the length of each sequence (the stored index of tokenized.RaggedIds)."""
+    if isinstance(seqs, tokenized.RaggedIds):
+        return seqs.lengths.astype(np.int64)
+    return np.fromiter(map(len, seqs), np.int64, len(seqs))
+
+
 def bucket_for(length: int, boundaries: Sequence[int]) -> int:
     """Index of the smallest boundary >= length (boundaries ascending), or -1 if none."""
     i = bisect.bisect_left(boundaries, length)
@@ -344,14 +402,14 @@ class TrainBatches:
         self.boundaries = _check_boundaries(boundaries)
         self.src_ids, self.tgt_ids = src_ids, tgt_ids
         self.batch_size, self.seed = batch_size, seed
-        buckets = [bucket_for(pair_length(s, t), self.boundaries) for s, t in zip(src_ids, tgt_ids)]
-        too_long = buckets.count(-1)
+        lengths = np.maximum(sequence_lengths(src_ids), sequence_lengths(tgt_ids)) + 1  # pair_length
+        buckets = np.searchsorted(self.boundaries, lengths)  # bucket_for; len(boundaries) if too long
+        too_long = int(np.count_nonzero(buckets == len(self.boundaries)))
         if too_long:
             raise ValueError(
                 f"{too_long} pairs need more than the largest boundary {self.boundaries[-1]} "
                 "(length incl. EOS); filter them out first (filter_pairs)"
             )
-        buckets = np.asarray(buckets, dtype=np.int64)
         self._members = [np.flatnonzero(buckets == b) for b in range(len(self.boundaries))]
         self._batches_per_bucket = [len(m) // batch_size for m in self._members]
         self.batches_per_epoch = sum(self._batches_per_bucket)
@@ -377,13 +435,16 @@ class TrainBatches:
             self._plan_epoch = epoch
         return self._plan
 
-    def batch(self, number: int) -> Batch:
-        """Batch number `number` (global counter; epoch = number // batches_per_epoch)."""
+    def batch(self, number: int, rows: np.ndarray | None = None) -> Batch:
+        """Batch number `number` (global counter; epoch = number // batches_per_epoch); only its
+        `rows` (ascending row numbers) if given: a process reads just the pairs it feeds."""
         if number < 0:
             raise ValueError(f"batch number must be >= 0, got {number}")
         epoch, k = divmod(number, self.batches_per_epoch)
         length, indices = self._epoch_plan(epoch)[k]
-        return make_batch(self.src_ids, self.tgt_ids, indices, self.batch_size, length)
+        if rows is not None:
+            indices = indices[rows]
+        return make_batch(self.src_ids, self.tgt_ids, indices, len(indices), length)
 
     def from_position(self, number: int) -> Iterator[tuple[int, Batch]]:
         """Yields (n, batch(n)) for n = number, number+1, ... forever (resume from a checkpoint step)."""
@@ -457,28 +518,99 @@ def _read_split(cfg, prefix: str, limit: int) -> tuple[list[str], list[str], int
 
 # workdir/tokenizers/ holds these files; provenance.json records what the models were trained from:
 # {"format": 1, "train_src": {"path", "bytes", "sha256"}, "train_tgt": {...}, "src_lang", "tgt_lang",
-#  "max_train_pairs", "vocab_size", "spm_model_type", "models": {"src.model": sha256, "tgt.model": sha256}}
+#  "max_train_pairs", "vocab_size", "spm_model_type", "spm_sample_size",
+#  "models": {"src.model": sha256, "tgt.model": sha256}}
 _MODEL_FILES = ("src.model", "tgt.model")
 _PROVENANCE = "provenance.json"
 _PROVENANCE_FORMAT = 1
-_PROVENANCE_KEYS = ("src_lang", "tgt_lang", "max_train_pairs", "vocab_size", "spm_model_type")
+_PROVENANCE_KEYS = ("src_lang", "tgt_lang", "max_train_pairs", "vocab_size", "spm_model_type", "spm_sample_size")
+_LATER_KEYS = ("spm_sample_size",)  # absent from the records of older versions: not compared then
+SAMPLE_SEED = 0  # of the sentencepiece training sample: tokenizers do not depend on the run's seed
 
 
 def _file_record(path: str) -> dict:
-    """Absolute path, size and sha256 of a file."""
+    """Absolute path, size and sha256 of a file, read as a stream."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        content = f.read()
-    return {"path": os.path.abspath(path), "bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+        size = f.tell()
+    return {"path": os.path.abspath(path), "bytes": size, "sha256": digest.hexdigest()}
 
 
-def _training_record(cfg) -> dict:
-    """The provenance of tokenizers trained for cfg now, without the model hashes."""
-    return {
-        "format": _PROVENANCE_FORMAT,
-        "train_src": _file_record(f"{cfg.train_prefix}.{cfg.src_lang}"),
-        "train_tgt": _file_record(f"{cfg.train_prefix}.{cfg.tgt_lang}"),
-        **{key: cfg[key] for key in _PROVENANCE_KEYS},
-    }
+class _Scan(NamedTuple):
+    """One streaming pass over the training files."""
+    record: dict  # the tokenizers' provenance, without the model hashes
+    pairs_read: int  # non-empty pairs, at most max_train_pairs
+    empty_skipped: int
+    sample: tuple[list[str], list[str]] | None  # sentencepiece's training pairs, when asked for
+
+
+def sample_items(items: Iterator, size: int, seed: int) -> list:
+    """A uniform random sample of `size` items of a stream (reservoir sampling, Algorithm R), in
+    memory proportional to `size`; every item in stream order when there are no more than `size`."""
+    rng, sample, draws = np.random.default_rng(seed), [], iter(())
+    for seen, item in enumerate(items):
+        if seen < size:
+            sample.append(item)
+            continue
+        draw = next(draws, None)
+        if draw is None:
+            draws = iter(rng.random(1 << 16).tolist())
+            draw = next(draws)
+        slot = int(draw * (seen + 1))
+        if slot < size:
+            sample[slot] = item
+    return sample
+
+
+def _train_pairs(cfg, position: dict | None = None) -> Iterator[tuple[dict, str, str]]:
+    """(position, src, tgt) of the training pairs kept before tokenization (non-empty, at most
+    max_train_pairs), from the start or after `position` (a dict this generator yielded)."""
+    src_path, tgt_path = f"{cfg.train_prefix}.{cfg.src_lang}", f"{cfg.train_prefix}.{cfg.tgt_lang}"
+    kept = position["kept"] if position else 0
+    start = Pair(position["number"], "", "", position["src_end"], position["tgt_end"]) if position else None
+    for pair in iter_parallel(src_path, tgt_path, start=start):
+        if cfg.max_train_pairs and kept == cfg.max_train_pairs:
+            return
+        if not is_blank(pair, cfg.on_empty, src_path, tgt_path):
+            kept += 1
+            yield (dict(number=pair.number, src_end=pair.src_end, tgt_end=pair.tgt_end, kept=kept),
+                   pair.src, pair.tgt)
+
+
+def _scan(cfg, with_sample: bool) -> _Scan:
+    """Checks every line of the training files (UTF-8, equal line counts) in one streaming pass,
+    hashing them and counting their pairs; with_sample: keeps a random sample of
+    data.spm_sample_size pairs to train the tokenizers on."""
+    src_path, tgt_path = f"{cfg.train_prefix}.{cfg.src_lang}", f"{cfg.train_prefix}.{cfg.tgt_lang}"
+    _check_on_empty(cfg.on_empty)
+    digests, counts = (hashlib.sha256(), hashlib.sha256()), dict(pairs=0, empty=0)
+    logged = time.time()
+
+    def kept_pairs() -> Iterator[tuple[str, str]]:
+        nonlocal logged
+        for pair in iter_parallel(src_path, tgt_path, digests=digests):
+            if is_blank(pair, cfg.on_empty, src_path, tgt_path):
+                counts["empty"] += 1
+            elif not cfg.max_train_pairs or counts["pairs"] < cfg.max_train_pairs:
+                counts["pairs"] += 1
+                yield pair.src, pair.tgt
+            if time.time() - logged > 10:
+                logger.info("corpus: read %s lines of %s", f"{pair.number:,}", src_path)
+                logged = time.time()
+
+    stream = kept_pairs()
+    sample = sample_items(stream, cfg.spm_sample_size, SAMPLE_SEED) if with_sample else None
+    for _ in stream:  # the rest: checked and hashed
+        pass
+    if not counts["pairs"]:
+        raise _error(src_path, f"no non-empty pairs (with {tgt_path})")
+    files = {side: {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+             for side, path, digest in zip(("train_src", "train_tgt"), (src_path, tgt_path), digests)}
+    record = {"format": _PROVENANCE_FORMAT, **files, **{key: cfg[key] for key in _PROVENANCE_KEYS}}
+    return _Scan(record, counts["pairs"], counts["empty"],
+                 None if sample is None else ([s for s, _ in sample], [t for _, t in sample]))
 
 
 def _read_provenance(path: str) -> dict:
@@ -505,7 +637,8 @@ def _differences(old: dict, new: dict) -> list[str]:
         if (was.get("bytes"), was.get("sha256")) != (new[side]["bytes"], new[side]["sha256"]):
             diffs.append(f"training file {describe(was)} → {describe(new[side])}")
     diffs.extend(
-        f"data.{key}: {old.get(key)!r} → {new[key]!r}" for key in _PROVENANCE_KEYS if old.get(key) != new[key]
+        f"data.{key}: {old.get(key)!r} → {new[key]!r}" for key in _PROVENANCE_KEYS
+        if old.get(key) != new[key] and (key in old or key not in _LATER_KEYS)
     )
     return diffs
 
@@ -532,22 +665,25 @@ def _saved_tokenizers(folder: str, record: dict) -> tuple[Tokenizer, Tokenizer, 
     return tokenizers[0], tokenizers[1], old
 
 
-def _tokenizers(cfg, train_src: list[str], train_tgt: list[str], workdir: str) -> tuple[Tokenizer, Tokenizer, dict]:
-    """The tokenizers of workdir/tokenizers/ if made from the same data, else new ones trained in
-    memory; with their provenance. Writes nothing (save_tokenizers does)."""
-    record = _training_record(cfg)
+def _has_saved_tokenizers(workdir: str) -> bool:
     folder = os.path.join(workdir, "tokenizers")
-    if any(os.path.exists(os.path.join(folder, name)) for name in (*_MODEL_FILES, _PROVENANCE)):
-        return _saved_tokenizers(folder, record)
+    return any(os.path.exists(os.path.join(folder, name)) for name in (*_MODEL_FILES, _PROVENANCE))
+
+
+def _tokenizers(cfg, scan: _Scan, workdir: str) -> tuple[Tokenizer, Tokenizer, dict]:
+    """The tokenizers of workdir/tokenizers/ if made from the same data, else new ones trained in
+    memory on the scan's sample; with their provenance. Writes nothing (save_tokenizers does)."""
+    if scan.sample is None:
+        return _saved_tokenizers(os.path.join(workdir, "tokenizers"), scan.record)
     tokenizers = []
-    for lines, lang in zip((train_src, train_tgt), (cfg.src_lang, cfg.tgt_lang)):
+    for lines, lang in zip(scan.sample, (cfg.src_lang, cfg.tgt_lang)):
         try:
             tokenizers.append(Tokenizer.train(lines, cfg.vocab_size, cfg.spm_model_type))
         except ValueError as e:
             raise _error(f"{cfg.train_prefix}.{lang}", f"data.vocab_size={cfg.vocab_size} "
                                                        f"(data.spm_model_type={cfg.spm_model_type}): {e}") from e
     models = {name: hashlib.sha256(tok.model_proto()).hexdigest() for name, tok in zip(_MODEL_FILES, tokenizers)}
-    return tokenizers[0], tokenizers[1], {**record, "models": models}
+    return tokenizers[0], tokenizers[1], {**scan.record, "models": models}
 
 
 def _write_synced(path: str, content: bytes) -> None:
@@ -582,16 +718,30 @@ def save_tokenizers(corpus: Corpus, workdir: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_files(cfg, workdir: str) -> Corpus:
-    train_src, train_tgt, train_skipped = _read_split(cfg, cfg.train_prefix, cfg.max_train_pairs)
+def _load_files(cfg, workdir: str, writes: bool, sync: Callable[[], None]) -> Corpus:
+    scan = _scan(cfg, with_sample=not _has_saved_tokenizers(workdir))
     dev_src, dev_tgt, dev_skipped = _read_split(cfg, cfg.dev_prefix, cfg.max_dev_pairs)
-    src_tok, tgt_tok, provenance = _tokenizers(cfg, train_src, train_tgt, workdir)
-    src_ids, tgt_ids, too_long = filter_pairs(src_tok.encode(train_src), tgt_tok.encode(train_tgt), cfg.max_len)
+    src_tok, tgt_tok, provenance = _tokenizers(cfg, scan, workdir)
+    folder = os.path.join(workdir, "corpus")
+    key = dict(tokenizers=provenance, max_len=cfg.max_len)
+    if writes:
+        def encode(src_lines, tgt_lines):
+            return src_tok.encode(src_lines), tgt_tok.encode(tgt_lines)
+
+        dtypes = dict(ids=np.min_scalar_type(max(src_tok.vocab_size, tgt_tok.vocab_size) - 1).name,
+                      lengths=np.min_scalar_type(cfg.max_len).name)
+        tokenized.prepare(folder, key, functools.partial(_train_pairs, cfg), encode, max_len=cfg.max_len,
+                          dtypes=dtypes, total=scan.pairs_read)
+    sync()
+    if not tokenized.is_ready(folder, key):
+        raise _error(folder, "the tokenized training split is missing or was made from other data "
+                             "(process 0 prepares it: is the workdir on a filesystem all processes share?)")
+    src_ids, tgt_ids, meta = tokenized.open_split(folder)
     stats = {
-        "train_pairs_read": len(train_src),
-        "train_empty_skipped": train_skipped,
-        "train_too_long": too_long,
-        "train_pairs": len(src_ids),
+        "train_pairs_read": scan.pairs_read,
+        "train_empty_skipped": scan.empty_skipped,
+        "train_too_long": meta["too_long"],
+        "train_pairs": meta["pairs"],
         "dev_pairs": len(dev_src),
         "dev_empty_skipped": dev_skipped,
     }
@@ -620,16 +770,20 @@ def _load_synthetic(cfg) -> Corpus:
     return Corpus(tok, tok, src_ids, tgt_ids, dev_src, dev_tgt, tok.decode(dev_src), tok.decode(dev_tgt), stats)
 
 
-def load_corpus(cfg, workdir: str) -> Corpus:
+def load_corpus(cfg, workdir: str, *, writes: bool = True, sync: Callable[[], None] = lambda: None) -> Corpus:
     """Builds the corpus for cfg (config.data): task "files" or a synthetic task.
 
-    Writes nothing. For "files", the tokenizers of workdir/tokenizers/ are used if their provenance
-    matches cfg and the training files (DataError naming the difference otherwise, or when they
-    have no provenance); without them new ones are trained in memory: save them with
-    save_tokenizers once the run's checks have passed.
+    For "files": the training files are read as a stream; the tokenizers of workdir/tokenizers/
+    are used if their provenance matches cfg and the training files (DataError naming the
+    difference otherwise, or when they have no provenance), else new ones are trained in memory on
+    a random sample of data.spm_sample_size pairs: save them with save_tokenizers once the run's
+    checks have passed. The training split is tokenized once into workdir/corpus/ (`tokenized`;
+    resumed if interrupted, reused while the data and tokenizers are the same) and memory-mapped.
+    Several processes: the one with writes=True prepares it; `sync()` (a barrier) is called
+    before every process opens it. Synthetic tasks write nothing.
     """
     if cfg.task == "files":
-        return _load_files(cfg, workdir)
+        return _load_files(cfg, workdir, writes, sync)
     if cfg.task in _SYNTHETIC_TARGETS:
         return _load_synthetic(cfg)
     raise ValueError(f"unknown data task {cfg.task!r}; expected 'files' or one of {sorted(_SYNTHETIC_TARGETS)}")

@@ -5,9 +5,9 @@ Dev BLEU decodes the dev source text with the same `inference.CorpusDecoder` as
 `python -m s2s_jax.translate`, with the options of `config.eval`: it depends on the sources only
 and equals what translate gives for the same model, options and dev file.
 
-The dev loss runs on the mesh (each process feeds its rows of each batch); decoding runs on this
-process's first device with a local copy of the parameters: every process decodes the whole dev
-set, identically (process 0 logs the result).
+The dev loss and the decoding run on the training mesh with its replicated parameters: each
+process feeds its rows of each batch, and the decoded hypotheses come back to every process,
+identical in all (process 0 logs the result).
 """
 import functools
 import logging
@@ -29,7 +29,7 @@ class Evaluator:
         self.loss_batches = data.eval_batches(corpus.dev_src, corpus.dev_tgt, batch_size=config.eval.batch_size,
                                               boundaries=config.data.bucket_boundaries)
         self.eval_step = jax.jit(functools.partial(steps.eval_step, model=model))
-        self.decoder = inference.CorpusDecoder(config, model, corpus.src_tokenizer, corpus.tgt_tokenizer)
+        self.decoder = inference.CorpusDecoder(config, model, corpus.src_tokenizer, corpus.tgt_tokenizer, mesh)
         self.searches = ["greedy"] + (["beam"] if config.eval.search == "beam" else [])
         self.signature: str | None = None  # sacrebleu's, logged at the first evaluation
 
@@ -39,9 +39,8 @@ class Evaluator:
             s, n = self.eval_step(params, parallel.shard_batch(batch, self.mesh))
             loss_sum, tokens = loss_sum + float(s), tokens + float(n)
         result = dict(dev_loss=loss_sum / tokens, dev_ppl=float(np.exp(loss_sum / tokens)))
-        local = parallel.local_copy(params)
         for search in self.searches:
-            hyps = self.translate(local, search)
+            hyps = self.translate(params, search)
             bleu, signature = metrics.sacrebleu_score(hyps, self.corpus.dev_tgt_text)
             suffix = "" if search == "greedy" else "_beam"
             result[f"dev_bleu{suffix}"] = bleu

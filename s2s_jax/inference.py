@@ -13,7 +13,10 @@ depends on the sources and the options only, never on a reference:
   * batch invariance: every call decodes [DECODE_ROWS, bucket] arrays (fewer rows only when
     beam x vocabulary would not fit the memory budget), whatever the number of sentences; XLA's
     float results depend on array shapes, not on the other rows, so a sentence's tokens and score
-    do not depend on what else is translated with it.
+    do not depend on what else is translated with it;
+  * on a mesh (`CorpusDecoder(mesh=...)`, one axis 'data'): each batch's rows (a multiple of the
+    mesh's devices) are split over its devices, the parameters are replicated on it, and the
+    results come back replicated, so every process of a multi-process mesh reads them all.
 
 Beyond the plain searches (all opt-in; off, the compiled search is unchanged):
   * attention per hypothesis (`return_attention`): the model's decode state carries each step's
@@ -36,8 +39,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from s2s_jax import PAD_ID, data, decoding
+from s2s_jax import PAD_ID, data, decoding, parallel
 from s2s_jax import attention as attn
 from s2s_jax.data import Hypothesis
 from s2s_jax.models import Seq2Seq
@@ -105,9 +109,11 @@ def _add_coverage(score, length, state, *, mask, beta):
     return score + coverage_penalty(tracked(state, "coverage"), mask, beta)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "model", "search", "beam_size", "max_len", "alpha", "n_best", "min_len", "no_repeat_ngram_size",
-    "temperature", "top_k", "top_p", "coverage", "return_attention"))
+DECODE_STATIC = ("model", "search", "beam_size", "max_len", "alpha", "n_best", "min_len", "no_repeat_ngram_size",
+                 "temperature", "top_k", "top_p", "coverage", "return_attention")
+
+
+@functools.partial(jax.jit, static_argnames=DECODE_STATIC)
 def decode_batch(model: Seq2Seq | tuple[Seq2Seq, ...], params, src: jax.Array, src_len: jax.Array, *,
                  search: str = "greedy", beam_size: int = 5, max_len: int = 100, alpha: float = 0.6,
                  n_best: int | None = None, min_len: int = 0, no_repeat_ngram_size: int = 0,
@@ -144,6 +150,13 @@ def decode_batch(model: Seq2Seq | tuple[Seq2Seq, ...], params, src: jax.Array, s
         return decoding.sample_search(step_fn, init_state, rng, max_len=max_len, temperature=temperature,
                                       top_k=top_k, top_p=top_p, min_len=min_len, num_samples=n_best, **rows)
     raise ValueError(f"unknown search {search!r}; expected one of {SEARCHES}")
+
+
+@functools.cache
+def sharded_decode_batch(mesh: Mesh):
+    """`decode_batch` for rows split over `mesh` and params replicated on it; its outputs are
+    replicated (every process can read them). One jitted function, so one cache, per mesh."""
+    return jax.jit(decode_batch.__wrapped__, static_argnames=DECODE_STATIC, out_shardings=parallel.replicated(mesh))
 
 
 def max_decode_len(source_length: int, cap: int) -> int:
@@ -240,10 +253,17 @@ class SearchOptions(NamedTuple):
 
 class CorpusDecoder:
     """Source sentences -> n-best hypotheses in input order, for one model (or an ensemble: a tuple
-    of models, decoded with a tuple of params) and its tokenizers."""
+    of models, decoded with a tuple of params) and its tokenizers.
 
-    def __init__(self, config, model: Seq2Seq | tuple[Seq2Seq, ...], src_tokenizer, tgt_tokenizer):
+    mesh: decode each batch split over its devices (every process of a multi-process mesh calls
+    with the same sentences and params replicated on the mesh); None: on the default device.
+    """
+
+    def __init__(self, config, model: Seq2Seq | tuple[Seq2Seq, ...], src_tokenizer, tgt_tokenizer,
+                 mesh: Mesh | None = None):
         self.model, self.src_tokenizer, self.tgt_tokenizer = model, src_tokenizer, tgt_tokenizer
+        self.mesh = mesh
+        self.decode_batch = decode_batch if mesh is None else sharded_decode_batch(mesh)
         self.boundaries = [int(b) for b in config.data.bucket_boundaries]
         # Longest source in pieces (EOS excluded): what the model was trained on; fits the last bucket.
         self.max_source_len = int(config.data.max_len)
@@ -257,9 +277,12 @@ class CorpusDecoder:
             raise ValueError("coverage needs attention: a model has model.attention='none'")
 
     def rows(self, options: SearchOptions) -> int:
-        """Rows of every decoding call for these options: DECODE_ROWS unless memory says fewer."""
+        """Rows of every decoding call for these options: DECODE_ROWS unless memory says fewer,
+        rounded up to a multiple of the mesh's devices."""
         hypotheses = options.static()["beam_size"] * (options.n_best if options.search == "sample" else 1)
-        return max(1, min(DECODE_ROWS, MAX_STEP_ELEMENTS // (hypotheses * self.tgt_tokenizer.vocab_size)))
+        rows = max(1, min(DECODE_ROWS, MAX_STEP_ELEMENTS // (hypotheses * self.tgt_tokenizer.vocab_size)))
+        devices = 1 if self.mesh is None else self.mesh.size
+        return -(-rows // devices) * devices
 
     def source_ids(self, sentence: str, index: int, on_long: str) -> list[int]:
         """Piece ids of one sentence (EOS excluded), at most max_source_len of them; [] if blank."""
@@ -281,16 +304,17 @@ class CorpusDecoder:
 
     def __call__(self, params, sentences: Sequence[str], options: SearchOptions,
                  prefixes: Sequence[str | None] | None = None,
-                 return_attention: bool = False) -> list[list[Hypothesis]]:
+                 return_attention: bool = False, first_line: int = 1) -> list[list[Hypothesis]]:
         """Per sentence, up to n_best hypotheses, best first; a blank sentence gives [Hypothesis("", [], 0.0)].
 
         prefixes: optional target text per sentence (or None) that every hypothesis starts with.
         return_attention: each hypothesis gets its `attention` [T, S] (recorded by the search).
+        first_line: the line number of the first sentence in messages (a part of a longer input).
         """
         self.check(options)
         if isinstance(sentences, str):
             raise TypeError("translate takes a list of sentences, not one string")
-        src_ids = [self.source_ids(s, i, options.on_long) for i, s in enumerate(sentences)]
+        src_ids = [self.source_ids(s, first_line - 1 + i, options.on_long) for i, s in enumerate(sentences)]
         forced = self.prefix_ids(prefixes, len(src_ids))
         results = [[Hypothesis("", [], 0.0)] for _ in src_ids]
         todo = [i for i, ids in enumerate(src_ids) if ids]  # blank lines are not decoded
@@ -301,12 +325,14 @@ class CorpusDecoder:
             real = [todo[i] for i in batch.index if i >= 0]
             cap = options.max_len or max_decode_len(batch.src.shape[1], self.max_len_cap)
             prefix, prefix_lens = self._prefix_arrays([forced[i] for i in real], len(batch.index), cap)
-            out = decode_batch(self.model, params, batch.src, batch.src_len, max_len=cap,
-                               max_lens=decoding.length_limits(batch.src_len - 1, options.max_len_a,
-                                                               options.max_len_b, cap),
-                               prefix=prefix, prefix_lens=prefix_lens,
-                               rng=jax.random.fold_in(jax.random.PRNGKey(options.seed), number),
-                               return_attention=return_attention, **options.static())
+            max_lens = decoding.length_limits(batch.src_len - 1, options.max_len_a, options.max_len_b, cap)
+            rows = {"src": batch.src, "src_len": batch.src_len, "max_lens": max_lens, "prefix": prefix,
+                    "prefix_lens": prefix_lens}  # [rows, ...] each (prefixes: None when absent)
+            rng = jax.random.fold_in(jax.random.PRNGKey(options.seed), number)
+            if self.mesh is not None:  # rows split over the devices, the key replicated
+                rows, rng = parallel.shard_batch(rows, self.mesh), parallel.replicate(rng, self.mesh)
+            out = self.decode_batch(self.model, params, **rows, max_len=cap, rng=rng,
+                                    return_attention=return_attention, **options.static())
             beams, weights = out if return_attention else (out, None)
             sequences, scores, lengths = (np.asarray(x) for x in beams)  # [rows, N, L], [rows, N], [rows, N]
             weights = None if weights is None else np.asarray(weights)  # [rows, N, L, S]

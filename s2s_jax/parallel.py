@@ -9,6 +9,7 @@ import re
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 _ADDRESS = re.compile(r"[^\s:]+:\d+")
@@ -34,7 +35,9 @@ def initialize(cfg) -> None:
     """Joins the processes of config.distributed (checked); call before any other JAX call.
 
     A no-op for one process. "auto" lets JAX detect the cluster (TPU pod, SLURM, Open MPI). On CPU
-    the cross-process collectives are gloo's, so several processes also run on one machine.
+    the cross-process collectives are gloo's, so several processes also run on one machine. A
+    process that dies (kill -9) stops sending heartbeats: after heartbeat_timeout_s JAX ends the
+    others with an error, and no process waits longer than that at exit for one that is gone.
     """
     if cfg.coordinator_address == "auto":
         args = {}
@@ -44,7 +47,8 @@ def initialize(cfg) -> None:
     else:
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**args)
+    jax.distributed.initialize(**args, heartbeat_timeout_seconds=cfg.heartbeat_timeout_s,
+                               shutdown_timeout_seconds=cfg.heartbeat_timeout_s)
 
 
 def check_processes(cfg) -> None:
@@ -60,6 +64,11 @@ def check_processes(cfg) -> None:
 def make_mesh() -> Mesh:
     """A 1-D mesh over every device of every host (one axis, 'data')."""
     return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def local_mesh() -> Mesh:
+    """A 1-D mesh over this process's devices only (one axis, 'data'), e.g. to translate."""
+    return Mesh(np.asarray(jax.local_devices()), ("data",))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -86,16 +95,41 @@ def process_rows(batch_size: int, mesh: Mesh) -> np.ndarray:
     return np.unique(np.concatenate([np.arange(batch_size)[index] for index in indices]))
 
 
+def shard_rows(local, rows: int, mesh: Mesh):
+    """A pytree of this process's rows (`process_rows`) of a global batch of `rows` rows, as global
+    arrays [rows, ...] split along the batch axis."""
+    sharding = batch_sharded(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x), (rows, *np.shape(x)[1:])), local)
+
+
 def shard_batch(batch, mesh: Mesh):
     """A pytree of host arrays [B, ...], the same global batch in every process, as global arrays
     split along B; each process transfers only its own rows."""
-    sharding = batch_sharded(mesh)
+    rows = len(jax.tree.leaves(batch)[0])
+    mine = process_rows(rows, mesh)
+    return shard_rows(jax.tree.map(lambda x: np.asarray(x)[mine], batch), rows, mesh)
 
-    def put(x):
-        x = np.asarray(x)
-        return jax.make_array_from_process_local_data(sharding, x[process_rows(len(x), mesh)], x.shape)
 
-    return jax.tree.map(put, batch)
+@jax.jit
+def _largest(values: jax.Array) -> jax.Array:
+    return values.max()
+
+
+def largest_over_processes(value: int, mesh: Mesh) -> int | jax.Array:
+    """The largest of every process's `value` (a small int), to agree on a decision without a
+    host-side barrier: `value` itself for one process, else a replicated scalar computed on the
+    mesh while the host goes on (read it later, e.g. a step later)."""
+    if jax.process_count() == 1:
+        return value
+    local = np.full(len(mesh.local_devices), value, np.int32)  # one entry per local device
+    return _largest(shard_rows(local, mesh.size, mesh))
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier `name`; a no-op for one process."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def replicate(tree, mesh: Mesh):
@@ -103,7 +137,3 @@ def replicate(tree, mesh: Mesh):
     sharding = replicated(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
-
-def local_copy(tree):
-    """Single-device copies of replicated global arrays, on this process's first device."""
-    return jax.tree.map(lambda x: x.addressable_data(0), tree)

@@ -27,8 +27,10 @@ Several processes (config.distributed; train.py joins them): every process runs 
 the same global batches and feeds its own rows of each (`parallel.shard_batch`); process 0 alone
 holds the workdir lock and writes tokenizers, config.json, metrics.jsonl, TensorBoard events and
 summary.json; every process takes part in saving and restoring the checkpoints (orbax). Dev loss
-is computed on the mesh; dev decoding runs in every process on its first device (the whole dev set,
-identically).
+and dev decoding run on the mesh: each process feeds its rows of each batch, and every process gets
+all the hypotheses (identical in all). A signal to any process stops them all after the same step
+(each step's votes are combined on the mesh, see `_Loop.run`); a process that dies ends the others
+through JAX's heartbeat (config.distributed.heartbeat_timeout_s).
 """
 import functools
 import json
@@ -105,7 +107,8 @@ def _check_inputs(config, workdir: str) -> _Inputs:
     """Reads and checks config, workdir, data and shapes; compiles and writes nothing."""
     for change in configuration.check_workdir(config, workdir):
         logger.info("config change (does not alter the trajectory): %s", change)
-    corpus = data.load_corpus(config.data, workdir)
+    corpus = data.load_corpus(config.data, workdir, writes=jax.process_index() == 0,
+                              sync=lambda: parallel.barrier("corpus"))
     logger.info("data: %s", corpus.stats)
     for split in ("train", "dev"):
         if corpus.stats.get(f"{split}_empty_skipped"):
@@ -173,11 +176,17 @@ class _Loop:
         """Trains to the end; returns the last dev metrics (empty if no evaluation ran)."""
         config, total = self.config, self.config.num_train_steps
         signals = _Signals()
+        batches, mesh = self.inputs.batches, self.inputs.mesh
+        rows = parallel.process_rows(batches.batch_size, mesh)  # this process reads only these rows
         pending = None  # (step, metrics) of the previous step, read after the next is dispatched
+        # A signal to any process stops them all after the same step: each step every process
+        # votes with the signal it received (0: none); the largest vote is read a step later.
+        vote = 0
         try:
             for step in range(int(self.state.step), total):
-                batch = parallel.shard_batch(self.inputs.batches.batch(step), self.inputs.mesh)
+                batch = parallel.shard_rows(batches.batch(step, rows), batches.batch_size, mesh)
                 self.state, step_metrics = self.train_step(self.state, batch)
+                stop, vote = int(vote), parallel.largest_over_processes(signals.received or 0, mesh)
                 if pending is not None:
                     self._account(*pending)
                 pending = (step, step_metrics)
@@ -185,7 +194,7 @@ class _Loop:
                 is_last = done == total
                 log_due = done % config.log_every_steps == 0 or is_last
                 eval_due = done % config.eval_every_steps == 0 or is_last
-                save_due = done % config.checkpoint_every_steps == 0 or is_last or eval_due or signals.received
+                save_due = done % config.checkpoint_every_steps == 0 or is_last or eval_due or stop
                 if not (log_due or save_due):
                     continue
                 self._account(*pending)
@@ -195,8 +204,8 @@ class _Loop:
                 dev_bleu = self._evaluate(done) if eval_due else None
                 if save_due:
                     self._save(done, dev_bleu)
-                if signals.received:
-                    interrupted = Interrupted(signals.received, done, self.store.directory)
+                if stop:
+                    interrupted = Interrupted(stop, done, self.store.directory)
                     logger.warning("%s", interrupted.message)
                     raise interrupted
         finally:

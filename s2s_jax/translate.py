@@ -2,6 +2,11 @@
 
     python -m s2s_jax.translate --workdir=runs/demo --input=data/bible-es-en/test.es --output=hyp.en
     python -m s2s_jax.translate --workdir=runs/a,runs/b ...      # an ensemble of two runs
+    python -m s2s_jax.translate --workdir=runs/demo < big.es > big.en   # any size: streamed
+
+The command streams: it reads CHUNK_LINES (4096) lines, translates them, writes their output lines
+(in input order) and reads on, so memory stays constant; above one chunk it prints a progress line
+per chunk on stderr. --output is written as OUTPUT.partial, renamed when complete.
 
 Python:
     translator = Translator.from_workdir("runs/demo")
@@ -17,25 +22,30 @@ synthetic vocabulary size); the first workdir's config gives the buckets and the
 An ensemble's attention is the mean of its members'.
 
 Decoding is `inference.CorpusDecoder`, the same code that computes dev BLEU during training:
-sentences are grouped into the config's length buckets by source length, decoded, and returned in
-input order. Options default to the workdir's `config.eval` (beam size, alpha, batch size), so
-`--search=greedy` reproduces the run's dev BLEU. A source may hold at most `config.data.max_len`
+sentences are grouped into the config's length buckets by source length, decoded with each batch
+split over this process's devices, and returned in input order. Options default to the workdir's
+`config.eval` (beam size, alpha, batch size), so `--search=greedy` reproduces the run's dev BLEU. A source may hold at most `config.data.max_len`
 pieces (plus EOS): longer sources are truncated with a warning (on_long="truncate") or rejected
 (on_long="error").
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from typing import TextIO
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from s2s_jax import BOS_ID, EOS_ID, checkpoints, configuration, data, inference, plotting, steps
+from s2s_jax import (BOS_ID, EOS_ID, checkpoints, configuration, data, inference, parallel, plotting,
+                     steps)
 from s2s_jax.inference import ON_LONG, SEARCHES, Hypothesis, SearchOptions
 from s2s_jax.models import Seq2Seq, make_model
 
@@ -51,14 +61,17 @@ def _teacher_forced(model: Seq2Seq, params, src, src_len, tgt_in):
 
 class Translator:
     """A trained model (or an ensemble: tuples of models and params) with its tokenizers, ready to
-    translate."""
+    translate. It decodes on a mesh over this process's devices, each batch split over them, with
+    the params replicated on it."""
 
     def __init__(self, config, model: Seq2Seq | tuple[Seq2Seq, ...], params, src_tokenizer, tgt_tokenizer,
                  workdir: str | None = None):
-        self.config, self.model, self.params = config, model, params
+        mesh = parallel.local_mesh()
+        self.config, self.model = config, model
+        self.params = jax.device_put(params, parallel.replicated(mesh))
         self.src_tokenizer, self.tgt_tokenizer = src_tokenizer, tgt_tokenizer
         self.workdir = workdir
-        self.decoder = inference.CorpusDecoder(config, model, src_tokenizer, tgt_tokenizer)
+        self.decoder = inference.CorpusDecoder(config, model, src_tokenizer, tgt_tokenizer, mesh)
         self.boundaries = self.decoder.boundaries
         self.max_source_len = self.decoder.max_source_len
 
@@ -134,14 +147,14 @@ class Translator:
         return [hyps[0].text for hyps in self.hypotheses(sentences, **options)]
 
     def hypotheses(self, sentences: Sequence[str], prefixes: Sequence[str | None] | None = None,
-                   return_attention: bool = False, **options) -> list[list[Hypothesis]]:
+                   return_attention: bool = False, first_line: int = 1, **options) -> list[list[Hypothesis]]:
         """Per sentence, up to n_best Hypothesis(text, ids, score), best first (search="sample":
         n_best samples, by score). `prefixes`: per sentence a target text (or None) that every
         hypothesis must start with (interactive translation, forced tags). `return_attention`: each
         hypothesis also gets the attention weights the search recorded for it, [T, S]
-        (see `inference.Hypothesis`)."""
+        (see `inference.Hypothesis`). `first_line`: the first sentence's line number in messages."""
         return self.decoder(self.params, list(sentences) if not isinstance(sentences, str) else sentences,
-                            self.options(**options), prefixes, return_attention)
+                            self.options(**options), prefixes, return_attention, first_line)
 
     # ------------------------------------------------------------------------------ attention
     def attention(self, sentence: str, output: str | Sequence[int]):
@@ -266,11 +279,98 @@ def _make_parent(path: str) -> None:
         raise SystemExit(f"translate: --output={path} is a directory; give a file name")
 
 
-def _read_prefixes(path: str, count: int) -> list[str | None]:
-    prefixes = data.read_lines(path)
-    if len(prefixes) != count:
-        raise ValueError(f"{path}: {len(prefixes)} prefix lines for {count} input lines")
-    return [p if p.strip() else None for p in prefixes]
+CHUNK_LINES = 4096  # lines decoded per call: bounds memory, and enough to fill the length buckets
+
+
+def _with_prefixes(lines: Iterator[str], prefixes: Iterator[str], path: str) -> Iterator[tuple[str, str | None]]:
+    """(line, its prefix or None if blank), read in lockstep; DataError naming `path` when one of
+    the two ends before the other."""
+    for count, (line, prefix) in enumerate(itertools.zip_longest(lines, prefixes), start=1):
+        if prefix is None:
+            raise data.DataError(f"{path}: {count - 1} prefix lines, but the input has more lines")
+        if line is None:
+            raise data.DataError(f"{path}: more prefix lines than the {count - 1} input lines")
+        yield line, prefix if prefix.strip() else None
+
+
+def _lines(path: str) -> Iterator[str]:
+    """The lines of `path`, read as a stream (`data.iter_lines`); opened now, to fail early."""
+    lines = data.iter_lines(path)
+    first = next(lines, None)
+    return itertools.chain([] if first is None else [first[1]], (text for _, text, _ in lines))
+
+
+def _sources(path: str, prefix_path: str | None) -> Iterator[tuple[str, str | None]]:
+    """(line, its prefix or None) of the input file and the optional prefix file, read lazily."""
+    lines = _lines(path)
+    if prefix_path is None:
+        return ((line, None) for line in lines)
+    return _with_prefixes(lines, _lines(prefix_path), prefix_path)
+
+
+_END = object()
+
+
+def _chunks(items: Iterator, size: int) -> Iterator[tuple[list, bool]]:
+    """(the next `size` items or fewer, whether they are the last); reads one item ahead."""
+    ahead = next(items, _END)
+    while ahead is not _END:
+        chunk = [ahead, *itertools.islice(items, size - 1)]
+        ahead = next(items, _END)
+        yield chunk, ahead is _END
+
+
+def _translate_chunk(translator: Translator, chunk: list[tuple[str, str | None]], first_line: int, out: TextIO,
+                     options: dict, attention_dir: str | None) -> None:
+    """Translates the (line, prefix) pairs of input lines first_line.. and writes their outputs
+    to `out` (flushed) and their attention maps to `attention_dir`."""
+    sentences, prefixes = [s for s, _ in chunk], [p for _, p in chunk]
+    results = translator.hypotheses(sentences, prefixes, return_attention=bool(attention_dir),
+                                    first_line=first_line, **options)
+    out.write("".join("\t".join(h.text for h in hyps) + "\n" for hyps in results))
+    out.flush()
+    if attention_dir:
+        os.makedirs(attention_dir, exist_ok=True)
+        for line, (sentence, hyps) in enumerate(zip(sentences, results), start=first_line):
+            if sentence.strip():
+                translator.plot_hypothesis(sentence, hyps[0], os.path.join(attention_dir, f"{line:05d}.png"),
+                                           title=f"line {line}")
+
+
+def _translate_stream(translator: Translator, pairs: Iterator[tuple[str, str | None]], out: TextIO, options: dict,
+                      attention_dir: str | None, progress: TextIO) -> None:
+    """Translates (line, prefix) pairs CHUNK_LINES at a time, writing each chunk's outputs in
+    input order before reading the next, and a progress line after each chunk when there is more
+    than one."""
+    start, done = time.monotonic(), 0
+    for number, (chunk, last) in enumerate(_chunks(pairs, CHUNK_LINES)):
+        _translate_chunk(translator, chunk, done + 1, out, options, attention_dir)
+        done += len(chunk)
+        if number or not last:
+            rate = done / max(time.monotonic() - start, 1e-9)
+            print(f"translate: {done} lines done, {rate:.1f} sentences/s", file=progress, flush=True)
+
+
+@contextlib.contextmanager
+def _output(path: str | None) -> Iterator[TextIO]:
+    """Where the translations go: stdout, or `path`, written as PATH.partial and renamed once
+    complete, so a failed run leaves no file. A link (/dev/stdout) or a special file is written in
+    place: renaming would replace it."""
+    if path is None:
+        yield sys.stdout
+    elif os.path.islink(path) or os.path.exists(path) and not os.path.isfile(path):
+        with open(path, "w", encoding="utf-8", newline="\n") as out:
+            yield out
+    else:
+        partial = path + ".partial"
+        try:
+            with open(partial, "w", encoding="utf-8", newline="\n") as out:
+                yield out
+            os.replace(partial, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(partial)
+            raise
 
 
 def main(argv) -> None:
@@ -284,26 +384,14 @@ def main(argv) -> None:
     if f.output:
         _make_parent(f.output)
     try:
-        lines = data.read_lines(f.input if f.input else "/dev/stdin")
-        prefixes = _read_prefixes(f.prefixes, len(lines)) if f.prefixes else None
+        pairs = _sources(f.input or "/dev/stdin", f.prefixes)
         translator = Translator.from_workdirs(f.workdir.split(","))
-        results = translator.hypotheses(lines, prefixes, return_attention=bool(f.attention_dir),
-                                        **{name: f[name].value for name in OPTION_FLAGS})
+        options = {name: f[name].value for name in OPTION_FLAGS}
+        translator.options(**options)  # bad options fail before any output, even on empty input
+        with _output(f.output) as out:
+            _translate_stream(translator, pairs, out, options, f.attention_dir, sys.stderr)
     except (ValueError, checkpoints.CheckpointError) as error:  # DataError, ConfigError are ValueErrors
         raise SystemExit(f"translate: {error}") from None
-    text = "".join("\t".join(h.text for h in hyps) + "\n" for hyps in results)
-    if f.output:
-        with open(f.output, "w", encoding="utf-8", newline="\n") as out:
-            out.write(text)
-    else:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    if f.attention_dir:
-        os.makedirs(f.attention_dir, exist_ok=True)
-        for line, (sentence, hyps) in enumerate(zip(lines, results), start=1):
-            if sentence.strip():
-                translator.plot_hypothesis(sentence, hyps[0], os.path.join(f.attention_dir, f"{line:05d}.png"),
-                                           title=f"line {line}")
 
 
 def run() -> None:

@@ -10,8 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from s2s_jax import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from s2s_jax import data
+from s2s_jax import BOS_ID, EOS_ID, PAD_ID, UNK_ID, data, tokenized
 
 REPO = Path(__file__).resolve().parents[1]
 BIBLE = REPO / "data" / "bible-es-en"
@@ -259,6 +258,7 @@ def data_config(**overrides):
             tgt_lang="en",
             vocab_size=500,
             spm_model_type="unigram",
+            spm_sample_size=1_000_000,
             max_len=64,
             on_empty="skip",
             max_train_pairs=1500,
@@ -287,30 +287,37 @@ def test_load_corpus_synthetic(tmp_path):
     assert not os.listdir(tmp_path)
 
 
-def test_load_corpus_files_writes_nothing_then_saves_and_reloads(tmp_path):
+def as_lists(seqs) -> list[list[int]]:
+    return [[int(t) for t in seq] for seq in seqs]
+
+
+def test_load_corpus_files_tokenizes_once_then_saves_and_reloads(tmp_path):
     cfg = data_config(max_len=40)
     workdir = tmp_path / "work"
     corpus = data.load_corpus(cfg, str(workdir))
-    assert not workdir.exists()
+    assert sorted(os.listdir(workdir)) == ["corpus"]  # the tokenized training split; no tokenizers yet
     stats = corpus.stats
     assert stats["train_pairs_read"] == 1500 and stats["dev_pairs"] == 50
     assert stats["train_pairs"] == len(corpus.train_src) == 1500 - stats["train_too_long"]
-    assert max(max(map(len, corpus.train_src)), max(map(len, corpus.train_tgt))) <= 40
+    # The memory-mapped split holds what tokenizing the files in memory gives.
+    src, tgt, _ = data.read_parallel(f"{cfg.train_prefix}.es", f"{cfg.train_prefix}.en")
+    expected = data.filter_pairs(corpus.src_tokenizer.encode(src[:1500]), corpus.tgt_tokenizer.encode(tgt[:1500]), 40)
+    assert (as_lists(corpus.train_src), as_lists(corpus.train_tgt), stats["train_too_long"]) == expected
     assert corpus.dev_src_text[0] == data.read_lines(str(BIBLE / "dev.es"))[0]
     assert corpus.tgt_tokenizer.decode(corpus.dev_tgt[:5]) == corpus.dev_tgt_text[:5]
 
     data.save_tokenizers(corpus, str(workdir))
     folder = workdir / "tokenizers"
-    assert sorted(os.listdir(workdir)) == ["tokenizers"]
+    assert sorted(os.listdir(workdir)) == ["corpus", "tokenizers"]
     assert sorted(os.listdir(folder)) == ["provenance.json", "src.model", "tgt.model"]
     for side, tok in (("src", corpus.src_tokenizer), ("tgt", corpus.tgt_tokenizer)):  # as translate loads them
         assert data.Tokenizer.load(str(folder / f"{side}.model")).model_proto() == tok.model_proto()
 
-    mtimes = {name: (folder / name).stat().st_mtime_ns for name in os.listdir(folder)}
+    written = {path: path.stat().st_mtime_ns for path in workdir.rglob("*")}
     again = data.load_corpus(cfg, str(workdir))
     data.save_tokenizers(again, str(workdir))
-    assert {name: (folder / name).stat().st_mtime_ns for name in os.listdir(folder)} == mtimes
-    assert again.train_src == corpus.train_src and again.dev_tgt == corpus.dev_tgt
+    assert {path: path.stat().st_mtime_ns for path in workdir.rglob("*")} == written  # all reused
+    assert as_lists(again.train_src) == as_lists(corpus.train_src) and again.dev_tgt == corpus.dev_tgt
 
 
 def small_corpus(folder: Path, **overrides):
@@ -395,11 +402,11 @@ def test_save_tokenizers_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_write_synced", disk_full)
     with pytest.raises(OSError, match="No space"):
         data.save_tokenizers(corpus, str(workdir))
-    assert len(written) == 2 and os.listdir(workdir) == []  # models written, then nothing left behind
+    assert len(written) == 2 and os.listdir(workdir) == ["corpus"]  # models written, then nothing left behind
     monkeypatch.undo()
     (workdir / "tokenizers").mkdir()  # an empty folder is replaced
     data.save_tokenizers(corpus, str(workdir))
-    assert sorted(os.listdir(workdir)) == ["tokenizers"]
+    assert sorted(os.listdir(workdir)) == ["corpus", "tokenizers"]
     assert data.load_corpus(cfg, str(workdir)).provenance == corpus.provenance
 
 
@@ -422,3 +429,80 @@ def test_load_corpus_bad_file_writes_nothing(tmp_path):
     with pytest.raises(data.DataError, match=r"bad\.en:2: invalid UTF-8"):
         data.load_corpus(data_config(dev_prefix=str(bad)), str(workdir))
     assert not workdir.exists()
+
+
+# --------------------------------------------------------------------------- on-disk training split
+
+
+class Killed(Exception):
+    """Stands for a kill: nothing after the raise runs."""
+
+
+def test_interrupted_preparation_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """A run killed while tokenizing (here: the third chunk fails) keeps the chunks recorded before;
+    the next run tokenizes only the rest and ends with the same split as an uninterrupted one."""
+    cfg = small_corpus(tmp_path, max_len=30)
+    monkeypatch.setattr(tokenized, "CHUNK_PAIRS", 70)
+    whole = data.load_corpus(cfg, str(tmp_path / "whole"))
+    encoded, die_at = [], [5]  # the source side of the third chunk
+    real_encode = data.Tokenizer.encode
+
+    def encode_then_die(self, lines):
+        encoded.append(len(lines))
+        if len(encoded) in die_at:
+            die_at.clear()
+            raise Killed
+        return real_encode(self, lines)
+
+    workdir = tmp_path / "w"
+    monkeypatch.setattr(data.Tokenizer, "encode", encode_then_die)
+    with pytest.raises(Killed):
+        data.load_corpus(cfg, str(workdir))
+    progress = json.loads((workdir / "corpus" / "progress.json").read_text())
+    assert progress["position"]["kept"] == 140 and not (workdir / "corpus" / "meta.json").exists()
+    encoded.clear()
+    resumed = data.load_corpus(cfg, str(workdir))
+    assert encoded == [70, 70, 70, 70, 20, 20, 20, 20]  # chunks 3 to 5 of 300 pairs (each side), then dev
+    assert sorted(os.listdir(workdir / "corpus")) == sorted(os.listdir(tmp_path / "whole" / "corpus"))
+    assert as_lists(resumed.train_src) == as_lists(whole.train_src)
+    assert as_lists(resumed.train_tgt) == as_lists(whole.train_tgt)
+    assert resumed.stats == whole.stats
+
+
+def test_preparation_is_redone_for_other_data(tmp_path):
+    cfg = small_corpus(tmp_path, max_len=30)
+    first = data.load_corpus(cfg, str(tmp_path / "w"))
+    shorter = data.load_corpus(small_corpus(tmp_path, max_len=20), str(tmp_path / "w"))
+    assert shorter.stats["train_pairs"] < first.stats["train_pairs"]
+    assert max(map(len, shorter.train_src)) <= 20
+
+
+def test_sample_items_is_uniform_and_keeps_small_streams_whole():
+    assert data.sample_items(iter(range(5)), 8, seed=0) == [0, 1, 2, 3, 4]
+    sample = data.sample_items(iter(range(1000)), 10, seed=3)
+    assert len(set(sample)) == 10 and sample == data.sample_items(iter(range(1000)), 10, seed=3)
+    # Each of 4 items is the sample of one 1000 times out of 4000 (seeds 0..3999): binomial sd 27.
+    counts = np.bincount([data.sample_items(iter(range(4)), 1, seed=s)[0] for s in range(4000)], minlength=4)
+    assert all(abs(c - 1000) < 110 for c in counts), counts
+
+
+def test_tokenizers_train_on_a_bounded_sample(tmp_path):
+    full = data.load_corpus(small_corpus(tmp_path), str(tmp_path / "full"))
+    cfg = small_corpus(tmp_path, spm_sample_size=100)
+    sampled = data.load_corpus(cfg, str(tmp_path / "sampled"))
+    assert sampled.provenance["spm_sample_size"] == 100
+    assert sampled.src_tokenizer.model_proto() != full.src_tokenizer.model_proto()
+    assert sampled.stats["train_pairs_read"] == full.stats["train_pairs_read"] == 300  # all tokenized
+    data.save_tokenizers(sampled, str(tmp_path / "sampled"))
+    with pytest.raises(data.DataError, match="data.spm_sample_size: 100 → 200"):
+        data.load_corpus(small_corpus(tmp_path, spm_sample_size=200), str(tmp_path / "sampled"))
+
+
+def test_a_process_reads_only_its_rows_of_a_batch(tmp_path):
+    corpus = data.load_corpus(small_corpus(tmp_path), str(tmp_path / "w"))
+    batches = data.TrainBatches(corpus.train_src, corpus.train_tgt, batch_size=8, boundaries=(16, 32, 65), seed=1)
+    for number in (0, 5, 60):
+        whole = batches.batch(number)
+        half = batches.batch(number, np.arange(4, 8))
+        for full_field, half_field in zip(whole, half):
+            np.testing.assert_array_equal(half_field, full_field[4:8])

@@ -1,26 +1,32 @@
 """Several processes: two train.py processes on localhost (gloo, one CPU device each) train the same
 model as one process with two devices, on the same global batches; process 0 alone writes the
-metrics. Real subprocesses on a shrunk configs/tiny.py sharing one compilation cache."""
+metrics; dev BLEU decoded over both equals one process's; a signal to one stops both, a killed one
+stops the other, and the run resumes exactly. Real subprocesses on a shrunk configs/tiny.py sharing
+one compilation cache."""
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from configs import tiny
-from s2s_jax import checkpoints, configuration, parallel, steps
+from s2s_jax import checkpoints, configuration, data, parallel, steps
+from s2s_jax.metrics import sacrebleu_score
 from s2s_jax.models import make_model
+from s2s_jax.translate import Translator
 from tests.conftest import REPO
 
 ARGS = ["--config=configs/tiny.py", "--config.num_train_steps=20", "--config.log_every_steps=5",
         "--config.eval_every_steps=20", "--config.checkpoint_every_steps=20",
         "--config.data.synthetic_train_size=256", "--config.data.synthetic_dev_size=16",
-        "--config.eval.batch_size=16", "--config.data.bucket_boundaries=(12,)"]
+        "--config.eval.batch_size=16", "--config.eval.search=beam", "--config.data.bucket_boundaries=(12,)"]
 TIMEOUT = 600  # per run; a loaded 2-core machine compiles slowly
 
 
@@ -45,22 +51,64 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_two_processes(env, workdir) -> list[str]:
-    """Runs processes 0 and 1 of one run; returns their outputs (stdout + stderr)."""
+# Runs train.py after patching, in this process only: S2S_SIGNAL_AT_BATCH=n sends it SIGTERM when it
+# reads training batch n; S2S_KILL_AFTER_SAVE=n kills it (SIGKILL) right after it saved step n.
+INJECT = r'''
+import os, runpy, signal, sys
+sys.path.insert(0, os.getcwd())
+from s2s_jax import checkpoints, data
+if "S2S_SIGNAL_AT_BATCH" in os.environ:
+    at, batch = int(os.environ["S2S_SIGNAL_AT_BATCH"]), data.TrainBatches.batch
+    def signalled(self, number, rows=None):
+        if number == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch(self, number, rows)
+    data.TrainBatches.batch = signalled
+if "S2S_KILL_AFTER_SAVE" in os.environ:
+    after, save = int(os.environ["S2S_KILL_AFTER_SAVE"]), checkpoints.Checkpoints.save
+    def save_then_die(self, step, *args, **kwargs):
+        save(self, step, *args, **kwargs)
+        if step == after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    checkpoints.Checkpoints.save = save_then_die
+sys.argv = sys.argv[1:]  # ["train.py", flags...]
+runpy.run_path("train.py", run_name="__main__")
+'''
+
+
+def start_two_processes(env, workdir, *extra, inject=({}, {})) -> list[subprocess.Popen]:
+    """Starts processes 0 and 1 of one run (inject: extra environment per process, see INJECT)."""
     address = f"localhost:{free_port()}"
-    runs = [subprocess.Popen(command(workdir, f"--config.distributed.coordinator_address={address}",
-                                     "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
-                             cwd=REPO, env=devices(env, 1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    layout = (f"--config.distributed.coordinator_address={address}", "--config.distributed.num_processes=2")
+    return [subprocess.Popen([sys.executable, "-c", INJECT, *command(workdir, *layout, *extra,
+                                                                      f"--config.distributed.process_id={i}")[1:]],
+                             cwd=REPO, env=dict(devices(env, 1), **inject[i]), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
             for i in range(2)]
+
+
+def finish(runs: list[subprocess.Popen]) -> list[str]:
+    """The outputs (stdout + stderr) of runs, once they ended; each is killed if still running
+    after TIMEOUT."""
     try:
-        outputs = [run.communicate(timeout=TIMEOUT)[0] for run in runs]
+        return [run.communicate(timeout=TIMEOUT)[0] for run in runs]
     finally:
         for run in runs:
             run.kill()
             run.wait()
+
+
+def train_two_processes(env, workdir, *extra) -> list[str]:
+    """Runs processes 0 and 1 of one run to the end; returns their outputs (stdout + stderr)."""
+    runs = start_two_processes(env, workdir, *extra)
+    outputs = finish(runs)
     for run, output in zip(runs, outputs):
         assert run.returncode == 0, output[-3000:]
     return outputs
+
+
+def without_timings(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("tokens_per_s", "elapsed_s")}
 
 
 def metrics(workdir) -> list[dict]:
@@ -85,18 +133,25 @@ def final_params(workdir) -> dict:
     return jax.tree.map(np.asarray, state.params)
 
 
-def test_two_processes_train_as_one_process_with_two_devices(env, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    # The one-process run goes on beside the two-process one (they share nothing but the cache).
+@pytest.fixture(scope="module")
+def uninterrupted(env, tmp_path_factory) -> dict:
+    """One process with two devices and two processes with one each, trained side by side (they
+    share nothing but the compilation cache): their workdirs and the two processes' outputs."""
+    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
     single = subprocess.Popen(command(one), cwd=REPO, env=devices(env, 2), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
-        first, second = train_two_processes(env, two)
+        outputs = train_two_processes(env, two)
         single_output = single.communicate(timeout=TIMEOUT)[0]
     finally:
         single.kill()
         single.wait()
     assert single.returncode == 0, single_output[-3000:]
+    return dict(one=one, two=two, outputs=outputs)
+
+
+def test_two_processes_train_as_one_process_with_two_devices(uninterrupted):
+    one, two, (first, second) = uninterrupted["one"], uninterrupted["two"], uninterrupted["outputs"]
     # One writer: process 0 prints the progress and final lines; process 1 none of them.
     assert "step 20/20" in first and "final | step 20" in first
     assert "step 20/20" not in second and "final |" not in second
@@ -112,6 +167,44 @@ def test_two_processes_train_as_one_process_with_two_devices(env, tmp_path):
     assert jax.tree.structure(params_one) == jax.tree.structure(params_two)
     for a, b in zip(jax.tree.leaves(params_one), jax.tree.leaves(params_two)):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_distributed_dev_bleu_equals_one_process_decoding(uninterrupted):
+    """Dev BLEU (greedy and beam) decoded over two processes is what one process with one device
+    gets from the same checkpoint."""
+    two = str(uninterrupted["two"])
+    translator = Translator.from_workdir(two)
+    dev = data.load_corpus(translator.config.data, two)
+    logged = metrics(two)[-1]
+    for search, key in (("greedy", "dev_bleu"), ("beam", "dev_bleu_beam")):
+        hypotheses = translator.translate(dev.dev_src_text, search=search)
+        assert logged[key] == sacrebleu_score(hypotheses, dev.dev_tgt_text)[0], search
+
+
+def test_a_signal_to_one_process_stops_both_and_a_killed_one_stops_the_other(env, uninterrupted, tmp_path):
+    """SIGTERM to process 1 only: both save the same checkpoint and exit 143. Resumed, process 1 is
+    killed (SIGKILL) right after a save: process 0 exits with an error within 60 s. Resumed again,
+    the run ends bit-identical to the uninterrupted one."""
+    workdir, every5 = tmp_path / "w", "--config.checkpoint_every_steps=5"
+    runs = start_two_processes(env, workdir, every5, inject=({}, {"S2S_SIGNAL_AT_BATCH": "7"}))
+    outputs = finish(runs)
+    assert [run.returncode for run in runs] == [128 + signal.SIGTERM] * 2, outputs[0][-3000:]
+    saved = re.findall(r"SIGTERM: saved checkpoint step (\d+) in ", outputs[0] + outputs[1])
+    assert saved and set(saved) == {"9"}, outputs  # the step after the signal's, in both
+
+    runs = start_two_processes(env, workdir, every5, inject=({}, {"S2S_KILL_AFTER_SAVE": "15"}))
+    runs[1].wait(timeout=TIMEOUT)
+    died = time.monotonic()
+    assert runs[1].returncode == -signal.SIGKILL
+    output = finish(runs[:1])[0]
+    assert runs[0].returncode != 0 and time.monotonic() - died < 60, output[-3000:]
+    assert "resumed from" in output and "at step 9" in output
+
+    train_two_processes(env, workdir, every5)
+    reference = uninterrupted["two"]
+    assert [without_timings(row) for row in metrics(workdir)] == [without_timings(r) for r in metrics(reference)]
+    for got, want in zip(jax.tree.leaves(final_params(workdir)), jax.tree.leaves(final_params(reference))):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_each_process_holds_its_block_of_rows():

@@ -50,8 +50,8 @@ sys.path.insert(0, os.getcwd())
 if "S2S_BAD_BATCH" in os.environ:
     from s2s_jax import data
     bad, original = int(os.environ["S2S_BAD_BATCH"]), data.TrainBatches.batch
-    def batch(self, number):
-        b = original(self, number)
+    def batch(self, number, rows=None):
+        b = original(self, number, rows)
         if number == bad:
             src = b.src.copy()
             src[0, 0] = 10**6

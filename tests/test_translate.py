@@ -4,6 +4,7 @@ All use the session's trained tiny model (configs/tiny.py: reverse sequences of 
 References are independent of the code under test: the reversed source, greedy search, one
 sentence at a time, and the model's own teacher-forced log-probs for the beam scores.
 """
+import io
 import logging
 import os
 import shutil
@@ -358,3 +359,94 @@ def test_eval_options_of_a_workdir_older_than_the_length_rule():
     old_eval = ConfigDict(dict(beam_size=4, alpha=0.5, batch_size=16, max_decode_len=64, search="greedy"))
     options = inference.SearchOptions.from_eval_config(old_eval, "beam")
     assert (options.beam_size, options.alpha, options.max_len_a, options.max_len_b) == (4, 0.5, 2.0, 10)
+
+
+# ----------------------------------------------------------------------------- the command streams
+def _stream(translator, tmp_path, text: bytes, prefixes: bytes | None = None, out=None, **options):
+    """The command's loop on an input file holding `text` (and a prefix file), greedy, writing to
+    `out`: (output, progress) text."""
+    src, prefix_path = tmp_path / "in.txt", tmp_path / "prefixes.txt"
+    src.write_bytes(text)
+    if prefixes is not None:
+        prefix_path.write_bytes(prefixes)
+    out, progress = io.StringIO() if out is None else out, io.StringIO()
+    pairs = translate._sources(str(src), None if prefixes is None else str(prefix_path))
+    translate._translate_stream(translator, pairs, out, {"search": "greedy", **options}, None, progress)
+    return out.getvalue(), progress.getvalue()
+
+
+def _encoded(lines: list[str]) -> bytes:
+    return "".join(line + "\n" for line in lines).encode("utf-8")
+
+
+def test_cli_streams_chunks_in_input_order_with_progress(translator, sentences, tmp_path, monkeypatch):
+    """Decoded a chunk at a time (never more lines at once: constant memory), the output equals
+    translating all lines at once; a progress line per chunk only when there is more than one."""
+    lines = sentences[12:22]  # 10 lines, the blank one included
+    expected = translator.translate(lines, search="greedy")
+    calls = []
+    hypotheses = translator.hypotheses
+    monkeypatch.setattr(translator, "hypotheses", lambda s, *a, **k: calls.append(len(s)) or hypotheses(s, *a, **k))
+    monkeypatch.setattr(translate, "CHUNK_LINES", 3)
+    out, progress = _stream(translator, tmp_path, _encoded(lines))
+    assert out == "".join(line + "\n" for line in expected)
+    assert calls == [3, 3, 3, 1]
+    assert [line.split(" lines done")[0] for line in progress.splitlines()] == ["translate: 3", "translate: 6",
+                                                                                 "translate: 9", "translate: 10"]
+    assert _stream(translator, tmp_path, _encoded(lines[:3]))[1] == ""  # one full chunk: no progress
+    assert _stream(translator, tmp_path, b"")[0] == ""
+
+
+def test_cli_stream_errors_name_the_line_of_the_whole_input(translator, tmp_path, monkeypatch):
+    monkeypatch.setattr(translate, "CHUNK_LINES", 3)
+    good = ["4 5", "6 7 8", "", "9 10"]
+    out = io.StringIO()
+    with pytest.raises(data.DataError, match=r"in\.txt:5: invalid UTF-8 \(byte 0xff at column 3\)"):
+        _stream(translator, tmp_path, _encoded(good) + b"4 \xff 5\n", out=out)
+    assert out.getvalue() == "5 4\n8 7 6\n\n"  # the first chunk was written before the error
+    long = " ".join(["5"] * (translator.max_source_len + 3))
+    with pytest.raises(ValueError, match=r"^line 7: .*source pieces"):
+        _stream(translator, tmp_path, _encoded(good + ["6 7", "4", long]), on_long="error")
+    with pytest.raises(data.DataError, match=r"prefixes\.txt: 4 prefix lines, but the input has more"):
+        _stream(translator, tmp_path, _encoded(good + ["6 7"]), _encoded(["", "8", "", "10"]))
+    with pytest.raises(data.DataError, match=r"prefixes\.txt: more prefix lines than the 4 input lines"):
+        _stream(translator, tmp_path, _encoded(good), _encoded(["", "8", "", "10", "5"]))
+    out, _ = _stream(translator, tmp_path, _encoded(good), _encoded(["", "8", "", "10"]))
+    assert out.splitlines()[1].startswith("8") and out.splitlines()[3].startswith("10")
+
+
+def test_cli_attention_maps_of_later_chunks_have_their_line_numbers(translator, tmp_path, monkeypatch):
+    monkeypatch.setattr(translate, "CHUNK_LINES", 2)
+    src, pngs = tmp_path / "in.txt", tmp_path / "att"
+    src.write_bytes(_encoded(["4 5", "", "6 7 8"]))
+    translate._translate_stream(translator, translate._sources(str(src), None), io.StringIO(),
+                                {"search": "greedy"}, str(pngs), io.StringIO())
+    assert sorted(os.listdir(pngs)) == ["00001.png", "00003.png"]
+
+
+def test_cli_output_file_appears_only_once_complete(tmp_path):
+    path = tmp_path / "out.txt"
+    path.write_text("old\n", encoding="utf-8")
+    with pytest.raises(RuntimeError), translate._output(str(path)) as out:
+        out.write("half\n")
+        raise RuntimeError("failed midway")
+    assert path.read_text(encoding="utf-8") == "old\n" and os.listdir(tmp_path) == ["out.txt"]
+    with translate._output(str(path)) as out:
+        out.write("new\n")
+        assert path.read_text(encoding="utf-8") == "old\n"
+    assert path.read_text(encoding="utf-8") == "new\n" and os.listdir(tmp_path) == ["out.txt"]
+    link = tmp_path / "link.txt"  # e.g. /dev/stdout: written through, not replaced
+    link.symlink_to(path)
+    with translate._output(str(link)) as out:
+        out.write("linked\n")
+    assert link.is_symlink() and path.read_text(encoding="utf-8") == "linked\n"
+
+
+def test_cli_prefix_file_one_line_short_leaves_no_output(tiny_workdir, tmp_path):
+    src, prefixes, out = tmp_path / "in.txt", tmp_path / "prefixes.txt", tmp_path / "out.txt"
+    src.write_text("4 5 6\n7 8\n", encoding="utf-8")
+    prefixes.write_text("6\n", encoding="utf-8")
+    result = _cli(f"--workdir={tiny_workdir}", f"--input={src}", f"--prefixes={prefixes}", f"--output={out}")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and str(prefixes) in lines[0], result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["in.txt", "prefixes.txt"]
