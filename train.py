@@ -24,6 +24,9 @@ Several processes (one per host, each with the same command line plus its own
 --config.distributed.process_id, and --config.distributed.num_processes and
 --config.distributed.coordinator_address=HOST:PORT of process 0; or coordinator_address=auto on a
 TPU pod, SLURM or Open MPI) train one model on one mesh over all their devices; process 0 writes.
+SIGINT / SIGTERM to any of them makes all save the same checkpoint and stop; when one dies, the
+others exit with one error line and status 3 (a failed collective) or, at the latest, after
+--config.distributed.heartbeat_timeout_s (JAX's heartbeat); rerun all of them to resume.
 """
 import difflib
 import logging
@@ -50,6 +53,7 @@ flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 USAGE_ERROR = 2  # bad flags, config, data or workdir: nothing was trained
+PEER_LOST = 3  # several processes: a collective failed, mostly because another process died
 
 
 def _fail(message: str) -> None:
@@ -155,6 +159,16 @@ def main(argv):
         _fail(error)
     except OSError as error:  # e.g. disk full or read-only while writing metrics or tokenizers
         _fail(f"{error.filename or FLAGS.workdir}: {error.strerror or error}")
+    except jax.errors.JaxRuntimeError as error:
+        if jax.process_count() == 1:
+            raise
+        # Mostly a collective that lost its peer. JAX's exit would wait for the dead process's
+        # shutdown barrier, then abort: leave now (checkpoints are complete or absent, never half).
+        print(f"error: process {jax.process_index()}: {str(error).splitlines()[0]}; with several processes "
+              "this usually means another one has stopped (see its output); the last complete "
+              f"checkpoint is kept: rerun every process to resume from it: {command}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(PEER_LOST)
     except KeyboardInterrupt:
         print("interrupted without saving a checkpoint; the last complete one is kept; rerun the same "
               f"command to resume from it: {command}", file=sys.stderr, flush=True)

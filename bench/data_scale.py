@@ -5,8 +5,9 @@ two vocabularies of --words types, lengths 5-40 words, the target a noisy functi
 the model has something to learn) under --out, then runs `train.py --config=configs/default.py`
 for --steps steps on it in a child process and reports that child's peak resident memory
 (preparation included: reading, sentencepiece training, tokenization), the preparation seconds
-(from the start of the child to train.py's `data:` line) and the training tokens/s of its last
-progress line (every 10 steps).
+(from the start of the child to train.py's `data:` line), the rate of the tokenization into
+workdir/corpus/ (its last progress line) and the training tokens/s of its last progress line
+(every 10 steps).
 Generated corpora are reused when present (generation is deterministic in --seed); nothing here is
 committed.
 
@@ -30,6 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # train.py's log: the line after the corpus is read and tokenized, and a progress line.
 PREPARED = re.compile(r" data: \{'train_pairs_read'")
 PROGRESS = re.compile(r"step (\d+)/\d+ \| loss [\d.]+ \| ([\d,]+) tok/s")
+TOKENIZED = re.compile(r"corpus: tokenized [\d,]+ pairs.*, ([\d,]+) pairs/s")
 LOG_EVERY = 10
 
 
@@ -90,7 +92,7 @@ def run_training(corpus: str, workdir: str, steps: int) -> dict:
     shutil.rmtree(workdir, ignore_errors=True)  # a finished workdir would not train again
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    prepare_s, tokens_per_s, log = None, None, []
+    prepare_s, tokens_per_s, tokenize_rate, log = None, None, None, []
     for line in child.stdout:
         log.append(line)
         if prepare_s is None and PREPARED.search(line):
@@ -98,12 +100,15 @@ def run_training(corpus: str, workdir: str, steps: int) -> dict:
         match = PROGRESS.search(line)
         if match:
             tokens_per_s = float(match.group(2).replace(",", ""))
+        match = TOKENIZED.search(line)
+        if match:  # the last one: the rate over the whole tokenization
+            tokenize_rate = float(match.group(1).replace(",", ""))
     _, status, usage = os.wait4(child.pid, 0)                  # this child's own peak RSS (KiB)
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         raise SystemExit(f"data_scale: training on {corpus} failed:\n{''.join(log[-20:])}")
     return dict(peak_rss_mb=usage.ru_maxrss / 1024, wall_s=time.perf_counter() - started,
-                prepare_s=prepare_s, tokens_per_s=tokens_per_s)
+                prepare_s=prepare_s, tokenize_pairs_per_s=tokenize_rate, tokens_per_s=tokens_per_s)
 
 
 def main() -> None:
@@ -120,10 +125,11 @@ def main() -> None:
         corpus = ensure_corpus(args.out, pairs, args.words, args.seed)
         rows.append(dict(pairs=pairs, steps=args.steps,
                          **run_training(corpus, os.path.join(args.out, f"workdir{pairs}"), args.steps)))
-    print(f"{'pairs':>10} {'peak RSS MiB':>13} {'prepare s':>10} {'tokens/s':>9} {'wall s':>7}")
+    print(f"{'pairs':>10} {'peak RSS MiB':>13} {'prepare s':>10} {'tokenized pairs/s':>18} {'tokens/s':>9} "
+          f"{'wall s':>7}")
     for row in rows:
         print(f"{row['pairs']:>10,} {row['peak_rss_mb']:>13,.0f} {row['prepare_s']:>10.1f} "
-              f"{row['tokens_per_s']:>9,.0f} {row['wall_s']:>7.1f}")
+              f"{row['tokenize_pairs_per_s']:>18,.0f} {row['tokens_per_s']:>9,.0f} {row['wall_s']:>7.1f}")
     for row in rows[1:]:
         print(f"peak RSS {row['pairs']:,} / {rows[0]['pairs']:,} pairs: {row['peak_rss_mb'] / rows[0]['peak_rss_mb']:.2f}x")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)

@@ -495,8 +495,8 @@ class Corpus(NamedTuple):
 
     src_tokenizer: Tokenizer | IdTokenizer
     tgt_tokenizer: Tokenizer | IdTokenizer
-    train_src: IdSeqs
-    train_tgt: IdSeqs
+    train_src: IdSeqs | tokenized.RaggedIds  # files: memory-mapped from workdir/corpus/
+    train_tgt: IdSeqs | tokenized.RaggedIds
     dev_src: IdSeqs
     dev_tgt: IdSeqs
     dev_src_text: list[str]  # raw dev text; for synthetic tasks the space-joined ids

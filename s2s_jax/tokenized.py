@@ -101,8 +101,8 @@ def prepare(folder: str, key: dict, pairs: Callable[[dict | None], Iterator[tupl
             for part, f in outputs[side].items():
                 f.truncate(progress["sizes"][side][part])
                 f.seek(0, os.SEEK_END)
-        if progress["pairs"] == 0:
-            for side in SIDES:
+        for side in SIDES:
+            if not progress["sizes"][side]["offsets"]:  # a fresh folder: offsets start at 0
                 outputs[side]["offsets"].write(np.zeros(1, np.int64).tobytes())
         _append_chunks(outputs, progress, progress_path, pairs, encode, max_len, dtypes, total)
     finally:
