@@ -111,12 +111,13 @@ def prepare(folder: str, key: dict, pairs: Callable[[dict | None], Iterator[tupl
                 f.close()
     meta = dict(format=_FORMAT, key=key, dtypes=dtypes, pairs=progress["pairs"], too_long=progress["too_long"])
     _write_json(os.path.join(folder, "meta.json"), meta)
-    os.remove(progress_path)
+    if os.path.exists(progress_path):  # absent when there was no pair at all
+        os.remove(progress_path)
 
 
 def _append_chunks(outputs, progress, progress_path, pairs, encode, max_len, dtypes, total) -> None:
     """Tokenizes and appends CHUNK_PAIRS pairs at a time, recording the progress after each chunk."""
-    started, done_before = time.time(), progress["pairs"]
+    started, done_before = time.time(), progress["pairs"] + progress["too_long"]
     stream = pairs(progress["position"])
     ends = {side: int(np.frombuffer(_last_offset(outputs[side]["offsets"]), np.int64)[0]) for side in SIDES}
     while True:
