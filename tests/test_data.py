@@ -506,3 +506,16 @@ def test_a_process_reads_only_its_rows_of_a_batch(tmp_path):
         half = batches.batch(number, np.arange(4, 8))
         for full_field, half_field in zip(whole, half):
             np.testing.assert_array_equal(half_field, full_field[4:8])
+
+
+def test_other_processes_open_what_process_zero_prepared(tmp_path):
+    """writes=False (processes 1..n): nothing is written; the split process 0 prepared (before
+    the barrier, here `sync`) is opened, and its absence is a DataError naming the folder."""
+    cfg, workdir = small_corpus(tmp_path), tmp_path / "w"
+    with pytest.raises(data.DataError, match=r"corpus: the tokenized training split is missing"):
+        data.load_corpus(cfg, str(workdir), writes=False)
+    assert not workdir.exists()
+    synced = []
+    reader = data.load_corpus(cfg, str(workdir), writes=False,
+                              sync=lambda: synced.append(data.load_corpus(cfg, str(workdir))))
+    assert len(synced) == 1 and as_lists(reader.train_src) == as_lists(synced[0].train_src)
