@@ -4,8 +4,8 @@ device each (jax.distributed on localhost, gloo collectives), same config, same 
 Each layout trains `configs/demo.py` for --steps steps from scratch in its own workdir, one layout
 after the other (never side by side), on CPU with virtual devices
 (--xla_force_host_platform_device_count). Reports, per layout, the median training tokens/s of the
-progress windows after the first (metrics.jsonl; compilation and evaluation excluded) and its
-ratio to the one-process layout.
+progress windows after the first (metrics.jsonl; compilation and evaluation excluded), the median
+wall seconds per step of those windows, and the tokens/s ratio to the one-process layout.
 
   python bench/multiprocess_speed.py [--steps 60] [--out /tmp/multiprocess_speed]
                                      [--json bench/results/multiprocess_speed.json]
@@ -62,15 +62,16 @@ def main() -> None:
     results = []
     for processes, devices in ((1, 2), (2, 1)):
         rows = train(os.path.join(args.out, f"{processes}x{devices}"), args.steps, processes, devices)
-        windows = [row["tokens_per_s"] for row in rows if "tokens_per_s" in row][1:]
-        tokens_per_s = statistics.median(windows)
+        progress = [row for row in rows if "tokens_per_s" in row]
+        windows = [row["tokens_per_s"] for row in progress][1:]
+        step_s = [(b["elapsed_s"] - a["elapsed_s"]) / LOG_EVERY for a, b in zip(progress, progress[1:])]
         results.append(dict(layout=f"{processes} process(es) x {devices} device(s)", processes=processes,
                             devices_per_process=devices, steps=args.steps, windows=len(windows),
-                            tokens_per_s=tokens_per_s))
-    print(f"{'layout':32} {'tokens/s':>9} {'ratio':>6}")
+                            tokens_per_s=statistics.median(windows), step_s=statistics.median(step_s)))
+    print(f"{'layout':32} {'tokens/s':>9} {'s/step':>7} {'ratio':>6}")
     for row in results:
         row["ratio_to_one_process"] = row["tokens_per_s"] / results[0]["tokens_per_s"]
-        print(f"{row['layout']:32} {row['tokens_per_s']:9,.0f} {row['ratio_to_one_process']:6.2f}")
+        print(f"{row['layout']:32} {row['tokens_per_s']:9,.0f} {row['step_s']:7.3f} {row['ratio_to_one_process']:6.2f}")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
