@@ -24,13 +24,15 @@ Failure handling (see tests/test_reliability.py):
   config.json, summary.json and the metrics.jsonl rewrite are all written atomically.
 
 Several processes (config.distributed; train.py joins them): every process runs this same loop on
-the same global batches and feeds its own rows of each (`parallel.shard_batch`); process 0 alone
-holds the workdir lock and writes tokenizers, config.json, metrics.jsonl, TensorBoard events and
+the same global batches and reads and feeds only its own rows of each (`TrainBatches.batch(n,
+rows)`, `parallel.shard_rows`); process 0 alone holds the workdir lock and writes tokenizers, the
+tokenized corpus (the others wait for it), config.json, metrics.jsonl, TensorBoard events and
 summary.json; every process takes part in saving and restoring the checkpoints (orbax). Dev loss
 and dev decoding run on the mesh: each process feeds its rows of each batch, and every process gets
 all the hypotheses (identical in all). A signal to any process stops them all after the same step
-(each step's votes are combined on the mesh, see `_Loop.run`); a process that dies ends the others
-through JAX's heartbeat (config.distributed.heartbeat_timeout_s).
+(each step's votes are combined on the mesh, see `_Loop.run`); when a process dies, the others'
+next collective fails (train.py exits with status 3) or JAX's heartbeat ends them
+(config.distributed.heartbeat_timeout_s).
 """
 import functools
 import json
