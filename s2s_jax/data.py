@@ -87,14 +87,13 @@ class Pair(NamedTuple):
     tgt_end: int
 
 
-def iter_parallel(src_path: str, tgt_path: str, *, start: Pair | None = None,
+def iter_parallel(src_path: str, tgt_path: str, *, after: tuple[int, int, int] = (0, 0, 0),
                   digests=(None, None)) -> Iterator[Pair]:
-    """Yields every line pair of aligned source/target files (after the pair `start`, if given);
-    DataError when one file has more lines than the other."""
-    first = start.number + 1 if start else 1
-    src = iter_lines(src_path, start=start.src_end if start else 0, first_line=first, digest=digests[0])
-    tgt = iter_lines(tgt_path, start=start.tgt_end if start else 0, first_line=first, digest=digests[1])
-    count = first - 1
+    """Yields every line pair of aligned source/target files, or those after `after`, a pair's
+    (number, src_end, tgt_end); DataError when one file has more lines than the other."""
+    count, src_start, tgt_start = after
+    src = iter_lines(src_path, start=src_start, first_line=count + 1, digest=digests[0])
+    tgt = iter_lines(tgt_path, start=tgt_start, first_line=count + 1, digest=digests[1])
     for number, s, src_end in src:
         t_line = next(tgt, None)
         if t_line is None:
@@ -569,8 +568,8 @@ def _train_pairs(cfg, position: dict | None = None) -> Iterator[tuple[dict, str,
     max_train_pairs), from the start or after `position` (a dict this generator yielded)."""
     src_path, tgt_path = f"{cfg.train_prefix}.{cfg.src_lang}", f"{cfg.train_prefix}.{cfg.tgt_lang}"
     kept = position["kept"] if position else 0
-    start = Pair(position["number"], "", "", position["src_end"], position["tgt_end"]) if position else None
-    for pair in iter_parallel(src_path, tgt_path, start=start):
+    after = (position["number"], position["src_end"], position["tgt_end"]) if position else (0, 0, 0)
+    for pair in iter_parallel(src_path, tgt_path, after=after):
         if cfg.max_train_pairs and kept == cfg.max_train_pairs:
             return
         if not is_blank(pair, cfg.on_empty, src_path, tgt_path):

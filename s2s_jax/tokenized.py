@@ -14,6 +14,7 @@ loads only the lengths.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -121,7 +122,7 @@ def _append_chunks(outputs, progress, progress_path, pairs, encode, max_len, dty
     stream = pairs(progress["position"])
     ends = {side: int(np.frombuffer(_last_offset(outputs[side]["offsets"]), np.int64)[0]) for side in SIDES}
     while True:
-        chunk = [item for _, item in zip(range(CHUNK_PAIRS), stream)]
+        chunk = list(itertools.islice(stream, CHUNK_PAIRS))
         if not chunk:
             break
         ids = dict(zip(SIDES, encode([src for _, src, _ in chunk], [tgt for _, _, tgt in chunk])))
