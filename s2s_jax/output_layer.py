@@ -10,13 +10,15 @@ The backward pass costs no recomputation. With p = softmax(z) of a token with ta
 gradient of its losses w.r.t. its logits z is, for cotangents g_nll of nll_sum and g_s of
 smoothed_sum,
 
-    dz = (g_nll + g_s) p - (g_nll + (1 - eps) g_s) onehot(t) - eps g_s u
+    dz = (g_nll + g_s) (p - onehot(t)) + eps g_s (onehot(t) - u)
 
-where u is uniform (1 / (V - 2)) over the ids that can be targets. Only the p terms need [N, V]
-work: the forward pass (which sees p chunk by chunk anyway) stores p @ w^T [N, H], x^T @ p [H, V]
-and the column sums of p [V]; the backward pass scales them by the cotangents and adds the
-onehot and uniform terms, which are gathers, scatters and rank-one products. Three big matmuls
-in all, as for the unfused layer.
+where u is uniform (1 / (V - 2)) over the ids that can be targets. Only the first term needs
+[N, V] work: the forward pass (which sees p chunk by chunk anyway) forms q = p - onehot(t) in
+float32 and stores q @ w^T [N, H], x^T @ q [H, V] and the column sums of q [V]; the backward pass
+scales them by the cotangent and adds the second term, which is gathers, scatters and rank-one
+products. Three big matmuls in all, as for the unfused layer. q, not p, goes into the (maybe
+bfloat16) matmuls: rounding p(target) ~ 0.999 to 1 before subtracting the one-hot would lose
+the gradient of confident tokens.
 """
 import functools
 from typing import Any
@@ -63,6 +65,11 @@ def _chunk_losses(x, w, b, y, label_smoothing, dtype):
     return jnp.sum(nll * mask), jnp.sum(smoothed * mask), mask, p
 
 
+def _gold_residual(p, y, mask):
+    """p [c, V] float32, y [c], mask [c] -> (p - onehot(y)) * mask [c, V], before any rounding."""
+    return p.at[jnp.arange(y.shape[0]), y].add(-1.0) * mask[:, None]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _fused(label_smoothing, dtype, x, w, b, y):
     """x [C, chunk, H], y [C, chunk] -> (nll_sum, smoothed_sum, token_count)."""
@@ -76,40 +83,39 @@ def _fused(label_smoothing, dtype, x, w, b, y):
 
 
 def _fused_fwd(label_smoothing, dtype, x, w, b, y):
-    """The losses, and the p terms of the gradient (module docstring), chunk by chunk."""
+    """The losses, and the q terms of the gradient (module docstring), chunk by chunk."""
     def step(carry, xy):
-        nll_sum, smoothed_sum, p_w, p_b = carry
+        nll_sum, smoothed_sum, q_w, q_b = carry
         x_c, y_c = xy
         nll, smoothed, mask, p = _chunk_losses(x_c, w, b, y_c, label_smoothing, dtype)
-        p = p * mask[:, None]                                             # [c, V], PAD rows zero
-        p_x = matmul(p, w.T, dtype)                                       # [c, H]
-        carry = (nll_sum + nll, smoothed_sum + smoothed, p_w + matmul(x_c.T, p, dtype), p_b + p.sum(0))
-        return carry, p_x
+        q = _gold_residual(p, y_c, mask)                                  # [c, V], PAD rows zero
+        q_x = matmul(q, w.T, dtype)                                       # [c, H]
+        carry = (nll_sum + nll, smoothed_sum + smoothed, q_w + matmul(x_c.T, q, dtype), q_b + q.sum(0))
+        return carry, q_x
 
     out_dtype = jnp.promote_types(dtype, jnp.float32)
     zero = jnp.zeros((), out_dtype)
     init = (zero, zero, jnp.zeros(w.shape, out_dtype), jnp.zeros(b.shape, out_dtype))
-    (nll, smoothed, p_w, p_b), p_x = jax.lax.scan(step, init, (x, y))
+    (nll, smoothed, q_w, q_b), q_x = jax.lax.scan(step, init, (x, y))
     tokens = jnp.sum(y != PAD_ID).astype(out_dtype)
-    return (nll, smoothed, tokens), (x, w, b, y, p_x, p_w, p_b)
+    return (nll, smoothed, tokens), (x, w, b, y, q_x, q_w, q_b)
 
 
 def _fused_bwd(label_smoothing, dtype, residuals, cotangents):
-    x, w, b, y, p_x, p_w, p_b = residuals
+    x, w, b, y, q_x, q_w, q_b = residuals
     g_nll, g_smoothed, _ = cotangents                                     # token_count: constant
-    g_p = g_nll + g_smoothed                       # dz = g_p p - g_gold onehot - g_uniform u
-    g_gold = g_nll + (1.0 - label_smoothing) * g_smoothed
+    g_q = g_nll + g_smoothed                       # dz = g_q q + g_uniform (onehot - u)
     g_uniform = label_smoothing * g_smoothed
     vocab = w.shape[1]
-    mask = (y != PAD_ID).astype(p_x.dtype)[..., None]                     # [C, chunk, 1]
-    u = jnp.ones((vocab,), p_x.dtype).at[jnp.array(NEVER_TARGETS)].set(0.0) / (vocab - len(NEVER_TARGETS))
+    mask = (y != PAD_ID).astype(q_x.dtype)[..., None]                     # [C, chunk, 1]
+    u = jnp.ones((vocab,), q_x.dtype).at[jnp.array(NEVER_TARGETS)].set(0.0) / (vocab - len(NEVER_TARGETS))
     x_masked = (x * mask).reshape(-1, x.shape[-1])                        # [N, H]
     flat_y = y.reshape(-1)                                                # [N]
-    dx = g_p * p_x - mask * (g_gold * w.T[y] + g_uniform * (w @ u))       # [C, chunk, H]
-    dw = (g_p * p_w - g_gold * jnp.zeros_like(p_w).at[:, flat_y].add(x_masked.T)
-          - g_uniform * jnp.outer(x_masked.sum(0), u))                    # [H, V]
-    gold_counts = jnp.zeros_like(p_b).at[flat_y].add(mask.reshape(-1))   # [V]
-    db = g_p * p_b - g_gold * gold_counts - g_uniform * mask.sum() * u
+    dx = g_q * q_x + g_uniform * mask * (w.T[y] - w @ u)                  # [C, chunk, H]
+    dw = g_q * q_w + g_uniform * (jnp.zeros_like(q_w).at[:, flat_y].add(x_masked.T)
+                                  - jnp.outer(x_masked.sum(0), u))        # [H, V]
+    gold_counts = jnp.zeros_like(q_b).at[flat_y].add(mask.reshape(-1))   # [V]
+    db = g_q * q_b + g_uniform * (gold_counts - mask.sum() * u)
     return dx.astype(x.dtype), dw.astype(w.dtype), db.astype(b.dtype), None
 
 
