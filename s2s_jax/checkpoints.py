@@ -6,23 +6,38 @@ of equals). A step saved without dev BLEU ranks below any step with it, so it ne
 best step, and the best step outlives any number of newer ones.
 
 A checkpoint holds the train state (step, params, optimizer state) as a state dict, a JSON `meta`
-record (data position, logging window, vocabulary sizes, parameter shapes, and a CRC32 of every
-floating-point array of the state) and orbax's `metrics` record ({"dev_bleu": x} or {}).
+record (data position, logging window, vocabulary sizes, parameter shapes, the fingerprint of the
+tokenizers it was trained with, and a CRC32 of every floating-point array of the state) and
+orbax's `metrics` record ({"dev_bleu": x} or {}).
+
+Writer and readers: `Checkpoints(workdir, keep)` is the store of the training run that holds the
+workdir lock, the only one that writes, prunes or cleans up. `Checkpoints.reader(workdir)` (translate,
+export) opens the store read-only: it creates, deletes and moves nothing, so a model can be loaded
+while its run trains (a save in progress is left alone).
+
+Tokenizers: a store opened with `tokenizers=tokenizers_fingerprint(src, tgt)` records the
+fingerprint with each checkpoint and refuses (CheckpointError) to restore a checkpoint trained with
+other tokenizers; a checkpoint without one (older versions) is accepted.
 
 Crash safety:
 - Orbax writes each step into `<step>.orbax-checkpoint-tmp*` and renames it when complete, so a
-  run killed mid-save leaves nothing that `restore_latest` would list; the leftover is removed
-  the next time the store is opened.
+  run killed mid-save leaves nothing that `restore_latest` would list; the writer removes the
+  leftover when it opens the store.
 - A listed step that still fails to load (missing or truncated files, a checksum that does not
-  match) is skipped with a warning naming it, and the next older one is tried. If training later
-  reaches that step again, the unreadable directory is moved aside to `<step>.unreadable-<n>`
+  match) is skipped with a one-line warning naming it, and the next older one is tried. If training
+  later reaches that step again, the unreadable directory is moved aside to `<step>.unreadable-<n>`
   (kept for inspection, never loaded) so that the new checkpoint can take its place.
+- If steps are listed but none loads, restoring raises CheckpointError naming each step and its
+  error, and changes nothing: starting over is the user's choice (move the directory aside or use
+  a new workdir), never a silent restart from step 0. An I/O error other than a missing file
+  (PermissionError, EIO) is not an unreadable step: it raises CheckpointError at once.
 - A failed write (disk full, read-only directory) raises CheckpointError naming the step and the
   previous checkpoint; the checkpoints written before it are untouched (old steps are deleted
   only after a write has succeeded).
 - Non-finite parameters are never written (CheckpointError).
 """
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -37,7 +52,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from s2s_jax import parallel
+from s2s_jax import data, parallel
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +70,12 @@ def _dev_bleu(metrics: dict) -> float:
     return metrics.get("dev_bleu", -math.inf)
 
 
-def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
+def _manager(directory: str, keep: int, read_only: bool) -> ocp.CheckpointManager:
+    """Orbax's manager; read_only: it creates, cleans up, saves and deletes nothing."""
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        create=True, cleanup_tmp_directories=True, enable_async_checkpointing=False,
+        read_only=read_only, create=not read_only, cleanup_tmp_directories=not read_only,
+        enable_async_checkpointing=False,
         # best_fn makes orbax store each step's metrics and rank them in best_step(), in the same
         # order as BestN below (ascending, the last of equals wins).
         best_fn=_dev_bleu, best_mode="max",
@@ -120,14 +137,21 @@ class _AbandonedWrites(logging.Filter):
 
 
 class Checkpoints:
-    """The workdir's checkpoint store."""
+    """The workdir's checkpoint store: the training run's (read-write), or a reader's (`reader`)."""
 
-    def __init__(self, workdir: str, keep: int):
+    def __init__(self, workdir: str, keep: int, *, tokenizers: str | None = None, read_only: bool = False):
         self.directory = os.path.join(workdir, "checkpoints")
         self._keep = keep
-        self._manager = _manager(self.directory, keep)
+        self._tokenizers = tokenizers
+        self._read_only = read_only
+        self._manager = _open(self.directory, keep, read_only)
         self.good_step: int | None = None  # newest step known to load (restored or saved here)
-        self._unreadable: set[int] = set()  # listed steps that failed to load
+        self._unreadable: dict[int, str] = {}  # listed steps that failed to load: their one-line error
+
+    @classmethod
+    def reader(cls, workdir: str, *, tokenizers: str | None = None) -> "Checkpoints":
+        """The store opened read-only, for a process that does not hold the workdir lock."""
+        return cls(workdir, keep=1, tokenizers=tokenizers, read_only=True)
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -135,6 +159,7 @@ class Checkpoints:
     def save(self, step: int, state: Any, meta: dict, dev_bleu: float | None = None) -> None:
         """Saves synchronously, with `dev_bleu` if the step was evaluated; then deletes the steps
         that are neither among the `keep` newest nor the best. On failure nothing is deleted."""
+        self._check_writable("write")
         state_dict = flax.serialization.to_state_dict(state)
         arrays = _float_arrays(state_dict)
         bad = [name for name, value in arrays.items()
@@ -143,6 +168,8 @@ class Checkpoints:
             raise CheckpointError(f"refusing to write checkpoint step {step} to {self.directory}: "
                                   f"non-finite values in {bad[0]}")
         meta = dict(meta, checksums={name: _crc(value) for name, value in arrays.items()})
+        if self._tokenizers is not None:
+            meta["tokenizers"] = self._tokenizers
         args = ocp.args.Composite(state=ocp.args.StandardSave(state_dict), meta=ocp.args.JsonSave(meta))
         metrics = {} if dev_bleu is None else {"dev_bleu": float(dev_bleu)}
         try:
@@ -153,8 +180,7 @@ class Checkpoints:
         except (OSError, ValueError, RuntimeError) as error:
             previous = ("none" if self.good_step is None
                         else f"step {self.good_step} in {self.directory}, intact")
-            reason = " ".join(str(error).split())  # orbax messages span lines
-            raise CheckpointError(f"cannot write checkpoint step {step} to {self.directory}: {reason}; "
+            raise CheckpointError(f"cannot write checkpoint step {step} to {self.directory}: {_one_line(error)}; "
                                   f"previous checkpoint: {previous}") from error
         self.good_step = step
 
@@ -162,6 +188,7 @@ class Checkpoints:
         """Deletes the steps that the preservation policy deletes after a save: a run killed
         between writing a step and deleting the older ones leaves them behind. For the training
         run that owns the workdir (all its processes call it); a reader never deletes."""
+        self._check_writable("prune")
         steps = self.steps()
         keep = set(steps[-self._keep:])
         # The best dev BLEU, the newer of equals (as BestN); a step without one is never the best.
@@ -174,18 +201,28 @@ class Checkpoints:
                 self._manager.delete(step)
                 logger.info("deleted checkpoint step %d of %s (neither recent nor best)", step, self.directory)
 
+    def _check_writable(self, action: str) -> None:
+        if self._read_only:
+            raise CheckpointError(f"cannot {action} {self.directory}: opened read-only (a reader)")
+
     def restore_latest(self, target: Any) -> tuple[Any, dict] | None:
         """Newest loadable checkpoint as (state like `target`, meta), or None if there is none.
 
         `target` may be abstract (jax.eval_shape of the train state): nothing is compiled. A step
-        that does not load is skipped with a warning naming it; a step made for another model
-        shape or vocabulary raises CheckpointError.
+        that does not load is skipped with a warning naming it; CheckpointError if steps are listed
+        but none loads, for an I/O error, and for a step made for another model shape, vocabulary
+        or tokenizers.
         """
-        for step in reversed(self.steps()):
+        steps = self.steps()
+        for step in reversed(steps):
             restored = self._restore_or_warn(step, target)
             if restored is not None:
                 self.good_step = step
                 return restored
+        if steps:
+            errors = "; ".join(f"step {step}: {self._unreadable[step]}" for step in steps)
+            raise CheckpointError(f"no checkpoint in {self.directory} loads ({errors}); nothing was changed. "
+                                  f"To start over from step 0, move {self.directory} aside or use a new --workdir")
         return None
 
     def restore_best_or_latest(self, target: Any) -> tuple[Any, dict]:
@@ -199,23 +236,43 @@ class Checkpoints:
         return restored
 
     def _restore_or_warn(self, step: int, target: Any) -> tuple[Any, dict] | None:
-        """`_restore`, or None with a warning for a step that does not load (or did not before)."""
+        """`_restore`, or None with a one-line warning for a step that does not load (or did not
+        before); CheckpointError for an I/O error (not a fault of the step)."""
         if step in self._unreadable:
             return None
+        path = os.path.join(self.directory, str(step))
         try:
             return self._restore(step, target)
         except CheckpointError:
             raise
+        except OSError as error:
+            if not isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+                raise CheckpointError(f"cannot read checkpoint {path}: {_one_line(error)}; "
+                                      "fix the error (permissions, disk) and rerun") from error
+            self._skip(step, error)
         except Exception as error:  # noqa: BLE001 - orbax raises many types for a bad step
-            self._unreadable.add(step)
-            logger.warning("skipping unreadable checkpoint %s: %s",
-                           os.path.join(self.directory, str(step)), " ".join(str(error).split()))
-            return None
+            self._skip(step, error)
+        return None
+
+    def _skip(self, step: int, error: Exception) -> None:
+        """Marks a step unreadable: a one-line warning; the full error at DEBUG level."""
+        path = os.path.join(self.directory, str(step))
+        self._unreadable[step] = _one_line(error)
+        logger.warning("skipping unreadable checkpoint %s: %s (full error at DEBUG level)",
+                       path, self._unreadable[step])
+        logger.debug("checkpoint %s: %s", path, " ".join(str(error).split()))
 
     def _restore(self, step: int, target: Any) -> tuple[Any, dict]:
         directory = os.path.join(self.directory, str(step))
         template = flax.serialization.to_state_dict(target)
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        saved_tokenizers = meta.get("tokenizers")
+        if None not in (saved_tokenizers, self._tokenizers) and saved_tokenizers != self._tokenizers:
+            workdir = os.path.dirname(self.directory)
+            raise CheckpointError(
+                f"checkpoint {directory} was trained with other tokenizers (fingerprint {saved_tokenizers[:12]}) "
+                f"than those of {workdir} now ({self._tokenizers[:12]}): its ids would name other pieces; "
+                f"restore the tokenizers and training data it was trained with, or use a new --workdir")
         saved_shapes = meta.get("param_shapes")
         if saved_shapes is not None and saved_shapes != param_shapes(target.params):
             raise CheckpointError(
@@ -250,11 +307,38 @@ class Checkpoints:
             os.rename(source, f"{source}.unreadable-{n}")
             logger.warning("moved unreadable checkpoint %s to %s.unreadable-%d", source, source, n)
         parallel.barrier(f"move_aside_{step}")
-        self._unreadable.discard(step)
+        del self._unreadable[step]
         self._manager.reload()
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _open(directory: str, keep: int, read_only: bool) -> ocp.CheckpointManager:
+    """The manager; CheckpointError if orbax cannot list the steps (a damaged metrics record)."""
+    try:
+        return _manager(directory, keep, read_only)
+    except ValueError as error:  # orbax reads every step's metrics on opening
+        raise CheckpointError(f"cannot open {directory}: {_one_line(error)}; move the damaged step aside "
+                              "(or the directory, to start over) or use a new --workdir") from error
+
+
+def _one_line(error: Exception, limit: int = 200) -> str:
+    """ "Type: first line of the message", at most `limit` characters."""
+    text = " ".join(str(error).split())
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def tokenizers_fingerprint(src_tokenizer: Any, tgt_tokenizer: Any) -> str:
+    """sha256 of the source and target tokenizers: their sentencepiece models (a synthetic task's
+    IdTokenizer: its vocabulary size). Equal fingerprints map ids to the same pieces."""
+    digest = hashlib.sha256()
+    for tokenizer in (src_tokenizer, tgt_tokenizer):
+        model = (f"ids {tokenizer.vocab_size}".encode() if isinstance(tokenizer, data.IdTokenizer)
+                 else tokenizer.model_proto())
+        digest.update(hashlib.sha256(model).digest())
+    return digest.hexdigest()
 
 
 def param_shapes(params: Any) -> dict[str, list[int]]:
