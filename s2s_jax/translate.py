@@ -96,7 +96,7 @@ class Translator:
         model = make_model(config.model, src_tok.vocab_size, tgt_tok.vocab_size)
         # The train-state layout is what checkpoints hold; shapes only, nothing is initialised.
         target = jax.eval_shape(lambda: steps.init_state(config, model))
-        store = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
+        store = checkpoints.Checkpoints.reader(workdir, tokenizers=checkpoints.tokenizers_fingerprint(src_tok, tgt_tok))
         try:
             state, meta = store.restore_best_or_latest(target)
         finally:
