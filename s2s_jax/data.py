@@ -7,6 +7,8 @@ small set, so a jitted train step compiles once per bucket.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import contextvars
 import functools
 import hashlib
 import io
@@ -48,7 +50,8 @@ def iter_lines(path: str, *, start: int = 0, first_line: int = 1,
     every byte read.
 
     Only '\\n' separates lines (a trailing '\\r' is dropped), so Unicode line separators
-    inside a sentence cannot shift the alignment of a parallel corpus. A leading BOM is dropped.
+    inside a sentence cannot shift the alignment of a parallel corpus; a '\\r' inside a line (a
+    file with CR-only line endings) is a DataError. A leading BOM is dropped.
     """
     try:
         f = open(path, "rb")
@@ -64,6 +67,11 @@ def iter_lines(path: str, *, start: int = 0, first_line: int = 1,
             offset += len(raw)
             line = raw[3:] if offset == len(raw) and raw.startswith(b"\xef\xbb\xbf") else raw
             line = line.removesuffix(b"\n")
+            carriage_return = line.find(b"\r")
+            if 0 <= carriage_return < len(line) - 1:
+                raise _error(path, f"carriage return (\\r) inside the line, at byte {carriage_return + 1}: lines "
+                                   "must end with \\n (CR-only line endings? convert them, e.g. with tr '\\r' '\\n')",
+                             number)
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -264,10 +272,26 @@ def hypotheses(tokenizer, sequences: np.ndarray, scores: np.ndarray, lengths: np
     return [h._replace(text=t) for h, t in zip(hyps, texts)]
 
 
+# The indices of the long sentences warned about already, inside warn_long_once; None outside.
+_WARNED_LONG: contextvars.ContextVar[set[int] | None] = contextvars.ContextVar("warned_long", default=None)
+
+
+@contextlib.contextmanager
+def warn_long_once(warned: set[int]):
+    """Inside, source_ids warns about a long sentence only if its index is not in `warned` (and
+    adds it): a caller decoding the same sentences again and again keeps one set for all."""
+    token = _WARNED_LONG.set(warned)
+    try:
+        yield
+    finally:
+        _WARNED_LONG.reset(token)
+
+
 def source_ids(tokenizer, sentence: str, index: int, max_len: int, on_long: str) -> list[int]:
     """Piece ids of sentence number `index` (0-based; EOS excluded) for translation, at most
     `max_len` of them; [] for a blank sentence. A longer source is cut with a warning
-    (on_long="truncate") or refused with a ValueError naming its line (on_long="error")."""
+    (on_long="truncate"; see warn_long_once) or refused with a ValueError naming its line
+    (on_long="error")."""
     if not isinstance(sentence, str):
         raise TypeError(f"sentence {index + 1} is a {type(sentence).__name__}, not a string")
     if not sentence.strip():
@@ -281,7 +305,11 @@ def source_ids(tokenizer, sentence: str, index: int, max_len: int, on_long: str)
         message = f"{len(ids)} source pieces, more than the {max_len} the model was trained on (data.max_len)"
         if on_long == "error":
             raise ValueError(f"line {index + 1}: {message}: {shown}; shorten it or use on_long='truncate'")
-        logger.warning("sentence %d (line %d): %s; truncated to the first %d", index, index + 1, message, max_len)
+        warned = _WARNED_LONG.get()
+        if warned is None or index not in warned:
+            logger.warning("sentence %d (line %d): %s; truncated to the first %d", index, index + 1, message, max_len)
+        if warned is not None:
+            warned.add(index)
         ids = ids[:max_len]
     return ids
 
@@ -543,6 +571,7 @@ class _Scan(NamedTuple):
     pairs_read: int  # non-empty pairs, at most max_train_pairs
     empty_skipped: int
     sample: tuple[list[str], list[str]] | None  # sentencepiece's training pairs, when asked for
+    stamps: dict  # path -> (size, mtime_ns) of each training file before the pass
 
 
 def sample_items(items: Iterator, size: int, seed: int) -> list:
@@ -563,19 +592,35 @@ def sample_items(items: Iterator, size: int, seed: int) -> list:
     return sample
 
 
-def _train_pairs(cfg, position: dict | None = None) -> Iterator[tuple[dict, str, str]]:
+def _stamp(path: str) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a file; None if it cannot be read (iter_lines reports why)."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_size, status.st_mtime_ns
+
+
+def _train_pairs(cfg, stamps: dict, folder: str, position: dict | None = None) -> Iterator[tuple[dict, str, str]]:
     """(position, src, tgt) of the training pairs kept before tokenization (non-empty, at most
-    max_train_pairs), from the start or after `position` (a dict this generator yielded)."""
+    max_train_pairs), from the start or after `position` (a dict this generator yielded). At the
+    end, DataError if a training file's size or mtime differs from `stamps` (taken before the
+    scan): the pairs tokenized into `folder` may mix old and new text."""
     src_path, tgt_path = f"{cfg.train_prefix}.{cfg.src_lang}", f"{cfg.train_prefix}.{cfg.tgt_lang}"
     kept = position["kept"] if position else 0
     after = (position["number"], position["src_end"], position["tgt_end"]) if position else (0, 0, 0)
     for pair in iter_parallel(src_path, tgt_path, after=after):
         if cfg.max_train_pairs and kept == cfg.max_train_pairs:
-            return
+            break
         if not is_blank(pair, cfg.on_empty, src_path, tgt_path):
             kept += 1
             yield (dict(number=pair.number, src_end=pair.src_end, tgt_end=pair.tgt_end, kept=kept),
                    pair.src, pair.tgt)
+    for path, stamp in stamps.items():
+        if _stamp(path) != stamp:
+            raise _error(path, f"changed while {folder} was being prepared from it (its size or modification "
+                               f"time differs from when it was read); delete {folder} and rerun once it no "
+                               "longer changes")
 
 
 def _scan(cfg, with_sample: bool) -> _Scan:
@@ -584,6 +629,7 @@ def _scan(cfg, with_sample: bool) -> _Scan:
     data.spm_sample_size pairs to train the tokenizers on."""
     src_path, tgt_path = f"{cfg.train_prefix}.{cfg.src_lang}", f"{cfg.train_prefix}.{cfg.tgt_lang}"
     _check_on_empty(cfg.on_empty)
+    stamps = {path: _stamp(path) for path in (src_path, tgt_path)}
     digests, counts = (hashlib.sha256(), hashlib.sha256()), dict(pairs=0, empty=0)
     logged = time.time()
 
@@ -609,7 +655,7 @@ def _scan(cfg, with_sample: bool) -> _Scan:
              for side, path, digest in zip(("train_src", "train_tgt"), (src_path, tgt_path), digests)}
     record = {"format": _PROVENANCE_FORMAT, **files, **{key: cfg[key] for key in _PROVENANCE_KEYS}}
     return _Scan(record, counts["pairs"], counts["empty"],
-                 None if sample is None else ([s for s, _ in sample], [t for _, t in sample]))
+                 None if sample is None else ([s for s, _ in sample], [t for _, t in sample]), stamps)
 
 
 def _read_provenance(path: str) -> dict:
@@ -717,6 +763,15 @@ def save_tokenizers(corpus: Corpus, workdir: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _corpus_errors():
+    """tokenized.CorpusError (a corpus file that differs from its record) as a DataError."""
+    try:
+        yield
+    except tokenized.CorpusError as error:
+        raise DataError(str(error)) from None
+
+
 def _load_files(cfg, workdir: str, writes: bool, sync: Callable[[], None]) -> Corpus:
     scan = _scan(cfg, with_sample=not _has_saved_tokenizers(workdir))
     dev_src, dev_tgt, dev_skipped = _read_split(cfg, cfg.dev_prefix, cfg.max_dev_pairs)
@@ -729,13 +784,15 @@ def _load_files(cfg, workdir: str, writes: bool, sync: Callable[[], None]) -> Co
 
         dtypes = dict(ids=np.min_scalar_type(max(src_tok.vocab_size, tgt_tok.vocab_size) - 1).name,
                       lengths=np.min_scalar_type(cfg.max_len).name)
-        tokenized.prepare(folder, key, functools.partial(_train_pairs, cfg), encode, max_len=cfg.max_len,
-                          dtypes=dtypes, total=scan.pairs_read)
+        with _corpus_errors():
+            tokenized.prepare(folder, key, functools.partial(_train_pairs, cfg, scan.stamps, folder), encode,
+                              max_len=cfg.max_len, dtypes=dtypes, total=scan.pairs_read)
     sync()
     if not tokenized.is_ready(folder, key):
         raise _error(folder, "the tokenized training split is missing or was made from other data "
                              "(process 0 prepares it: is the workdir on a filesystem all processes share?)")
-    src_ids, tgt_ids, meta = tokenized.open_split(folder)
+    with _corpus_errors():  # the writer reads the whole split once more; the others check sizes only
+        src_ids, tgt_ids, meta = tokenized.open_split(folder, checksums=writes)
     stats = {
         "train_pairs_read": scan.pairs_read,
         "train_empty_skipped": scan.empty_skipped,

@@ -7,7 +7,8 @@ and equals what translate gives for the same model, options and dev file.
 
 The dev loss and the decoding run on the training mesh with its replicated parameters: each
 process feeds its rows of each batch, and the decoded hypotheses come back to every process,
-identical in all (process 0 logs the result).
+identical in all (process 0 logs the result). A dev source longer than data.max_len is truncated
+with a warning at the first evaluation only.
 """
 import functools
 import logging
@@ -32,6 +33,7 @@ class Evaluator:
         self.decoder = inference.CorpusDecoder(config, model, corpus.src_tokenizer, corpus.tgt_tokenizer, mesh)
         self.searches = ["greedy"] + (["beam"] if config.eval.search == "beam" else [])
         self.signature: str | None = None  # sacrebleu's, logged at the first evaluation
+        self.warned_long: set[int] = set()  # dev sources longer than data.max_len: warned about once a run
 
     def __call__(self, params) -> dict:
         loss_sum = tokens = 0.0
@@ -53,4 +55,5 @@ class Evaluator:
     def translate(self, params, search: str) -> list[str]:
         """Detokenized translations of the dev source text, in corpus order."""
         options = inference.SearchOptions.from_eval_config(self.config.eval, search)
-        return [hyps[0].text for hyps in self.decoder(params, self.corpus.dev_src_text, options)]
+        with data.warn_long_once(self.warned_long):
+            return [hyps[0].text for hyps in self.decoder(params, self.corpus.dev_src_text, options)]

@@ -45,6 +45,19 @@ def test_read_lines_invalid_utf8_names_file_and_line(tmp_path):
         data.read_lines(path)
 
 
+def test_cr_only_line_endings_are_one_line_naming_file_and_line(tmp_path):
+    """Before: one long line, then `sentencepiece cannot train ()`."""
+    path = write(tmp_path / "mac.es", "uno\r\ndos\rtres\rcuatro\r")
+    with pytest.raises(data.DataError) as e:
+        data.read_lines(path)
+    assert str(e.value) == (f"{path}:2: carriage return (\\r) inside the line, at byte 4: lines must end with \\n "
+                            "(CR-only line endings? convert them, e.g. with tr '\\r' '\\n')")
+    cfg = small_corpus(tmp_path)
+    write(tmp_path / "train.en", (tmp_path / "train.en").read_text().replace("\n", "\r"))
+    with pytest.raises(data.DataError, match=rf"^{tmp_path}/train.en:1: carriage return"):
+        data.load_corpus(cfg, str(tmp_path / "w"))
+
+
 def test_read_lines_missing_file(tmp_path):
     missing = str(tmp_path / "missing.en")
     with pytest.raises(data.DataError) as e:
@@ -519,3 +532,19 @@ def test_other_processes_open_what_process_zero_prepared(tmp_path):
     reader = data.load_corpus(cfg, str(workdir), writes=False,
                               sync=lambda: synced.append(data.load_corpus(cfg, str(workdir))))
     assert len(synced) == 1 and as_lists(reader.train_src) == as_lists(synced[0].train_src)
+
+
+def test_long_sources_warn_once_inside_warn_long_once(es_tokenizer, caplog):
+    """Dev evaluation decodes the same sources at every evaluation: one warning per sentence a run."""
+    long = "y " * 40
+    for _ in range(2):
+        assert len(data.source_ids(es_tokenizer, long, 3, 10, "truncate")) == 10
+    assert len(caplog.records) == 2  # outside: every time, as translate does
+    caplog.clear()
+    warned = set()
+    for _ in range(3):
+        with data.warn_long_once(warned):
+            ids = [data.source_ids(es_tokenizer, text, i, 10, "truncate") for i, text in enumerate(["a", long, long])]
+    assert list(map(len, ids)) == [1, 10, 10]
+    assert [r.getMessage()[:22] for r in caplog.records] == ["sentence 1 (line 2): 4", "sentence 2 (line 3): 4"]
+    assert warned == {1, 2}
