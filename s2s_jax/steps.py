@@ -115,9 +115,11 @@ def train_step(state: TrainState, batch: data.Batch, *, model: Seq2Seq, tf_sched
     "sequential" decodes step by step; "parallel" mixes the inputs in `tf_passes` teacher-forced
     passes, then computes the loss like teacher forcing (fused output layer included).
 
-    A non-finite loss, gradient or updated parameter leaves params and optimizer state unchanged
-    (the step counter still advances); `metrics["finite"]` tells the loop, which stops or goes on
-    as configured.
+    A non-finite loss, gradient or updated parameter leaves params and optimizer state unchanged,
+    except the step counters: state.step and the learning-rate schedule's count advance (the
+    schedule follows state.step: the rate logged for a step is the rate applied); Adam's moments
+    and bias-correction count stay. `metrics["finite"]` tells the loop, which stops or goes on as
+    configured.
     """
     step_rng = jax.random.fold_in(base_rng, state.step)
     dropout_rng, sampling_rng = jax.random.split(step_rng)
@@ -144,9 +146,17 @@ def train_step(state: TrainState, batch: data.Batch, *, model: Seq2Seq, tf_sched
     finite = jnp.isfinite(smoothed_sum) & jnp.isfinite(grad_norm) & params_finite
     keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
     new_state = updated.replace(params=jax.tree.map(keep, updated.params, state.params),
-                                opt_state=jax.tree.map(keep, updated.opt_state, state.opt_state))
+                                opt_state=_schedule_at(jax.tree.map(keep, updated.opt_state, state.opt_state),
+                                                       updated.step))
     return new_state, dict(loss_sum=nll_sum, smoothed_loss_sum=smoothed_sum, tokens=tokens,
                            grad_norm=grad_norm, tf_ratio=tf_ratio, finite=finite)
+
+
+def _schedule_at(opt_state, step: jax.Array):
+    """opt_state with every learning-rate schedule's count set to `step`."""
+    is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)  # noqa: E731
+    return jax.tree.map(lambda node: optax.ScaleByScheduleState(count=jnp.asarray(step, node.count.dtype))
+                        if is_schedule(node) else node, opt_state, is_leaf=is_schedule)
 
 
 def eval_step(params, batch: data.Batch, *, model: Seq2Seq):

@@ -14,6 +14,7 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from s2s_jax import BOS_ID, PAD_ID, checkpoints, configuration, data, steps, training
@@ -42,6 +43,19 @@ def assert_states_identical(a, b, equal_nan=False):
             continue
         assert x.dtype == y.dtype, name
         assert np.array_equal(x, y, equal_nan=equal_nan and np.issubdtype(x.dtype, np.floating)), name
+
+
+def schedule_count(state) -> int:
+    """The learning-rate schedule's count in the optimizer state (optax.adam's ScaleByScheduleState)."""
+    is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)  # noqa: E731
+    counts = [int(node.count) for node in jax.tree.leaves(state.opt_state, is_leaf=is_schedule) if is_schedule(node)]
+    assert len(counts) == 1
+    return counts[0]
+
+
+def without_counters(state):
+    """The state with its step counters (state.step, the schedule's count) set to 0."""
+    return state.replace(step=0, opt_state=steps._schedule_at(state.opt_state, 0))
 
 
 def tiny_config():
@@ -160,7 +174,7 @@ def test_nan_params_give_finite_false_and_leave_state_unchanged(setup, trained):
     assert not bool(metrics["finite"])
     assert not np.isfinite(float(metrics["loss_sum"]))
     assert int(new_state.step) == int(bad.step) + 1  # the counter still advances
-    assert_states_identical(new_state.replace(step=bad.step), bad, equal_nan=True)
+    assert_states_identical(without_counters(new_state), without_counters(bad), equal_nan=True)
 
 
 def test_nan_batch_gives_finite_false_and_leaves_state_unchanged(setup, trained):
@@ -172,7 +186,7 @@ def test_nan_batch_gives_finite_false_and_leaves_state_unchanged(setup, trained)
     new_state, metrics = setup["step"](state, bad_batch)
     assert not np.isfinite(float(metrics["loss_sum"])), "precondition: this batch must give NaN"
     assert not bool(metrics["finite"])
-    assert_states_identical(new_state.replace(step=state.step), state)
+    assert_states_identical(without_counters(new_state), without_counters(state))
     # Training goes on normally with the next good batch.
     newer_state, metrics = setup["step"](new_state, batch)
     assert bool(metrics["finite"])
@@ -383,6 +397,28 @@ def test_gradient_clipping_matches_a_numpy_clip_then_adam():
             v[k] = b2 * v[k] + (1 - b2) * g ** 2
             expected = -lr * (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
             np.testing.assert_allclose(np.asarray(updates[k]), expected, rtol=2e-4, atol=1e-7)
+
+
+def test_skipped_updates_keep_the_schedule_on_state_step(setup):
+    """Three skipped (non-finite) steps, then a good one: the schedule follows state.step, so the
+    good step applies the warmup rate of step 3, computed here by hand: peak * 3 / warmup. Adam's
+    first real update moves every parameter with a nonzero gradient by the rate (m/sqrt(v) = ±1)."""
+    config = small_config()
+    config.optimizer.update(learning_rate=1e-2, warmup_steps=10, decay="constant", clip_norm=0.0)
+    state = steps.init_state(config, setup["model"])
+    batch = setup["batch"]
+    src = batch.src.copy()
+    src[0, 0] = 10 ** 6  # an id outside the vocabulary: NaN loss
+    for _ in range(3):
+        state, metrics = setup["step"](state, batch._replace(src=src))
+        assert not bool(metrics["finite"])
+    assert int(state.step) == schedule_count(state) == 3
+    new_state, metrics = setup["step"](state, batch)
+    assert bool(metrics["finite"])
+    moved = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel() for a, b in
+                            zip(jax.tree.leaves(new_state.params), jax.tree.leaves(state.params))])
+    assert np.max(moved) == pytest.approx(1e-2 * 3 / 10, rel=1e-3)
+    assert float(steps.make_learning_rate(config.optimizer, config.num_train_steps)(3)) == pytest.approx(3e-3)
 
 
 # ----------------------------------------------------------------------------- train_step variants
