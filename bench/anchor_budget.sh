@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # configs/default.py (the JoeyNMT anchor's architecture and vocabularies) trained for the anchor's
 # wall-clock budget, then decoded on dev like the anchor: greedy, and beam 5 without length penalty.
-#   bench/anchor_budget.sh WORKDIR [SECONDS=1800]
+#   bench/anchor_budget.sh WORKDIR [SECONDS=1800]    (from the repository root: it reads data/bible-es-en)
 # Training gets SIGINT after SECONDS (the loop saves a checkpoint and stops, as JoeyNMT's time limit
 # does; its last log line names the step reached); compilation counts against the budget. Then prints
 # sacrebleu BLEU and chrF of both searches.
 set -eu
 workdir=$1; seconds=${2:-1800}
-data=../shared/data/bible-es-en
+data=data/bible-es-en
 python=${PYTHON:-python}
 # The learning rate is constant after warmup, so num_train_steps (set out of reach) changes nothing.
 timeout --signal=INT --kill-after=120 "$seconds" "$python" train.py --config=configs/default.py \

@@ -1,6 +1,6 @@
 """Training-step cost of scheduled sampling: teacher forcing, sequential and parallel sampling.
 
-Times s2s_jax's jitted `steps.train_step` on bench/train_speed.py's shapes (the anchor's `--config`,
+Times s2s_jax's jitted `steps.train_step` on bench/reference_loops.py's shapes (its `--config`,
 default small: B=64, S=T=40, V=8000, E=256, H=256 with a bidirectional encoder of H/2 per
 direction) for teacher forcing (ratio 1, fast path), sequential scheduled sampling and parallel
 scheduled sampling with 1 and 2 passes (ratio `--ratio`, default 0.5). All variants live in one
@@ -32,7 +32,9 @@ import numpy as np
 
 from s2s_jax import data, schedules, steps
 from s2s_jax.models import Seq2Seq
-from train_speed import ANCHOR, HERE, load_anchor
+from reference_loops import CONFIGS
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # name: (teacher-forcing ratio or None for --ratio, train_step's tf_mode, tf_passes)
 VARIANTS = {
@@ -44,7 +46,7 @@ VARIANTS = {
 
 
 def setup(cfg: dict, output_chunk: int, dropout: float):
-    """(model, fresh-state function, batch) on the anchor's shapes, all tokens real."""
+    """(model, fresh-state function, batch) on the reference loops' shapes, all tokens real."""
     B, S, T, E, H, V = (cfg[k] for k in "BSTEHV")
     model = Seq2Seq(V, V, embed_dim=E, encoder_hidden=H // 2, decoder_hidden=H, attention="general",
                     dropout_rate=dropout, output_chunk=output_chunk)
@@ -69,17 +71,16 @@ def make_step(model, ratio: float, mode: str, passes: int):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="small", help="the anchor's benchmark shapes")
+    ap.add_argument("--config", default="small", choices=sorted(CONFIGS), help="reference_loops.CONFIGS' shapes")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
     ap.add_argument("--ratio", type=float, default=0.5, help="teacher-forcing ratio of the sampled variants")
     ap.add_argument("--output-chunk", type=int, default=512, help="model.output_chunk (0 = plain logits)")
     ap.add_argument("--dropout", type=float, default=0.0)
-    ap.add_argument("--anchor", default=ANCHOR, help="path of the anchors' rnn_bench.py")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "sampling_speed.json"))
     args = ap.parse_args()
 
-    cfg = load_anchor(args.anchor).CONFIGS[args.config]
+    cfg = CONFIGS[args.config]
     model, fresh_state, batch = setup(cfg, args.output_chunk, args.dropout)
     load_before = os.getloadavg()
     runs = {}

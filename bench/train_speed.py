@@ -1,19 +1,19 @@
-"""Training-step throughput: s2s_jax's jitted train_step beside the anchor implementations.
+"""Training-step throughput: s2s_jax's jitted train_step beside the reference training loops.
 
 Runs, in one invocation and on the same random full-length batch shape, our `steps.train_step`
-(the Seq2Seq model configured like the anchor: bidirectional encoder H/2 per direction, decoder H,
-Luong general attention, input feeding, Adam) once per `--output-chunks` value (0 = plain output
-layer, > 0 = fused, s2s_jax.output_layer), and the anchor's plain-JAX and PyTorch steps from
-`../shared/anchors/rnn_bench.py` (PyTorch only if it is installed). Each system runs in its own
-child process, so that its peak memory is its own. Speeds are only comparable as ratios within
-one run.
+(the Seq2Seq model configured like the references: bidirectional encoder H/2 per direction, decoder
+H, Luong general attention, input feeding, Adam) once per `--output-chunks` value (0 = plain output
+layer, > 0 = fused, s2s_jax.output_layer), and the plain-JAX and PyTorch steps of
+bench/reference_loops.py (PyTorch only if it is installed: `pip install -e '.[bench]'`). Each
+system runs in its own child process, so that its peak memory is its own. Speeds are only
+comparable as ratios within one run.
 
-  python bench/train_speed.py [--configs small,large] [--steps 10] [--anchors jax,torch]
+  python bench/train_speed.py [--configs small,large] [--steps 10] [--references jax,torch]
                               [--output-chunks 512,0] [--json PATH]
 
 Prints a table and writes --json (default bench/results/train_speed.json): one row per system and
 config with config, system (s2s_jax | jax_reference | pytorch_loop), device, tokens_per_s,
-achieved_gflops (the anchor's FLOP count per step / step time), ceiling_gflops (a dense matmul of
+achieved_gflops (reference_loops.flops_per_step / step time), ceiling_gflops (a dense matmul of
 the same framework, measured in the same child), compile_s, peak_mem_mb (device peak on GPU; peak
 resident memory of the child process on CPU), and step_s, loss, output_chunk.
 """
@@ -27,20 +27,14 @@ import subprocess
 import sys
 import time
 
+import reference_loops
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-ANCHOR = os.path.join(HERE, "..", "..", "shared", "anchors", "rnn_bench.py")
 SYSTEMS = {"jax": "jax_reference", "torch": "pytorch_loop"}
 
 
-def load_anchor(path: str):
-    spec = importlib.util.spec_from_file_location("rnn_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def bench_ours(cfg: dict, num_steps: int, dtype: str, output_chunk: int) -> tuple[float, float, float]:
-    """(seconds per step, loss, compile seconds) of s2s_jax's train_step on the anchor's shapes."""
+    """(seconds per step, loss, compile seconds) of s2s_jax's train_step on the references' shapes."""
     import jax
     import jax.numpy as jnp
     import ml_collections
@@ -93,8 +87,7 @@ def peak_mem_mb(framework: str, device: str) -> float:
 
 def measure(args) -> dict:
     """One system in this process (the child's side): its JSON row."""
-    anchor = load_anchor(args.anchor)
-    cfg = anchor.CONFIGS[args.config]
+    cfg = reference_loops.CONFIGS[args.config]
     framework = "torch" if args.system == "pytorch_loop" else "jax"
     if framework == "jax":
         import jax
@@ -105,21 +98,21 @@ def measure(args) -> dict:
     if args.system == "s2s_jax":
         step_s, loss, compile_s = bench_ours(cfg, args.steps, args.dtype, args.output_chunk)
     elif args.system == "jax_reference":
-        step_s, loss, compile_s = anchor.bench_jax(cfg, args.steps, device)
+        step_s, loss, compile_s = reference_loops.bench_jax(cfg, args.steps)
     else:
-        (step_s, loss), compile_s = anchor.bench_torch(cfg, args.steps, device), None
+        step_s, loss, compile_s = reference_loops.bench_torch(cfg, args.steps, device)
     peak = peak_mem_mb(framework, device)
     return dict(config=args.config, system=args.system, device=device,
                 tokens_per_s=cfg["B"] * cfg["T"] / step_s,
-                achieved_gflops=anchor.flops_per_step(**cfg) / step_s / 1e9,
-                ceiling_gflops=anchor.matmul_ceiling(framework, device), compile_s=compile_s,
+                achieved_gflops=reference_loops.flops_per_step(**cfg) / step_s / 1e9,
+                ceiling_gflops=reference_loops.matmul_ceiling(framework, device), compile_s=compile_s,
                 peak_mem_mb=peak, step_s=step_s, loss=loss,
                 output_chunk=args.output_chunk if args.system == "s2s_jax" else None)
 
 
 def run_child(args, config: str, system: str, output_chunk: int = 0) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--child", system, "--configs", config,
-               "--steps", str(args.steps), "--anchor", args.anchor, "--dtype", args.dtype,
+               "--steps", str(args.steps), "--dtype", args.dtype,
                "--output-chunk", str(output_chunk)]
     child = subprocess.run(command, check=False, capture_output=True, text=True)
     if child.returncode != 0:
@@ -131,8 +124,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="small")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--anchors", default="jax,torch")
-    ap.add_argument("--anchor", default=ANCHOR, help="path of the anchors' rnn_bench.py")
+    ap.add_argument("--references", default="jax,torch", help="reference loops to run: jax, torch")
     ap.add_argument("--dtype", default="float32", help="our matmul dtype (bfloat16 on accelerators)")
     ap.add_argument("--output-chunks", default="512,0",
                     help="s2s_jax rows, one per model.output_chunk (0 = plain output layer)")
@@ -148,9 +140,10 @@ def main():
     for config in args.configs.split(","):
         for chunk in args.output_chunks.split(","):
             rows.append(run_child(args, config, "s2s_jax", int(chunk)))
-        for impl in args.anchors.split(","):
+        for impl in args.references.split(","):
             if impl == "torch" and importlib.util.find_spec("torch") is None:
-                print("# PyTorch anchor skipped: torch is not installed", file=sys.stderr)
+                print("# PyTorch reference skipped: torch is not installed (pip install -e '.[bench]')",
+                      file=sys.stderr)
                 continue
             rows.append(run_child(args, config, SYSTEMS[impl]))
     print(f"{'config':8} {'system':14} {'chunk':>5} {'device':6} {'step s':>8} {'tokens/s':>10} "
