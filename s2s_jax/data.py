@@ -834,9 +834,11 @@ def load_corpus(cfg, workdir: str, *, writes: bool = True, sync: Callable[[], No
     difference otherwise, or when they have no provenance), else new ones are trained in memory on
     a random sample of data.spm_sample_size pairs: save them with save_tokenizers once the run's
     checks have passed. The training split is tokenized once into workdir/corpus/ (`tokenized`;
-    resumed if interrupted, reused while the data and tokenizers are the same) and memory-mapped.
-    Several processes: the one with writes=True prepares it; `sync()` (a barrier) is called
-    before every process opens it. Synthetic tasks write nothing.
+    resumed if interrupted, reused while the data and tokenizers are the same) and memory-mapped;
+    a training file that changes meanwhile, or a corpus file that differs from its record, is a
+    DataError. Several processes: the one with writes=True prepares it and checks the crc32 of
+    its files; `sync()` (a barrier) is called before every process opens it and checks their
+    sizes. Synthetic tasks write nothing.
     """
     if cfg.task == "files":
         return _load_files(cfg, workdir, writes, sync)

@@ -13,9 +13,10 @@ A folder (workdir/corpus/) holds, for n kept pairs and each side (src, tgt):
 killed while preparing resumes where it stopped, after checking that the files hold what
 progress.json records (a file that shrank or changed is refused, never zero-filled). SIGINT /
 SIGTERM stop it between two chunks (`Interrupted`). `open_split` checks every file's size against
-meta.json (and, when asked, its crc32: about 3.7 GB/s, some 2 ms for the bundled corpus), then
-memory-maps the ids and offsets and loads only the lengths. A file that does not match its
-record is a CorpusError naming it.
+meta.json and, when asked, its crc32 (a read of the whole folder: 11 ms for the 3.9 MB of the
+bundled corpus on 2 CPU cores; crc32 itself runs at 3.7 GB/s), then memory-maps the ids and
+offsets and loads only the lengths. A file that does not match its record is a CorpusError
+naming it.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 SIDES = ("src", "tgt")
 PARTS = ("ids", "lengths", "offsets")
-CHUNK_PAIRS = 50_000  # pairs tokenized and appended per step of the preparation
+FILES = tuple(f"train.{side}.{part}" for side in SIDES for part in PARTS)
+CHUNK_PAIRS = 10_000  # pairs tokenized and appended per step of the preparation: about a second
 _FORMAT = 2  # 2: files' sizes and crc32 recorded
 
 
@@ -70,10 +72,6 @@ class RaggedIds(Sequence):
             raise IndexError(f"index {i} out of range for {n} sequences")
         start = int(self.offsets[i % n])
         return self.ids[start:start + int(self.lengths[i % n])]
-
-
-def _names() -> list[str]:
-    return [f"train.{side}.{part}" for side in SIDES for part in PARTS]
 
 
 def _read_json(path: str) -> dict | None:
@@ -187,7 +185,7 @@ def prepare(folder: str, key: dict, pairs: Callable[[dict | None], Iterator[tupl
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder)
         progress = dict(format=_FORMAT, key=key, position=None, pairs=0, too_long=0,
-                        files={name: dict(bytes=0, crc32=0) for name in _names()})
+                        files={name: dict(bytes=0, crc32=0) for name in FILES})
     else:
         logger.info("corpus: resuming the preparation of %s after %s pairs", folder, f"{progress['pairs']:,}")
     outputs = _reopen(folder, progress, progress_path)

@@ -185,11 +185,16 @@ def test_ctrl_c_stops_train_py_while_preparing_and_the_rerun_resumes(tmp_path, m
                                                    "rerun the same command to resume the preparation\n"), lines
     monkeypatch.setattr(tokenized, "CHUNK_PAIRS", 40)
     encoded, real_encode = [], data.Tokenizer.encode
-    monkeypatch.setattr(data.Tokenizer, "encode", lambda self, lines: encoded.append(len(lines)) or real_encode(self, lines))
+
+    def counted_encode(self, lines):
+        encoded.append(len(lines))
+        return real_encode(self, lines)
+
+    monkeypatch.setattr(data.Tokenizer, "encode", counted_encode)
     resumed = data.load_corpus(cfg, str(workdir))
     assert encoded == [40] * 12 + [20] * 4  # the 260 pairs after the first chunk (each side), then dev
     monkeypatch.undo()
     whole = data.load_corpus(cfg, str(tmp_path / "whole"))
-    for name in tokenized._names():
+    for name in tokenized.FILES:  # chunks of 10,000 pairs: the same bytes
         assert (workdir / "corpus" / name).read_bytes() == (tmp_path / "whole" / "corpus" / name).read_bytes()
     assert resumed.stats == whole.stats
