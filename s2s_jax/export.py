@@ -30,17 +30,25 @@ decodes the same number of rows per call as `CorpusDecoder` (batch invariance), 
 same per-row limit floor(max_len_a * source pieces + max_len_b). The parameters are arguments,
 not constants, so they are stored once for all the functions.
 
+`export` checks its output place and platforms first, writes the archive under a temporary name
+unique to the run and renames it once complete. `load` raises ExportError, naming the file, for a
+missing, damaged or foreign archive.
+
 Only the loader's imports are at module level (jax, numpy, sentencepiece through `s2s_jax.data`,
 and the jax-only `s2s_jax.decoding`); `export` imports the model code when it runs.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import struct
+import tempfile
 import time
 import zipfile
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -66,8 +74,17 @@ def export(workdirs: str | Sequence[str], output: str, *, n_best: Sequence[int] 
     n_best: the n-best sizes to export (default 1 and the beam size); attention: also export the
     searches that return attention; options: `SearchOptions` fields fixed in the artifact (default:
     the workdir's config.eval, as `Translator`), search "beam" or "greedy"; platforms: jax.export
-    lowering platforms, e.g. ("cpu", "cuda") (default: this machine's).
+    lowering platforms, some of PLATFORMS (default: this machine's). `output` is written under a
+    temporary name and renamed once complete (see `_archive`).
     """
+    check_platforms(platforms)
+    with _archive(output) as archive:  # opened first: an unwritable output fails before the work
+        manifest = _export(archive, workdirs, n_best, attention, platforms, options)
+    return manifest
+
+
+def _export(archive: zipfile.ZipFile, workdirs, n_best, attention: bool, platforms, options: dict) -> dict:
+    """Exports into `archive` (see `export`); returns the manifest."""
     from s2s_jax import inference
     from s2s_jax.translate import Translator
 
@@ -128,15 +145,52 @@ def export(workdirs: str | Sequence[str], output: str, *, n_best: Sequence[int] 
     }
     params = io.BytesIO()
     np.savez(params, **{f"{i:04d}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    partial = output + ".partial"
-    with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr(MANIFEST, json.dumps(manifest, indent=1))
-        archive.writestr(PARAMS, params.getvalue())
-        for name, content in {**functions, **tokenizers}.items():
-            archive.writestr(name, content)
-    os.replace(partial, output)
+    archive.writestr(MANIFEST, json.dumps(manifest, indent=1))
+    archive.writestr(PARAMS, params.getvalue())
+    for name, content in {**functions, **tokenizers}.items():
+        archive.writestr(name, content)
     return manifest
+
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for
+
+
+def check_platforms(platforms: Sequence[str] | None) -> None:
+    """ValueError naming an unknown jax.export platform."""
+    unknown = [p for p in platforms or () if p not in PLATFORMS]
+    if unknown or platforms is not None and not platforms:
+        raise ValueError(f"--platforms: unknown platform(s) {unknown}; give some of {list(PLATFORMS)}, "
+                         "comma-separated")
+
+
+@contextlib.contextmanager
+def _archive(output: str) -> Iterator[zipfile.ZipFile]:
+    """A zip archive written to a temporary file unique to this run, next to `output`, and renamed
+    onto it once complete: a failed run leaves nothing, and two runs never write one file. OSError
+    naming `output` if it cannot be written there; ValueError if it is a directory."""
+    if os.path.isdir(output):
+        raise ValueError(f"--output {output} is a directory; give a file name (e.g. model.s2s.zip)")
+    directory, name = os.path.split(os.path.abspath(output))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=directory)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot be written there ({error.strerror or error}); choose another --output",
+                      output) from None
+    try:
+        with os.fdopen(fd, "wb") as file, zipfile.ZipFile(file, "w", zipfile.ZIP_DEFLATED) as archive:
+            yield archive
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, output)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -206,10 +260,25 @@ class ExportedTranslator:
         return results
 
 
+class ExportError(ValueError):
+    """An artifact that cannot be loaded; the message names its file and what is wrong."""
+
+
+# What a damaged archive raises while loading: zip, deflate, npz, JSON, sentencepiece, jax.export.
+_DAMAGED = (zipfile.BadZipFile, zlib.error, KeyError, struct.error, EOFError, ValueError, RuntimeError,
+            IndexError, TypeError, OSError)
+
+
 def load(path: str) -> ExportedTranslator:
-    """Loads an artifact written by `export` (needs jax, numpy, sentencepiece and flatbuffers)."""
-    with zipfile.ZipFile(path) as archive:
-        return ExportedTranslator(archive)
+    """Loads an artifact written by `export` (needs jax, numpy, sentencepiece and flatbuffers).
+    Raises ExportError naming `path` if it is missing, damaged or not an artifact."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return ExportedTranslator(archive)
+    except _DAMAGED as error:
+        what = " ".join(str(error).split()) or type(error).__name__
+        raise ExportError(f"{path}: cannot load the translation artifact ({type(error).__name__}: {what}); "
+                          "export it again") from error
 
 
 # ---------------------------------------------------------------------------------- command line
@@ -229,13 +298,25 @@ def main(argv) -> None:
         absl_logging.set_verbosity(absl_logging.WARNING)
     options = {name: f[name].value for name in OPTION_FLAGS if f[name].value is not None}
     try:
-        manifest = export(f.workdir.split(","), f.output, n_best=[int(n) for n in f.n_best] if f.n_best else None,
-                          attention=f.attention, platforms=f.platforms, **options)
+        manifest = export(f.workdir.split(","), f.output, n_best=_n_best_flag(f.n_best), attention=f.attention,
+                          platforms=f.platforms, **options)
     except (ValueError, checkpoints.CheckpointError) as error:  # DataError, ConfigError are ValueErrors
         raise SystemExit(f"export: {error}") from None
+    except OSError as error:  # disk full, unwritable places
+        raise SystemExit(f"export: {error.filename or f.output}: {error.strerror or error}") from None
     print(f"{f.output}: {os.path.getsize(f.output) / 2**20:.2f} MiB, buckets "
           f"{[b['length'] for b in manifest['buckets']]} x n_best {manifest['n_best']}"
           f"{' (+ attention)' if manifest['attention'] else ''}, exported in {manifest['export_seconds']:.1f} s")
+
+
+def _n_best_flag(values: list[str] | None) -> list[int] | None:
+    """--n_best as integers; ValueError naming the flag if one is not an integer."""
+    if values is None:
+        return None
+    try:
+        return [int(n) for n in values]
+    except ValueError:
+        raise ValueError(f"--n_best must be comma-separated integers (e.g. 1,5), got {','.join(values)!r}") from None
 
 
 def run() -> None:

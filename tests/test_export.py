@@ -128,3 +128,72 @@ def test_sentencepiece_model_exports_and_translates_as_translator(text_workdir, 
     translator = Translator.from_workdir(text_workdir)
     assert _triples(loaded.hypotheses(sentences)) == _triples(translator.hypotheses(sentences))
     assert loaded.translate(sentences) == translator.translate(sentences)
+
+
+def _damaged(artifact: str, tmp_path, how: str) -> str:
+    """A copy of the artifact truncated, with flipped bytes, without a member or with a bad manifest."""
+    path = str(tmp_path / f"{how}.s2s.zip")
+    blob = open(artifact, "rb").read()
+    if how == "truncated":
+        open(path, "wb").write(blob[:len(blob) // 2])
+    elif how == "flipped":  # inside params.npz's deflated data: a zlib or CRC error
+        with zipfile.ZipFile(artifact) as archive:
+            info = archive.getinfo("params.npz")
+        start = info.header_offset + 30 + len(info.filename) + len(info.extra) + 100
+        open(path, "wb").write(blob[:start] + bytes(b ^ 0xFF for b in blob[start:start + 64]) + blob[start + 64:])
+    else:
+        with zipfile.ZipFile(artifact) as source, zipfile.ZipFile(path, "w") as target:
+            for info in source.infolist():
+                if how == "no_function" and info.filename == "decode/S8_N1.jax":
+                    continue
+                content = b"{not json" if how == "bad_manifest" and info.filename == "manifest.json" else source.read(info)
+                target.writestr(info, content)
+    return path
+
+
+@pytest.mark.parametrize("how, what", [("truncated", "BadZipFile"), ("flipped", "(error|BadZipFile)"),
+                                       ("no_function", "decode/S8_N1.jax"), ("bad_manifest", "JSON|Expecting")])
+def test_damaged_artifact_raises_export_error_naming_the_file(artifact, tmp_path, how, what):
+    from s2s_jax import export
+    path = _damaged(artifact, tmp_path, how)
+    with pytest.raises(export.ExportError, match=what) as raised:
+        export.load(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message and "export it again" in message
+    with pytest.raises(export.ExportError, match="No such file"):
+        export.load(str(tmp_path / "missing.zip"))
+
+
+def test_archive_is_written_under_a_name_of_its_own(tmp_path):
+    """Another run's file in progress is never touched; a failed write leaves nothing."""
+    from s2s_jax import export
+    output = tmp_path / "a.s2s.zip"
+    other = tmp_path / "a.s2s.zip.partial"
+    other.write_bytes(b"another run's archive in progress")
+    with export._archive(str(output)) as archive:
+        archive.writestr("x", b"mine")
+    assert other.read_bytes() == b"another run's archive in progress"
+    assert zipfile.ZipFile(output).read("x") == b"mine"
+    with pytest.raises(RuntimeError), export._archive(str(output)) as archive:
+        archive.writestr("x", b"half")
+        raise RuntimeError("failed midway")
+    assert sorted(os.listdir(tmp_path)) == ["a.s2s.zip", "a.s2s.zip.partial"]
+    assert zipfile.ZipFile(output).read("x") == b"mine"
+
+
+def _export_cli(*args):
+    return subprocess.run([sys.executable, "-m", "s2s_jax.export", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--output={tmp}"], "is a directory"),
+    (["--output=/proc/a.s2s.zip"], "/proc/a.s2s.zip: cannot be written there"),
+    (["--output={tmp}/a.zip", "--platforms=bogus"], "--platforms: unknown platform(s) ['bogus']"),
+    (["--output={tmp}/a.zip", "--n_best=a"], "--n_best must be comma-separated integers"),
+])
+def test_cli_refuses_bad_places_and_flags_up_front(tiny_workdir, tmp_path, flags, named):
+    result = _export_cli(f"--workdir={tiny_workdir}", *(flag.format(tmp=tmp_path) for flag in flags))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and lines[-1].startswith("export: ") and named in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr and os.listdir(tmp_path) == []
