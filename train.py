@@ -26,7 +26,11 @@ Several processes (one per host, each with the same command line plus its own
 TPU pod, SLURM or Open MPI) train one model on one mesh over all their devices; process 0 writes.
 SIGINT / SIGTERM to any of them makes all save the same checkpoint and stop; when one dies, the
 others exit with one error line and status 3 (a failed collective) or, at the latest, after
---config.distributed.heartbeat_timeout_s (JAX's heartbeat); rerun all of them to resume.
+--config.distributed.heartbeat_timeout_s (JAX's heartbeat); rerun all of them to resume. At start,
+every process waits at most --config.distributed.init_timeout_s for the others to join (a line
+every 10 s), then exits with one error line and status 3; processes started with different
+settings (but for process_id and coordinator_address) or a coordinator port already in use are
+refused, with status 2, one line on each process.
 """
 import difflib
 import logging
@@ -53,7 +57,7 @@ flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 USAGE_ERROR = 2  # bad flags, config, data or workdir: nothing was trained
-PEER_LOST = 3  # several processes: a collective failed, mostly because another process died
+PEER_LOST = 3  # several processes: a collective failed (mostly: another process died), or one never joined
 
 
 def _fail(message: str) -> None:
@@ -126,16 +130,36 @@ def use_compilation_cache(directory: str | None) -> None:
 
 
 def join_processes(config) -> None:
-    """Checks the config and joins the run's processes (config.distributed); before any JAX
-    computation. Process 0 logs progress; the others only warnings and errors."""
+    """Checks the config and joins the run's processes (config.distributed), which must have the
+    same config; before any JAX computation. Process 0 logs progress; the others only warnings
+    and errors."""
     configuration.check(config)
     try:
         parallel.check_distributed(config.distributed)
+        parallel.join(config.distributed, configuration.flat_json(config), on_timeout=_peers_missing)
     except ValueError as error:
         raise configuration.ConfigError(f"config: {error}") from error
-    parallel.initialize(config.distributed)
     if jax.process_index():
         logging.getLogger("s2s_jax").setLevel(logging.WARNING)
+
+
+def _peers_missing(message: str) -> None:
+    """Ends the process at once (status PEER_LOST) with one error line: called from join's watchdog
+    thread, while JAX waits for the missing processes."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(PEER_LOST)
+
+
+def _peer_lost(error: BaseException, command: str) -> None:
+    """Exits at once with one error line and status PEER_LOST: a collective failed, mostly because
+    another process died. JAX's exit would wait at a shutdown barrier for the dead process, then
+    abort (checkpoints are complete or absent, never half)."""
+    print(f"error: process {jax.process_index()}: {str(error).splitlines()[0]}; with several processes "
+          "this usually means another one has stopped (see its output); the last complete "
+          f"checkpoint is kept: rerun every process to resume from it: {command}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(PEER_LOST)
 
 
 def main(argv):
@@ -156,19 +180,15 @@ def main(argv):
         sys.exit(interrupted.code)
     except (data.DataError, configuration.ConfigError, checkpoints.CheckpointError,
             training.NonFiniteError) as error:
+        if jax.process_count() > 1 and parallel.failed_collective(error):  # e.g. in a checkpoint save
+            _peer_lost(error, command)
         _fail(error)
     except OSError as error:  # e.g. disk full or read-only while writing metrics or tokenizers
         _fail(f"{error.filename or FLAGS.workdir}: {error.strerror or error}")
-    except jax.errors.JaxRuntimeError as error:
-        if jax.process_count() == 1:
+    except (jax.errors.JaxRuntimeError, ValueError) as error:
+        if jax.process_count() == 1 or not parallel.failed_collective(error):
             raise
-        # Mostly a collective that lost its peer. JAX's exit would wait for the dead process's
-        # shutdown barrier, then abort: leave now (checkpoints are complete or absent, never half).
-        print(f"error: process {jax.process_index()}: {str(error).splitlines()[0]}; with several processes "
-              "this usually means another one has stopped (see its output); the last complete "
-              f"checkpoint is kept: rerun every process to resume from it: {command}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(PEER_LOST)
+        _peer_lost(error, command)
     except KeyboardInterrupt:
         print("interrupted without saving a checkpoint; the last complete one is kept; rerun the same "
               f"command to resume from it: {command}", file=sys.stderr, flush=True)

@@ -167,4 +167,6 @@ def get_config() -> ml_collections.ConfigDict:
     dist.process_id = 0
     # A process silent for this long counts as dead: the others stop with an error (JAX's heartbeat).
     dist.heartbeat_timeout_s = 30
+    # How long a process waits for all the others to join (and agree on the config) before it gives up.
+    dist.init_timeout_s = 45
     return config

@@ -89,6 +89,7 @@ RANGES = {
     "distributed.num_processes": (int, ">= 1"),
     "distributed.process_id": (int, ">= 0"),
     "distributed.heartbeat_timeout_s": (int, ">= 1"),
+    "distributed.init_timeout_s": (int, ">= 1"),
 }
 # teacher_forcing.k for the schedules that use it, unless it is schedules.AUTO_K (sized to the run).
 K_RANGES = {"exponential": "(0, 1)", "inverse_sigmoid": ">= 1"}
@@ -299,3 +300,8 @@ def load(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         raise ConfigError(f"{path}: missing; is {workdir} a training workdir?")
     return ml_collections.ConfigDict(_read_json(path))
+
+
+def flat_json(config: ml_collections.ConfigDict) -> dict:
+    """{"group.key": value} of the config's JSON form (what workdir/config.json holds)."""
+    return _flatten(to_json(config))

@@ -1,18 +1,30 @@
 """Data parallelism over a `jax.sharding` mesh: parameters replicated, batches split on 'data'.
 
-Several processes (JAX's multi-controller model, one process per host): `initialize` joins them
-before any other JAX call; the mesh then spans every device of every process. Every process
-computes the same global batch numbers, but puts on its devices only its own rows of each batch
-(`shard_batch`); the jitted steps see the global batch.
+Several processes (JAX's multi-controller model, one process per host): `join` joins them before
+any other JAX call and checks that they were started with the same config; the mesh then spans
+every device of every process. Every process computes the same global batch numbers, but puts on
+its devices only its own rows of each batch (`shard_batch`); the jitted steps see the global batch.
 """
+import json
+import logging
 import re
+import socket
+import threading
+import time
+from typing import Callable
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed  # the coordinator's key-value store
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+logger = logging.getLogger(__name__)
+
 _ADDRESS = re.compile(r"[^\s:]+:\d+")
+PROGRESS_S = 10  # seconds between two "waiting for the processes" lines
+_SETTINGS_KEY = "s2s_jax/settings/"  # + process id: that process's config (JSON) in the key-value store
+_NOT_SHARED = ("distributed.process_id", "distributed.coordinator_address")  # a host may name process 0 its own way
 
 
 def check_distributed(cfg) -> None:
@@ -29,6 +41,63 @@ def check_distributed(cfg) -> None:
     if cfg.process_id >= cfg.num_processes:
         raise ValueError(f"distributed.process_id={cfg.process_id} must be below "
                          f"distributed.num_processes={cfg.num_processes}")
+
+
+def join(cfg, settings: dict, on_timeout: Callable[[str], None]) -> None:
+    """Joins the processes of config.distributed (checked) and checks that every one has process
+    0's `settings` ({"group.key": value} of its config); call before any other JAX call.
+
+    A no-op for one process. Raises ValueError (one line) if process 0's port is taken or the
+    processes' settings differ (every process raises, naming the keys). Logs a line every
+    PROGRESS_S while waiting; calls `on_timeout(message)` (from another thread; it must end the
+    process) if the processes have not all joined after cfg.init_timeout_s: JAX's own timeouts
+    abort with a dump.
+    """
+    if cfg.coordinator_address != "auto" and cfg.num_processes == 1:
+        return
+    if cfg.coordinator_address != "auto" and cfg.process_id == 0:
+        check_port_free(cfg.coordinator_address)
+    done = threading.Event()
+    watchdog = threading.Thread(target=_watch, args=(cfg, done, on_timeout), daemon=True)
+    watchdog.start()
+    try:
+        initialize(cfg)
+        check_same_settings(settings, timeout_s=cfg.init_timeout_s)
+    finally:
+        done.set()
+
+
+def check_port_free(address: str) -> None:
+    """Raises ValueError if this machine's port of `address` ('HOST:PORT', process 0's
+    coordinator) is in use: JAX would crash binding it."""
+    port = int(address.rsplit(":", 1)[1])
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ignores closed connections
+        try:
+            probe.bind(("", port))
+        except OSError as error:
+            raise ValueError(f"distributed.coordinator_address={address}: port {port} is in use on this "
+                             f"machine ({error.strerror}: another run's coordinator, a second process "
+                             "with process_id=0, or another program); start every process with a free "
+                             "port") from error
+
+
+def _watch(cfg, done: threading.Event, on_timeout: Callable[[str], None]) -> None:
+    """Logs progress every PROGRESS_S until `done`; calls on_timeout after cfg.init_timeout_s."""
+    started = time.monotonic()
+    where = ("the coordinator JAX detects" if cfg.coordinator_address == "auto"
+             else f"coordinator {cfg.coordinator_address}")
+    while not done.wait(min(PROGRESS_S, max(0.0, started + cfg.init_timeout_s - time.monotonic()))):
+        waited = time.monotonic() - started
+        if waited >= cfg.init_timeout_s:
+            on_timeout(f"process {cfg.process_id}: the {cfg.num_processes} processes did not all join at "
+                       f"{where} within distributed.init_timeout_s={cfg.init_timeout_s}: start every "
+                       "process (each with its own distributed.process_id, once) with the same "
+                       "coordinator_address and num_processes")
+            return
+        logger.info("waiting for the %d processes to join at %s (process %d, %.0f s of "
+                    "distributed.init_timeout_s=%d)", cfg.num_processes, where, cfg.process_id, waited,
+                    cfg.init_timeout_s)
 
 
 def initialize(cfg) -> None:
@@ -48,7 +117,36 @@ def initialize(cfg) -> None:
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**args, heartbeat_timeout_seconds=cfg.heartbeat_timeout_s,
-                               shutdown_timeout_seconds=cfg.heartbeat_timeout_s)
+                               shutdown_timeout_seconds=cfg.heartbeat_timeout_s,
+                               initialization_timeout=2 * cfg.init_timeout_s)  # join's watchdog ends first
+
+
+def check_same_settings(settings: dict, timeout_s: int) -> None:
+    """Raises ValueError, in every process alike, unless every process has process 0's `settings`
+    (but for _NOT_SHARED), or if another process joined with this one's id. Exchanged through
+    the coordinator's key-value store: no collective, so no mismatch can hang one."""
+    client = jax_distributed.global_state.client
+    mine = {k: v for k, v in settings.items() if k not in _NOT_SHARED}
+    try:
+        client.key_value_set(f"{_SETTINGS_KEY}{jax.process_index()}", json.dumps(mine, sort_keys=True))
+    except jax.errors.JaxRuntimeError as error:
+        raise ValueError(f"distributed.process_id={jax.process_index()}: another process joined with "
+                         "this id; start each process with its own distributed.process_id") from error
+    everyone = [json.loads(client.blocking_key_value_get(f"{_SETTINGS_KEY}{p}", timeout_s * 1000))
+                for p in range(jax.process_count())]
+    differences = [_difference(everyone[0], theirs, p) for p, theirs in enumerate(everyone)]
+    differences = [d for d in differences if d]
+    if differences:
+        raise ValueError(f"process {jax.process_index()}: the processes were started with other settings "
+                         f"than process 0 ({'; '.join(differences)}); start every process with the same "
+                         "config and flags, each with its own distributed.process_id")
+
+
+def _difference(first: dict, other: dict, process: int) -> str:
+    """ "process p: key (a on process 0, b there), ..." for the keys where `other` differs; "" if none."""
+    keys = sorted(k for k in first.keys() | other.keys() if first.get(k, "absent") != other.get(k, "absent"))
+    changes = [f"{k} ({first.get(k, 'absent')!r} on process 0, {other.get(k, 'absent')!r} there)" for k in keys]
+    return f"process {process}: {', '.join(changes)}" if changes else ""
 
 
 def check_processes(cfg) -> None:
@@ -59,6 +157,18 @@ def check_processes(cfg) -> None:
         raise ValueError(f"distributed.num_processes={cfg.num_processes}, process_id={cfg.process_id} "
                          f"but JAX runs process {jax.process_index()} of {jax.process_count()}: "
                          "call parallel.initialize(config.distributed) first (train.py does)")
+
+
+def failed_collective(error: BaseException) -> bool:
+    """True if `error`, or an error it was raised from, is a failed cross-process collective
+    (mostly: another process died): JAX's JaxRuntimeError of a computation, or the ValueError of a
+    gloo collective run from the host (multihost_utils, orbax)."""
+    while error is not None:
+        if isinstance(error, jax.errors.JaxRuntimeError) or (
+                isinstance(error, ValueError) and "Gloo " in str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def make_mesh() -> Mesh:

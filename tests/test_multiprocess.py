@@ -52,7 +52,9 @@ def free_port() -> int:
 
 
 # Runs train.py after patching, in this process only: S2S_SIGNAL_AT_BATCH=n sends it SIGTERM when it
-# reads training batch n; S2S_KILL_AFTER_SAVE=n kills it (SIGKILL) right after it saved step n.
+# reads training batch n; S2S_KILL_AFTER_SAVE=n kills it (SIGKILL) right after it saved step n,
+# S2S_KILL_IN_SAVE=n as it starts saving step n; S2S_KILL_IN_PREPARE kills it as it starts reading
+# the corpus.
 INJECT = r'''
 import os, runpy, signal, sys
 sys.path.insert(0, os.getcwd())
@@ -71,27 +73,43 @@ if "S2S_KILL_AFTER_SAVE" in os.environ:
         if step == after:
             os.kill(os.getpid(), signal.SIGKILL)
     checkpoints.Checkpoints.save = save_then_die
+if "S2S_KILL_IN_SAVE" in os.environ:
+    at_save, save = int(os.environ["S2S_KILL_IN_SAVE"]), checkpoints.Checkpoints.save
+    def die_saving(self, step, *args, **kwargs):
+        if step == at_save:
+            os.kill(os.getpid(), signal.SIGKILL)
+        save(self, step, *args, **kwargs)
+    checkpoints.Checkpoints.save = die_saving
+if "S2S_KILL_IN_PREPARE" in os.environ:
+    def die_preparing(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+    data.load_corpus = die_preparing
 sys.argv = sys.argv[1:]  # ["train.py", flags...]
 runpy.run_path("train.py", run_name="__main__")
 '''
 
 
+def start_process(env, workdir, address: str, process_id: int, *extra, inject=None) -> subprocess.Popen:
+    """Starts process `process_id` of a two-process run at coordinator `address` (inject: extra
+    environment, see INJECT)."""
+    layout = (f"--config.distributed.coordinator_address={address}", "--config.distributed.num_processes=2",
+              f"--config.distributed.process_id={process_id}")
+    return subprocess.Popen([sys.executable, "-c", INJECT, *command(workdir, *layout, *extra)[1:]], cwd=REPO,
+                            env=dict(devices(env, 1), **(inject or {})), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
 def start_two_processes(env, workdir, *extra, inject=({}, {})) -> list[subprocess.Popen]:
     """Starts processes 0 and 1 of one run (inject: extra environment per process, see INJECT)."""
     address = f"localhost:{free_port()}"
-    layout = (f"--config.distributed.coordinator_address={address}", "--config.distributed.num_processes=2")
-    return [subprocess.Popen([sys.executable, "-c", INJECT, *command(workdir, *layout, *extra,
-                                                                      f"--config.distributed.process_id={i}")[1:]],
-                             cwd=REPO, env=dict(devices(env, 1), **inject[i]), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-            for i in range(2)]
+    return [start_process(env, workdir, address, i, *extra, inject=inject[i]) for i in range(2)]
 
 
-def finish(runs: list[subprocess.Popen]) -> list[str]:
+def finish(runs: list[subprocess.Popen], timeout: float = TIMEOUT) -> list[str]:
     """The outputs (stdout + stderr) of runs, once they ended; each is killed if still running
-    after TIMEOUT."""
+    after `timeout`."""
     try:
-        return [run.communicate(timeout=TIMEOUT)[0] for run in runs]
+        return [run.communicate(timeout=timeout)[0] for run in runs]
     finally:
         for run in runs:
             run.kill()
