@@ -44,7 +44,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from s2s_jax import checkpoints, configuration, data, parallel, training
+from s2s_jax import checkpoints, configuration, data, parallel, training, workdir_lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizers, metrics and plots.")
@@ -179,7 +179,7 @@ def main(argv):
         print(f"resume with: {command}", flush=True)  # training logged where the checkpoint is
         sys.exit(interrupted.code)
     except (data.DataError, configuration.ConfigError, checkpoints.CheckpointError,
-            training.NonFiniteError) as error:
+            workdir_lock.WorkdirError, training.TrainingError) as error:
         if jax.process_count() > 1 and parallel.failed_collective(error):  # e.g. in a checkpoint save
             _peer_lost(error, command)
         _fail(error)

@@ -6,7 +6,8 @@ Public entry points:
   check_workdir(config, workdir) compares with workdir/config.json before a run resumes there:
                                 refuses a change of a SHAPE_KEYS key or of any key that changes
                                 the training trajectory; returns the changes of FREE_KEYS.
-  save / load / to_json         workdir/config.json.
+  save / load / to_json         workdir/config.json; load runs check() on it (a hand-edited file
+                                is refused like a bad command line, naming the file and the key).
 
 Every error is a ConfigError of one line that names the key, its value and what it must be.
 """
@@ -67,7 +68,8 @@ RANGES = {
     "model.dropout": (float, "[0, 1)"),
     "model.output_chunk": (int, ">= 0"),
     "model.init_scale": (float, "[0, 1]"),
-    "optimizer.learning_rate": (float, "> 0"),
+    # Adam moves each parameter by about the rate per step: above 10 a run can only diverge.
+    "optimizer.learning_rate": (float, "(0, 10]"),
     "optimizer.warmup_steps": (int, ">= 0"),
     "optimizer.b1": (float, "[0, 1)"),
     "optimizer.b2": (float, "[0, 1)"),
@@ -250,7 +252,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return []
-    saved = _read_json(path)
+    saved = _read_config(path)
     unused = _unused(config)
     old, new = _flatten(saved), _flatten(to_json(config))
     for key in SHAPE_KEYS:
@@ -286,6 +288,15 @@ def _read_json(path: str) -> dict:
         raise ConfigError(f"{path}: unreadable ({error})") from error
 
 
+def _read_config(path: str) -> dict:
+    """The JSON object of a config.json; ConfigError for anything else (a list, null, ...)."""
+    saved = _read_json(path)
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path}: not a config (a JSON object of keys and groups, as training writes it) "
+                          f"but {json.dumps(saved)[:40]}; restore the file or use a new --workdir")
+    return saved
+
+
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Writes workdir/config.json atomically (a killed run leaves the old file or the new one)."""
     os.makedirs(workdir, exist_ok=True)
@@ -296,10 +307,16 @@ def save(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:
+    """workdir/config.json, checked as check() checks a new config; ConfigError naming the file."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"{path}: missing; is {workdir} a training workdir?")
-    return ml_collections.ConfigDict(_read_json(path))
+    config = ml_collections.ConfigDict(_read_config(path))
+    try:
+        check(config)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {str(error).removeprefix('config: ')}") from None
+    return config
 
 
 def flat_json(config: ml_collections.ConfigDict) -> dict:

@@ -691,7 +691,7 @@ def _differences(old: dict, new: dict) -> list[str]:
 def _saved_tokenizers(folder: str, record: dict) -> tuple[Tokenizer, Tokenizer, dict]:
     """Loads the tokenizers of `folder` after checking their provenance against `record`."""
     path = os.path.join(folder, _PROVENANCE)
-    remedy = f"use a new --workdir, or delete {folder} to train new tokenizers"
+    remedy = f"use a new --workdir (this one's checkpoints are bound to the tokenizers in {folder})"
     if not os.path.isfile(path):
         raise _error(path, f"missing, so nothing says what the tokenizers in {folder} were trained from "
                            f"(made by an older version or an interrupted run); {remedy}")

@@ -15,9 +15,14 @@ Failure handling (see tests/test_reliability.py):
   checked before anything is compiled or written; a run whose trajectory-changing config differs
   from the workdir's is refused; the checkpoint is restored against `jax.eval_shape` of the state;
 - one run per workdir: a second run on a held workdir stops at once, naming the holder;
+- a run refused by a check leaves no trace: the corpus folder it prepared is removed again;
+- checkpoints are bound to the tokenizers they were trained with; checkpoints that exist but do
+  not load (or were trained with other tokenizers) are refused, never replaced by a fresh start;
 - a non-finite loss, gradient or updated parameter is detected inside the jitted step, which then
-  keeps the old parameters; the loop stops (NonFiniteError naming the step and the last good
-  checkpoint) or skips the update, per `config.on_nonfinite`;
+  keeps the old parameters; the loop stops (NonFiniteError naming the step, what was non-finite
+  and the last good checkpoint) or skips the update, per `config.on_nonfinite`;
+- a diverging loss stops the run (DivergedError): a training batch whose mean loss per target token
+  exceeds DIVERGED_FACTOR x log(target vocabulary size), the loss of a uniform guess;
 - SIGINT / SIGTERM: the loop finishes the current step, saves a checkpoint and raises Interrupted
   (a SystemExit whose message says how to resume); a second signal stops at once, without saving;
 - a SIGKILL at any moment loses at most the steps since the last complete checkpoint: checkpoints,
@@ -37,7 +42,9 @@ next collective fails (train.py exits with status 3) or JAX's heartbeat ends the
 import functools
 import json
 import logging
+import math
 import os
+import shutil
 import signal
 import time
 from typing import NamedTuple
@@ -53,8 +60,22 @@ from s2s_jax.models import Seq2Seq, make_model
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteError(RuntimeError):
-    """The loss or the gradient of a step was NaN or infinite."""
+# A model no better than a uniform guess loses log(V) nats per target token, where training starts
+# and from where it falls. A batch this many times worse (the gold piece given probability V^-10 on
+# average) means the run has diverged (an absurd learning rate), not a hard batch.
+DIVERGED_FACTOR = 10
+
+
+class TrainingError(RuntimeError):
+    """The run stopped because training went wrong; the last good checkpoint is kept."""
+
+
+class NonFiniteError(TrainingError):
+    """The loss, the gradient or the updated parameters of a step were NaN or infinite."""
+
+
+class DivergedError(TrainingError):
+    """The loss of a step exceeded DIVERGED_FACTOR x log(target vocabulary size)."""
 
 
 class Interrupted(SystemExit):
@@ -215,20 +236,36 @@ class _Loop:
         return self.dev
 
     def _account(self, step: int, step_metrics: dict) -> None:
-        """Adds a step's metrics to the window; stops or warns on a non-finite step."""
+        """Adds a step's metrics to the window; stops or warns on a non-finite step, stops on a
+        diverging loss."""
         host = jax.device_get(step_metrics)
         if not bool(host["finite"]):
             self._nonfinite(step, host)
+        else:
+            self._check_divergence(step, host)
         self.window.add(host)
 
-    def _nonfinite(self, step: int, m: dict) -> None:
+    def _last_good(self) -> str:
         good = self.store.good_step
-        last = f"step {good} in {self.store.directory}" if good is not None else f"none yet in {self.store.directory}"
+        return f"step {good} in {self.store.directory}" if good is not None else f"none yet in {self.store.directory}"
+
+    def _check_divergence(self, step: int, m: dict) -> None:
+        vocab = self.inputs.corpus.tgt_tokenizer.vocab_size
+        bound = DIVERGED_FACTOR * math.log(vocab)
+        loss = float(m["loss_sum"]) / max(float(m["tokens"]), 1.0)
+        if loss > bound:
+            raise DivergedError(
+                f"diverging loss at step {step + 1} (training batch {step}): {loss:.4g} per target token, above "
+                f"{DIVERGED_FACTOR} x log(target vocabulary {vocab}) = {bound:.1f}; nothing was saved after it; "
+                f"last good checkpoint: {self._last_good()}; lower --config.optimizer.learning_rate")
+
+    def _nonfinite(self, step: int, m: dict) -> None:
         loss, grad_norm = float(m["smoothed_loss_sum"]), float(m["grad_norm"])
         what = (f"loss ({loss})" if not np.isfinite(loss) else
-                f"gradient (norm {grad_norm})" if not np.isfinite(grad_norm) else "parameters after the update")
-        message = (f"non-finite loss or gradient at step {step + 1} (training batch {step}): {what}; "
-                   f"the update was not applied; last good checkpoint: {last}")
+                f"gradient (norm {grad_norm})" if not np.isfinite(grad_norm) else
+                "parameters after the update (loss and gradient were finite)")
+        message = (f"non-finite {what} at step {step + 1} (training batch {step}): "
+                   f"the update was not applied; last good checkpoint: {self._last_good()}")
         if self.config.on_nonfinite == "stop":
             raise NonFiniteError(f"{message}; nothing was saved after it. Rerun with "
                                  "--config.on_nonfinite=skip to skip such steps, or lower "
@@ -276,14 +313,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return _train_in(config, workdir)
 
 
+def _check_all(config, workdir: str) -> tuple[_Inputs, checkpoints.Checkpoints, tuple | None]:
+    """Inputs, the open checkpoint store and the checkpoint to resume (None: no checkpoint yet).
+    A refused run removes the corpus folder it prepared: it leaves no trace in the workdir."""
+    corpus_dir = os.path.join(workdir, "corpus")
+    created = jax.process_index() == 0 and not os.path.exists(corpus_dir)
+    try:
+        inputs = _check_inputs(config, workdir)
+        logger.info("seed %d; config:\n%s", config.seed, config)
+        tokenizers = checkpoints.tokenizers_fingerprint(inputs.corpus.src_tokenizer, inputs.corpus.tgt_tokenizer)
+        store = checkpoints.Checkpoints(workdir, config.keep_checkpoints, tokenizers=tokenizers)
+        try:  # CheckpointError: none loads, or made for another model shape, vocabulary or tokenizers
+            return inputs, store, store.restore_latest(inputs.abstract_state)
+        except BaseException:
+            store.close()
+            raise
+    except Exception:  # a refusal; an interrupted preparation is kept: the next run resumes it
+        if created:
+            shutil.rmtree(corpus_dir, ignore_errors=True)
+        raise
+
+
 def _train_in(config, workdir: str) -> dict:
     stats = logbook.CompileStats()
     started = time.time()
-    inputs = _check_inputs(config, workdir)
-    logger.info("seed %d; config:\n%s", config.seed, config)
-    store = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
-    try:  # raises CheckpointError for a checkpoint of another model shape or vocabulary
-        restored = store.restore_latest(inputs.abstract_state)
+    inputs, store, restored = _check_all(config, workdir)
+    try:
         store.prune()  # what a kill after the last save left to delete
         # Every check has passed: from here on the run writes (process 0; all write checkpoints).
         writer = jax.process_index() == 0
@@ -297,10 +352,8 @@ def _train_in(config, workdir: str) -> dict:
             state, meta = restored
             window = logbook.Window(**meta["window"])
             logger.info("resumed from %s at step %d", store.directory, int(state.step))
-        summary_path = os.path.join(workdir, "summary.json")
-        if int(state.step) >= config.num_train_steps and os.path.exists(summary_path):
-            with open(summary_path, encoding="utf-8") as f:  # a finished run: nothing to redo
-                summary = json.load(f)
+        summary = _finished_summary(workdir, int(state.step), config.num_train_steps)
+        if summary is not None:  # a finished run: nothing to redo
             if writer:
                 print(_final_line(summary, config), flush=True)
             return summary
@@ -312,7 +365,7 @@ def _train_in(config, workdir: str) -> dict:
             log.close()
     finally:
         store.close()
-    summary = dict(dev, steps=config.num_train_steps, wall_s=time.time() - started,
+    summary = dict(dev, steps=int(loop.state.step), wall_s=time.time() - started,
                    compilations=stats.count, compile_s=stats.seconds,
                    train_step_shapes=len(inputs.batches.shapes), parameters=inputs.param_count,
                    bleu_signature=loop.evaluator.signature)
@@ -320,6 +373,16 @@ def _train_in(config, workdir: str) -> dict:
         logbook.write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
         print(_final_line(summary, config), flush=True)
     return summary
+
+
+def _finished_summary(workdir: str, step: int, num_train_steps: int) -> dict | None:
+    """summary.json when the restored `step` is at or past the end and the summary is of that step."""
+    path = os.path.join(workdir, "summary.json")
+    if step < num_train_steps or not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        summary = json.load(f)
+    return summary if summary.get("steps") == step else None
 
 
 def _final_line(summary: dict, config) -> str:

@@ -15,12 +15,14 @@ import os
 import socket
 from collections.abc import Iterator
 
-from s2s_jax.configuration import ConfigError
-
 LOCK_NAME = "run.lock"
 
 
-class WorkdirBusy(ConfigError):
+class WorkdirError(RuntimeError):
+    """The workdir cannot be used by this run; the message says why, in one line."""
+
+
+class WorkdirBusy(WorkdirError):
     """Another process holds the workdir; the message names its pid and host."""
 
 

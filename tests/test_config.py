@@ -65,11 +65,12 @@ def test_every_numeric_key_of_default_has_a_range():
 @pytest.mark.parametrize("key, value, requirement", [
     # The four that passed before.
     ("optimizer.label_smoothing", 1.5, "must lie in [0, 1)"),
-    ("optimizer.learning_rate", -1.0, "must be > 0"),
+    ("optimizer.learning_rate", -1.0, "must lie in (0, 10]"),
     ("optimizer.b2", 2.0, "must lie in [0, 1)"),
     ("optimizer.clip_norm", -3.0, "must be >= 0"),
-    ("optimizer.learning_rate", 0.0, "must be > 0"),
-    ("optimizer.learning_rate", float("nan"), "must be > 0"),
+    ("optimizer.learning_rate", 0.0, "must lie in (0, 10]"),
+    ("optimizer.learning_rate", float("nan"), "must lie in (0, 10]"),
+    ("optimizer.learning_rate", 1e9, "must lie in (0, 10]"),  # trained to rc 0 with dev loss 2e10
     ("optimizer.b1", 1.0, "must lie in [0, 1)"),
     ("optimizer.b1", -0.1, "must lie in [0, 1)"),
     ("optimizer.label_smoothing", -0.5, "must lie in [0, 1)"),
@@ -198,6 +199,46 @@ def test_auto_k_starts_near_start_and_is_halfway_at_half_the_run():
         assert float(ratio(0)) == pytest.approx(0.9, abs=0.02)
         assert float(ratio(config.num_train_steps // 2)) == pytest.approx(0.5, abs=1e-4)
         assert float(ratio(config.num_train_steps)) < 0.2
+
+
+# ----------------------------------------------------------------------------- load
+def _hand_edited(tmp_path, edit) -> str:
+    """A workdir whose config.json is `edit(tiny's config as a JSON dict)`."""
+    workdir = _saved(tmp_path, tiny.get_config())
+    path = os.path.join(workdir, "config.json")
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(edit(saved), f)
+    return workdir
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda c: [1, 2, 3], "not a config"),
+    (lambda c: None, "not a config"),
+    (lambda c: {**c, "data": {**c["data"], "bucket_boundaries": []}}, "data.bucket_boundaries"),
+    (lambda c: {k: v for k, v in c.items() if k != "eval"}, "missing key eval."),
+    (lambda c: {**c, "data": {**c["data"], "max_len": -1}}, "data.max_len=-1"),
+], ids=["list", "null", "no buckets", "no eval group", "negative max_len"])
+def test_load_checks_a_hand_edited_config(tmp_path, edit, key):
+    workdir = _hand_edited(tmp_path, edit)
+    path = os.path.join(workdir, "config.json")
+    with pytest.raises(ConfigError) as info:
+        configuration.load(workdir)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and key in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("edit", [lambda c: [1, 2, 3], lambda c: None], ids=["list", "null"])
+def test_check_workdir_refuses_a_config_json_that_is_not_an_object(tmp_path, edit):
+    workdir = _hand_edited(tmp_path, edit)
+    with pytest.raises(ConfigError, match=re.escape(os.path.join(workdir, "config.json")) + ": not a config"):
+        configuration.check_workdir(tiny.get_config(), workdir)
+
+
+def test_load_returns_the_saved_config(tmp_path):
+    config = tiny.get_config()
+    assert configuration.to_json(configuration.load(_saved(tmp_path, config))) == configuration.to_json(config)
 
 
 # ----------------------------------------------------------------------------- check_workdir
@@ -371,3 +412,22 @@ def test_train_help_explains_overrides():
     assert "--config.<group>.<key>=<value>" in result.stdout
     assert "configs/default.py" in result.stdout
     assert "--workdir" in result.stdout
+
+
+def test_workdir_lock_is_not_a_config_layer():
+    """WorkdirBusy is no ConfigError, and the lock module does not import configuration."""
+    assert not issubclass(workdir_lock.WorkdirBusy, ConfigError)
+    code = "import sys; from s2s_jax import workdir_lock; print('s2s_jax.configuration' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.stdout == "False\n", out.stderr
+
+
+def test_train_py_on_a_busy_workdir_prints_one_line(tmp_path):
+    workdir = str(tmp_path / "w")
+    with workdir_lock.hold(workdir):
+        result = subprocess.run([sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}"],
+                                cwd=REPO, capture_output=True, text=True, timeout=120,
+                                env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (f"error: {workdir}: in use by another run (pid {os.getpid()} on host "
+                                      f"{socket.gethostname()}); wait for it to end or use another --workdir")

@@ -376,7 +376,8 @@ def test_stale_tokenizers_are_refused_by_name(tmp_path, change, expected):
     message = str(e.value)
     assert "\n" not in message and message.startswith(f"{workdir}/tokenizers/provenance.json: ")
     assert expected.format(folder=tmp_path) in message
-    assert message.endswith(f"use a new --workdir, or delete {workdir}/tokenizers to train new tokenizers")
+    assert message.endswith(f"use a new --workdir (this one's checkpoints are bound to the tokenizers in "
+                            f"{workdir}/tokenizers)")
     assert message.count("→") == 1
 
 
@@ -395,7 +396,7 @@ def test_tokenizers_without_provenance_are_refused(tmp_path):
         data.load_corpus(cfg, str(workdir))
     assert str(e.value) == (f"{folder}/provenance.json: missing, so nothing says what the tokenizers in {folder} "
                             "were trained from (made by an older version or an interrupted run); "
-                            f"use a new --workdir, or delete {folder} to train new tokenizers")
+                            f"use a new --workdir (this one's checkpoints are bound to the tokenizers in {folder})")
     (folder / "provenance.json").write_text("{}")
     with pytest.raises(data.DataError, match=r"provenance\.json: not a tokenizer provenance record of format 1$"):
         data.load_corpus(cfg, str(workdir))

@@ -387,7 +387,7 @@ def test_nonfinite_step_stops_with_step_and_last_good_checkpoint(env, wrapper, t
     result = _run(env, workdir, script=wrapper, S2S_BAD_BATCH="50")
     error = _one_error_line(result)
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    assert ("non-finite loss or gradient at step 51 (training batch 50)" in error
+    assert ("non-finite loss (nan) at step 51 (training batch 50)" in error
             and f"last good checkpoint: step 40 in {ckpt_dir}" in error), error
     assert _all_finite(ckpt_dir) == [20, 40]
 
@@ -396,7 +396,7 @@ def test_nonfinite_step_is_skipped_when_configured(env, wrapper, tmp_path):
     workdir = str(tmp_path / "w")
     result = _run(env, workdir, ["--config.on_nonfinite=skip"], script=wrapper, S2S_BAD_BATCH="50")
     assert result.returncode == 0, result.output
-    assert "non-finite loss or gradient at step 51 (training batch 50)" in result.output
+    assert "non-finite loss (nan) at step 51 (training batch 50)" in result.output
     rows = _metrics(workdir)
     assert [r.get("nonfinite_skipped") for r in rows if r["step"] == 60 and "train_loss" in r] == [1]
     assert all(np.isfinite(r["train_loss"]) for r in rows if "train_loss" in r)

@@ -133,3 +133,88 @@ def test_checkpoint_without_a_tokenizer_fingerprint_is_accepted(tmp_path):
     finally:
         store.close()
     assert int(state.step) == 2 and "tokenizers" not in saved
+
+
+# ----------------------------------------------------------------------------- training runs
+def _tiny_copy(tiny_workdir, tmp_path) -> str:
+    workdir = str(tmp_path / "w")
+    shutil.copytree(tiny_workdir, workdir)
+    return workdir
+
+
+def test_training_refuses_checkpoints_none_of_which_loads(tiny_workdir, tmp_path, tiny_config):
+    """Never a silent restart from step 0: one error naming each step; the workdir unchanged."""
+    from s2s_jax import training
+    workdir = _tiny_copy(tiny_workdir, tmp_path)
+    saved = _checkpoint_steps(workdir)
+    for step in saved:
+        _truncate_state_files(workdir, step)
+    before = _tree(workdir)
+    tiny_config.num_train_steps += 100
+    with pytest.raises(checkpoints.CheckpointError) as info:
+        training.train_and_evaluate(tiny_config, workdir)
+    message = str(info.value)
+    assert all(f"step {step}: " in message for step in saved) and "\n" not in message, message
+    assert _tree(workdir) == before
+
+
+def _checkpoint_steps(workdir) -> list[int]:
+    return sorted(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit())
+
+
+def test_final_line_names_the_checkpoint_step_after_num_train_steps_is_lowered(tiny_workdir, tmp_path,
+                                                                                 tiny_config, capsys):
+    """A run past the new end (no summary of that step): the summary and final line name the
+    restored step, not num_train_steps."""
+    from s2s_jax import training
+    workdir = _tiny_copy(tiny_workdir, tmp_path)
+    last = _checkpoint_steps(workdir)[-1]
+    os.remove(os.path.join(workdir, "summary.json"))
+    tiny_config.num_train_steps = last - 50
+    summary = training.train_and_evaluate(tiny_config, workdir)
+    assert summary["steps"] == last
+    assert f"final | step {last} |" in capsys.readouterr().out
+
+
+def test_diverging_loss_stops_the_run(tmp_path, tiny_config):
+    from s2s_jax import training
+    tiny_config.optimizer.update(learning_rate=10.0, warmup_steps=0)
+    tiny_config.on_nonfinite = "skip"
+    workdir = str(tmp_path / "w")
+    with pytest.raises(training.DivergedError) as info:
+        training.train_and_evaluate(tiny_config, workdir)
+    message = str(info.value)
+    assert "diverging loss at step " in message and "last good checkpoint: " in message, message
+    assert "\n" not in message
+
+
+def _files_run(tmp_path):
+    """A files config (4 pairs, batch 4) and its workdir's path."""
+    from tests.test_reliability import _files_config, _write_corpus
+    _write_corpus(tmp_path)
+    config = _files_config(tmp_path)
+    config.data.batch_size = 4
+    return config, str(tmp_path / "w")
+
+
+def test_a_refused_files_run_leaves_no_corpus_behind(tmp_path):
+    """A checkpoint of another model shape is refused after the corpus was prepared: the run
+    removes the corpus folder it created (the workdir is as before)."""
+    from tests.test_reliability import _expect_error
+    config, workdir = _files_run(tmp_path)
+    _saved(workdir, steps=(1,))
+    _expect_error(checkpoints.CheckpointError, config, workdir, "another model shape")
+
+
+def test_new_tokenizers_do_not_resume_an_old_checkpoint(tmp_path):
+    """A checkpoint of this model's shapes, trained with other tokenizers (as after deleting
+    W/tokenizers when the data changed), is refused, and the workdir is left as it was."""
+    from s2s_jax.models import make_model
+    from tests.test_reliability import _expect_error
+    config, workdir = _files_run(tmp_path)
+    vocab = config.data.vocab_size
+    state = steps.init_state(config, make_model(config.model, vocab, vocab))
+    store = checkpoints.Checkpoints(workdir, keep=1, tokenizers="0" * 64)
+    store.save(2, state, dict(window={}, param_shapes=checkpoints.param_shapes(state.params)))
+    store.close()
+    _expect_error(checkpoints.CheckpointError, config, workdir, "was trained with other tokenizers")
