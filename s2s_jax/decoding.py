@@ -32,9 +32,17 @@ Conventions (see DESIGN.md section 2):
   * Step 1 feeds `bos_id`; returned sequences hold no BOS, include the EOS within `lengths`, and are
     `pad_id` after the end. `pad_id` and `bos_id` are forbidden at every step, whatever the model
     prefers, so neither ever appears inside a hypothesis; `eos_id` must differ from both.
-  * Log-probs are clamped to >= NEG_INF (-1e7, never -inf); a log-prob at or below NEG_INF / 2
-    marks a forbidden token (min_len, no_repeat_ngram_size, or a model that masks with -inf/-1e9):
-    such an extension is never kept.
+  * step_fn's log-probs must be floating point (TypeError otherwise). They are cast to float32,
+    NaN and anything below NEG_INF (-1e7, never -inf) become NEG_INF, and a log-prob at or below
+    NEG_INF / 2 marks a token the model forbids (a model that masks with -inf/-1e9, or a NaN):
+    such an extension is not kept, unless the model forbids every token the search allows that
+    hypothesis (an all-NaN or all -inf row): then each of those is an extension of log-prob
+    NEG_INF, so the hypothesis still ends with EOS or at its limit, scored <= NEG_INF (below every
+    ordinary one). The search's own masks (PAD, BOS, min_len, no_repeat_ngram_size, prefix) are
+    never lifted: a hypothesis they leave no token ends there, unfinished.
+  * A beam wider than V ** max_len (the token sequences of a V-word vocabulary) can never be
+    filled: beam_search refuses it (ValueError) once step_fn gives V. Wider beams than V are fine:
+    with K >= the number of extensions at every step the search is exact.
   * Result slots that no hypothesis filled (possible only when fewer than N sequences exist, e.g.
     a tiny vocabulary) have length 0, all `pad_id` tokens and score NEG_INF; they come last.
 """
@@ -54,8 +62,9 @@ __all__ = ["Beams", "NEG_INF", "beam_search", "ensemble_step_fn", "greedy_search
            "sample_search"]
 
 NEG_INF = -1e7  # mask value for log-probs: large finite negative, never -inf (no NaNs)
-_FORBIDDEN = 0.5 * NEG_INF  # log-probs <= this are masked tokens, not extensions
-_EMPTY = -1e30  # ranking key of an empty / invalid slot; only compared, never summed
+_FORBIDDEN = 0.5 * NEG_INF  # log-probs <= this: tokens the model forbids (see _extensions)
+_EMPTY = -1e30  # key / sampling logit of an empty or invalid slot: below any NEG_INF sum or tempered
+# log-prob; only compared (or perturbed by sampling noise), never accumulated
 
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 # final_score_fn(score float32[B, K], length int32[B, K], state leaves [B, K, ...]) -> float32[B, K]
@@ -163,6 +172,8 @@ def _check_step_fn(step_fn: StepFn, tokens: jax.Array, state) -> int:
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise ValueError("step_fn must return a pair (log_probs, new_state)")
     log_probs, new_state = out
+    if not jnp.issubdtype(log_probs.dtype, jnp.floating):
+        raise TypeError(f"step_fn must return floating-point log_probs, got dtype {log_probs.dtype}")
     batch, num_hyps = tokens.shape
     if len(log_probs.shape) != 3 or log_probs.shape[:2] != (batch, num_hyps):
         raise ValueError(
@@ -207,12 +218,21 @@ def _ngram_banned(seq: jax.Array, step: jax.Array, n: int, vocab: int) -> jax.Ar
     return banned > 0
 
 
-def _beam_select(num_hyps: int):
+def _check_beam_width(num_hyps: int, vocab: int, max_len: int) -> None:
+    """Refuses a beam that no vocabulary of `vocab` tokens could ever fill (static shapes)."""
+    if num_hyps > vocab ** max_len:
+        raise ValueError(
+            f"beam_size={num_hyps} can never be filled: step_fn's vocabulary allows at most "
+            f"{vocab} ** max_len = {vocab ** max_len} sequences; use a beam_size at most that")
+
+
+def _beam_select(num_hyps: int, max_len: int):
     """Keeps the `num_hyps` valid extensions with the highest summed log-prob (ties: lower index)."""
 
     def select(step, log_probs, cand_sum, cand_valid):
         del step, log_probs
         batch, k_in, vocab = cand_sum.shape
+        _check_beam_width(num_hyps, vocab, max_len)
         key = jnp.where(cand_valid, cand_sum, _EMPTY)  # [batch, beam, vocab]
         # Two-stage top-k (exact): the best num_hyps overall are among each beam's best num_hyps.
         per_beam = min(num_hyps, vocab)
@@ -229,7 +249,7 @@ def _nucleus(sorted_logits: jax.Array, top_p) -> jax.Array:
     whose probability mass reaches top_p (a token is kept iff the mass before it is < top_p)."""
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs  # exclusive cumulative sum; 0 for the first
-    return jnp.where(mass_before < top_p, sorted_logits, NEG_INF)
+    return jnp.where(mass_before < top_p, sorted_logits, _EMPTY)
 
 
 def _sample_select(rng: jax.Array, temperature, top_k: int, top_p):
@@ -240,7 +260,7 @@ def _sample_select(rng: jax.Array, temperature, top_k: int, top_p):
     def select(step, log_probs, cand_sum, cand_valid):
         del cand_sum
         batch, num_hyps, vocab = log_probs.shape
-        logits = jnp.where(cand_valid, log_probs / temperature, NEG_INF)  # [batch, sample, vocab]
+        logits = jnp.where(cand_valid, log_probs / temperature, _EMPTY)  # [batch, sample, vocab]
         key = jax.random.fold_in(rng, step)
         if (top_k and top_k < vocab) or nucleus:
             width = top_k if 0 < top_k < vocab else vocab
@@ -255,6 +275,22 @@ def _sample_select(rng: jax.Array, temperature, top_k: int, top_p):
         return parent, token.astype(jnp.int32)
 
     return select
+
+
+def _model_log_probs(log_probs: jax.Array) -> jax.Array:
+    """step_fn's float[B, K, V] -> float32[B, K, V], NaN and anything below NEG_INF at NEG_INF."""
+    log_probs = log_probs.astype(jnp.float32)
+    return jnp.where(jnp.isnan(log_probs), NEG_INF, jnp.maximum(log_probs, NEG_INF))
+
+
+def _extensions(log_probs: jax.Array, allowed: jax.Array) -> jax.Array:
+    """bool[B, K, V]: the tokens each hypothesis may take next.
+
+    allowed: bool, broadcastable to [B, K, V], the search's own masks. Of those, the tokens the
+    model does not forbid (log-prob > _FORBIDDEN); all of them if the model forbids every one.
+    """
+    usable = allowed & (log_probs > _FORBIDDEN)  # [batch, beam, vocab]
+    return usable | (allowed & ~jnp.any(usable, axis=-1, keepdims=True))
 
 
 def _raw_score(log_prob_sum, length):
@@ -390,16 +426,14 @@ def _search(
         new_state = jax.tree.unflatten(
             jax.tree.structure(new_state),
             [x.astype(d) for x, d in zip(jax.tree.leaves(new_state), state_dtypes)])
-        log_probs = jnp.maximum(log_probs.astype(jnp.float32), NEG_INF)  # [batch, beam, vocab]
-        log_probs = jnp.where(special | ((vocab_ids == eos_id) & (t < min_len)), NEG_INF, log_probs)
+        log_probs = _model_log_probs(log_probs)  # [batch, beam, vocab]
+        allowed = ~special & ~((vocab_ids == eos_id) & (t < min_len))  # [vocab]
         if 0 < no_repeat_ngram_size <= length:
-            banned = _ngram_banned(c.alive_seq, c.step, no_repeat_ngram_size, vocab)
-            log_probs = jnp.where(banned, NEG_INF, log_probs)
+            allowed &= ~_ngram_banned(c.alive_seq, c.step, no_repeat_ngram_size, vocab)  # [batch, beam, vocab]
         if prefix is not None:  # at t <= prefix_lens[b] only prefix[b, t - 1] stays allowed
             forced = prefix[:, jnp.minimum(c.step, prefix.shape[1] - 1)]  # [batch]
-            free = (t > prefix_lens)[:, None, None] | (vocab_ids == forced[:, None, None])
-            log_probs = jnp.where(free, log_probs, NEG_INF)  # free: [batch, 1, vocab]
-        cand_valid = c.alive[..., None] & (log_probs > _FORBIDDEN)  # [batch, beam, vocab]
+            allowed &= (t > prefix_lens)[:, None, None] | (vocab_ids == forced[:, None, None])
+        cand_valid = c.alive[..., None] & _extensions(log_probs, allowed)  # [batch, beam, vocab]
         cand_sum = c.alive_sum[..., None] + log_probs  # [batch, beam, vocab]
 
         parent, token = select(c.step, log_probs, cand_sum, cand_valid)  # [batch, beam] each
@@ -537,7 +571,7 @@ def beam_search(
         step_fn: (tokens int32[B, K], state) -> (log_probs float[B, K, V], new_state); state leaves
             are [B, K, ...]. Log-probs must be normalised (<= 0) for stop_early="bound" to be exact.
         init_state: pytree of [B, ...] leaves (at least one); broadcast to [B, K, ...].
-        beam_size: K >= 1 (static).
+        beam_size: K >= 1 (static), at most V ** max_len (ValueError once step_fn gives V).
         max_len: maximum number of generated tokens, EOS included (static).
         eos_id, bos_id, pad_id: special ids (eos_id differs from the others); PAD and BOS are
             never generated.
@@ -582,7 +616,7 @@ def beam_search(
     if final_score_fn is not None and not callable(final_score_fn):
         raise ValueError(f"final_score_fn must be callable or None, got {final_score_fn!r}")
     result, _ = _search(
-        step_fn, init_state, _beam_select(beam_size),
+        step_fn, init_state, _beam_select(beam_size, max_len),
         num_hyps=beam_size, n_keep=n_best, max_len=max_len, eos_id=eos_id, bos_id=bos_id,
         pad_id=pad_id, min_len=min_len, no_repeat_ngram_size=no_repeat_ngram_size,
         score_fn=_length_penalty_fn(length_penalty, alpha), stop_rule=stop_early, single_start=True,
@@ -612,7 +646,7 @@ def greedy_search(
     """
     _check_common(max_len, min_len, eos_id, bos_id, pad_id)
     result, _ = _search(
-        step_fn, init_state, _beam_select(1),
+        step_fn, init_state, _beam_select(1, max_len),
         num_hyps=1, n_keep=1, max_len=max_len, eos_id=eos_id, bos_id=bos_id, pad_id=pad_id,
         min_len=min_len, no_repeat_ngram_size=0, score_fn=_raw_score, stop_rule="never",
         single_start=True, max_lens=max_lens, prefix=prefix, prefix_lens=prefix_lens,

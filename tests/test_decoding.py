@@ -282,7 +282,7 @@ def test_early_stop_is_exact_and_saves_steps():
         for rule in ("bound", "never"):
             calls.clear()
             beams, steps = decoding._search(
-                counting_step_fn, init, decoding._beam_select(3), num_hyps=3, n_keep=2,
+                counting_step_fn, init, decoding._beam_select(3, max_len), num_hyps=3, n_keep=2,
                 max_len=max_len, eos_id=EOS, bos_id=BOS, pad_id=PAD, min_len=0,
                 no_repeat_ngram_size=0, score_fn=score_fn, stop_rule=rule,
                 single_start=True)
@@ -585,3 +585,67 @@ def test_bad_arguments():
         beam_search(lambda tok, s: jnp.zeros(tok.shape + (5,)), init, beam_size=2, max_len=3)
     with pytest.raises(ValueError, match="structure"):
         beam_search(lambda tok, s: (jnp.zeros(tok.shape + (5,)), s["h"]), init, beam_size=2, max_len=3)
+
+
+def constant_step_fn(log_probs):
+    """A model whose log-probs are `log_probs` [V] at every step, for every hypothesis."""
+    def step_fn(tokens, state):
+        return jnp.broadcast_to(jnp.asarray(log_probs), tokens.shape + (len(log_probs),)), state
+    return step_fn
+
+
+def all_three_searches(step_fn, init, max_len, **kwargs):
+    """Beam (K = 3), greedy and sampling (tempered below 1, nucleus) results of one step_fn."""
+    return [beam_search(step_fn, init, beam_size=3, max_len=max_len, **kwargs),
+            greedy_search(step_fn, init, max_len=max_len, **kwargs),
+            sample_search(step_fn, init, jax.random.PRNGKey(0), max_len=max_len, num_samples=4,
+                          temperature=0.5, top_p=0.9, **kwargs)]
+
+
+@pytest.mark.parametrize("min_len", [0, 2])
+def test_model_without_a_usable_log_prob_still_gives_hypotheses(min_len):
+    """Row 0 all NaN, row 1 all -inf: every token the search allows is an extension at NEG_INF."""
+    def step_fn(tokens, state):
+        rows = jnp.array([np.nan, -np.inf])[:, None, None]  # [batch, 1, 1]
+        return jnp.broadcast_to(rows, tokens.shape + (5,)), state
+
+    max_len = 4
+    beams, greedy, samples = all_three_searches(step_fn, jnp.zeros((2, 1)), max_len, min_len=min_len)
+    for result in (beams, greedy, samples):
+        check_well_formed(result, max_len)
+        assert np.all(np.asarray(result.lengths) >= max(min_len, 1))
+        assert np.all(np.asarray(result.scores) <= NEG_INF)
+    np.testing.assert_array_equal(greedy.sequences[:, 0, :2], [[EOS, PAD] if min_len == 0 else [3, EOS]] * 2)
+
+
+def test_model_without_a_usable_log_prob_in_some_rows_only():
+    """From step 2 on, row 0 gets all NaN and row 1 all -inf; row 2 decodes as it would alone."""
+    toy, max_len = Toy(5, seed=2), 5
+
+    def step_fn(tokens, state):
+        log_probs, state = toy.step_fn(tokens, state)  # [batch, beam, vocab]
+        broken = jnp.array([np.nan, -np.inf, 0.0])[:, None, None]  # [batch, 1, 1]
+        late = (jnp.arange(3) < 2)[:, None, None] & (state["aux"][..., :1] >= 2)  # [batch, beam, 1]
+        return jnp.where(late, broken, log_probs), state
+
+    results = all_three_searches(step_fn, toy.init_state([0, 1, 3]), max_len)
+    for result in results:
+        check_well_formed(result, max_len)
+        assert np.all(np.asarray(result.lengths) >= 1)
+    alone = all_three_searches(toy.step_fn, toy.init_state([3]), max_len)[:2]  # beam, greedy
+    for result, want in zip(results, alone):
+        for got_part, want_part in zip(result, want):
+            np.testing.assert_array_equal(got_part[2], want_part[0])
+
+
+def test_integer_log_probs_and_unfillable_beams_are_refused():
+    init, key = jnp.zeros((2, 1)), jax.random.PRNGKey(0)
+    integer = constant_step_fn(np.array([-1, -1, -2, -3, -4], np.int32))
+    for search in (functools.partial(beam_search, beam_size=2), greedy_search,
+                   functools.partial(sample_search, rng=key)):
+        with pytest.raises(TypeError, match="step_fn must return floating-point log_probs"):
+            search(integer, init, max_len=3)
+    vocab5 = constant_step_fn(jax.nn.log_softmax(jnp.arange(5.0)))
+    beam_search(vocab5, init, beam_size=5**2, max_len=2)  # every sequence fits: allowed
+    with pytest.raises(ValueError, match=r"beam_size=26 .* 5 \*\* max_len = 25"):
+        beam_search(vocab5, init, beam_size=5**2 + 1, max_len=2)
