@@ -12,10 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from s2s_jax import initializers
+from s2s_jax import NEG_INF, initializers
 
 SCORES = ("dot", "general", "concat", "scaled_dot")
-MASK_VALUE = -1e7  # large finite negative: a fully padded row stays finite (never -inf)
 
 
 class Memory(NamedTuple):
@@ -83,7 +82,7 @@ def scores(score: str, params: dict, queries: jax.Array, keys: jax.Array) -> jax
 def attend(score: str, params: dict, queries: jax.Array, memory: Memory):
     """Softmax over real source positions; returns (context [B, Q, He], weights [B, Q, S])."""
     logits = scores(score, params, queries, memory.keys)
-    logits = jnp.where(memory.mask[:, None, :], logits, MASK_VALUE)
+    logits = jnp.where(memory.mask[:, None, :], logits, NEG_INF)  # a fully padded row stays finite
     # Softmax in at least float32 (bfloat16 logits are upcast; float64 stays float64).
     weights = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
     context = jnp.einsum("bqs,bsh->bqh", weights.astype(memory.values.dtype), memory.values)

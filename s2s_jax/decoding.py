@@ -56,12 +56,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from s2s_jax import NEG_INF
 from s2s_jax.validate import check_int
 
 __all__ = ["Beams", "NEG_INF", "beam_search", "ensemble_step_fn", "greedy_search", "length_limits",
            "sample_search"]
 
-NEG_INF = -1e7  # mask value for log-probs: large finite negative, never -inf (no NaNs)
 _FORBIDDEN = 0.5 * NEG_INF  # log-probs <= this: tokens the model forbids (see _extensions)
 _EMPTY = -1e30  # key / sampling logit of an empty or invalid slot: below any NEG_INF sum or tempered
 # log-prob; only compared (or perturbed by sampling noise), never accumulated
