@@ -261,20 +261,28 @@ def _sample_select(rng: jax.Array, temperature, top_k: int, top_p):
         del cand_sum
         batch, num_hyps, vocab = log_probs.shape
         logits = jnp.where(cand_valid, log_probs / temperature, _EMPTY)  # [batch, sample, vocab]
-        key = jax.random.fold_in(rng, step)
         if (top_k and top_k < vocab) or nucleus:
             width = top_k if 0 < top_k < vocab else vocab
             top_logits, top_ids = jax.lax.top_k(logits, width)  # [batch, sample, width], descending
             if nucleus:
                 top_logits = _nucleus(top_logits, top_p)
-            choice = jax.random.categorical(key, top_logits, axis=-1)  # [batch, sample]
+            choice = _categorical(rng, step, top_logits)  # [batch, sample]
             token = jnp.take_along_axis(top_ids, choice[..., None], axis=-1)[..., 0]  # [batch, sample]
         else:
-            token = jax.random.categorical(key, logits, axis=-1)  # [batch, sample]
+            token = _categorical(rng, step, logits)  # [batch, sample]
         parent = jnp.broadcast_to(jnp.arange(num_hyps), (batch, num_hyps))  # [batch, sample]
         return parent, token.astype(jnp.int32)
 
     return select
+
+
+def _categorical(rng: jax.Array, step, logits: jax.Array) -> jax.Array:
+    """A draw from logits [batch, sample, n] -> [batch, sample], with the key fold_in(rng, step);
+    rng uint32[batch, 2] (one key per row): row b draws with fold_in(rng[b], step)."""
+    if rng.ndim == 1:
+        return jax.random.categorical(jax.random.fold_in(rng, step), logits, axis=-1)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng, step)  # [batch, 2]
+    return jax.vmap(lambda key, row: jax.random.categorical(key, row, axis=-1))(keys, logits)
 
 
 def _model_log_probs(log_probs: jax.Array) -> jax.Array:
@@ -678,7 +686,8 @@ def sample_search(
     Each step draws token ~ softmax(log_probs / temperature) over the allowed tokens (never PAD or
     BOS), restricted to the `top_k` most likely of them when top_k > 0, then, when top_p < 1, to the
     nucleus: the smallest set of most likely of those whose (renormalised, tempered) probability
-    mass reaches top_p. The key is `jax.random.fold_in(rng, step)`. A sample's score is its raw
+    mass reaches top_p. The key is `jax.random.fold_in(rng, step)` (rng uint32[batch, 2]: each row
+    its own, so a row's samples do not depend on the other rows). A sample's score is its raw
     summed (untempered) log-prob; samples are returned sorted by score, best first.
     `max_lens`, `prefix`, `prefix_lens`, `record_fn`: as in `beam_search` (every sample starts with
     the prefix).

@@ -170,27 +170,31 @@ def _archive(output: str) -> Iterator[zipfile.ZipFile]:
     naming `output` if it cannot be written there; ValueError if it is a directory."""
     if os.path.isdir(output):
         raise ValueError(f"--output {output} is a directory; give a file name (e.g. model.s2s.zip)")
-    directory, name = os.path.split(os.path.abspath(output))
     try:
-        os.makedirs(directory, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=directory)
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        temporary = new_file_next_to(output)
     except OSError as error:
         raise OSError(error.errno, f"cannot be written there ({error.strerror or error}); choose another --output",
                       output) from None
     try:
-        with os.fdopen(fd, "wb") as file, zipfile.ZipFile(file, "w", zipfile.ZIP_DEFLATED) as archive:
+        with zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as archive:
             yield archive
-        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, output)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
 
 
-def _umask() -> int:
+def new_file_next_to(path: str) -> str:
+    """Creates an empty file in the directory of `path`, named after it and unique to this run,
+    with the permissions a plain open would give it; returns its path."""
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=directory)
     umask = os.umask(0)
     os.umask(umask)
-    return umask
+    os.fchmod(fd, 0o666 & ~umask)
+    os.close(fd)
+    return temporary
 
 
 # ---------------------------------------------------------------------------------- loading

@@ -9,7 +9,10 @@ depends on the sources and the options only, never on a reference:
   * sentences are grouped into length buckets by their source length;
   * each row's output limit is floor(max_len_a * source pieces + max_len_b) (fairseq's rule),
     capped by the bucket's compiled limit min(eval.max_decode_len, 2 * bucket length + 10) or by
-    an explicit `max_len`;
+    an explicit `max_len`; a forced prefix raises it to hold the prefix and one more piece (a
+    prefix that leaves no room within the compiled limit is refused, naming its line);
+  * sampling: each row draws with its own key, fold_in(PRNGKey(seed), the sentence's line in the
+    whole input), so a sentence's samples depend neither on its batch nor on how the input is split;
   * batch invariance: every call decodes [DECODE_ROWS, bucket] arrays (fewer rows only when
     beam x vocabulary would not fit the memory budget), whatever the number of sentences; XLA's
     float results depend on array shapes, not on the other rows, so a sentence's tokens and score
@@ -33,7 +36,7 @@ Beyond the plain searches (all opt-in; off, the compiled search is unchanged):
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -127,7 +130,8 @@ def decode_batch(model: Seq2Seq | tuple[Seq2Seq, ...], params, src: jax.Array, s
     (Beams, attention float32[B, N, max_len, S]) with each hypothesis's attention weights per
     generated piece (zeros from its length on).
     max_lens int32[B] (per-row limits <= max_len), prefix int32[B, P] / prefix_lens int32[B]
-    (forced target prefixes) and rng (sampling) are traced; everything else is static.
+    (forced target prefixes) and rng (sampling: one key, or uint32[B, 2] one per row) are traced;
+    everything else is static.
     """
     if coverage and search != "beam":
         raise ValueError(f"coverage applies to beam search only, got search={search!r}")
@@ -157,6 +161,26 @@ def sharded_decode_batch(mesh: Mesh):
     """`decode_batch` for rows split over `mesh` and params replicated on it; its outputs are
     replicated (every process can read them). One jitted function, so one cache, per mesh."""
     return jax.jit(decode_batch.__wrapped__, static_argnames=DECODE_STATIC, out_shardings=parallel.replicated(mesh))
+
+
+def row_keys(seed: int, lines: Sequence[int]) -> np.ndarray:
+    """Sampling keys uint32[rows, 2]: row r's is fold_in(PRNGKey(seed), lines[r]), so a sentence's
+    samples depend on the seed and its line (from 0) only, never on its batch or chunk."""
+    return np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(seed),
+                                                                      np.asarray(lines, np.uint32)))
+
+
+def sentence_list(sentences) -> list[str]:
+    """`sentences` as a list, or TypeError saying that a list of strings is expected."""
+    if isinstance(sentences, str) or not isinstance(sentences, Iterable):
+        raise TypeError(f"sentences must be a list of strings, got {type(sentences).__name__}"
+                        f"{' (one sentence: wrap it in a list)' if isinstance(sentences, str) else ''}")
+    sentences = list(sentences)
+    for number, sentence in enumerate(sentences, start=1):
+        if not isinstance(sentence, str):
+            raise TypeError(f"sentences must be a list of strings, but sentence {number} is a "
+                            f"{type(sentence).__name__}")
+    return sentences
 
 
 def max_decode_len(source_length: int, cap: int) -> int:
@@ -312,8 +336,7 @@ class CorpusDecoder:
         first_line: the line number of the first sentence in messages (a part of a longer input).
         """
         self.check(options)
-        if isinstance(sentences, str):
-            raise TypeError("translate takes a list of sentences, not one string")
+        sentences = sentence_list(sentences)
         src_ids = [self.source_ids(s, first_line - 1 + i, options.on_long) for i, s in enumerate(sentences)]
         forced = self.prefix_ids(prefixes, len(src_ids))
         results = [[Hypothesis("", [], 0.0)] for _ in src_ids]
@@ -321,17 +344,21 @@ class CorpusDecoder:
         # Source-only buckets: the reference never shapes the decoding.
         batches = data.eval_batches([src_ids[i] for i in todo], [[] for _ in todo], batch_size=self.rows(options),
                                     boundaries=self.boundaries)
-        for number, batch in enumerate(batches):  # [rows, bucket] each: one compilation per bucket and search
-            real = [todo[i] for i in batch.index if i >= 0]
-            cap = options.max_len or max_decode_len(batch.src.shape[1], self.max_len_cap)
-            prefix, prefix_lens = self._prefix_arrays([forced[i] for i in real], len(batch.index), cap)
+        members = [[todo[i] for i in batch.index if i >= 0] for batch in batches]  # sentences of each batch
+        self._check_prefixes(batches, members, forced, options, first_line)
+        for batch, real in zip(batches, members):  # [rows, bucket] each: one compilation per bucket and search
+            cap = self._cap(batch, options)
+            prefix, prefix_lens = self._prefix_arrays([forced[i] for i in real], len(batch.index))
             max_lens = decoding.length_limits(batch.src_len - 1, options.max_len_a, options.max_len_b, cap)
+            if prefix_lens is not None:  # room for the prefix and one more piece (within cap: checked)
+                max_lens = jnp.maximum(max_lens, prefix_lens + 1)
             rows = {"src": batch.src, "src_len": batch.src_len, "max_lens": max_lens, "prefix": prefix,
                     "prefix_lens": prefix_lens}  # [rows, ...] each (prefixes: None when absent)
-            rng = jax.random.fold_in(jax.random.PRNGKey(options.seed), number)
-            if self.mesh is not None:  # rows split over the devices, the key replicated
-                rows, rng = parallel.shard_batch(rows, self.mesh), parallel.replicate(rng, self.mesh)
-            out = self.decode_batch(self.model, params, **rows, max_len=cap, rng=rng,
+            if options.search == "sample":  # one key per row, from its line in the whole input
+                rows["rng"] = row_keys(options.seed, [first_line - 1 + todo[i] if i >= 0 else 0 for i in batch.index])
+            if self.mesh is not None:  # rows (and their keys) split over the devices
+                rows = parallel.shard_batch(rows, self.mesh)
+            out = self.decode_batch(self.model, params, **rows, max_len=cap,
                                     return_attention=return_attention, **options.static())
             beams, weights = out if return_attention else (out, None)
             sequences, scores, lengths = (np.asarray(x) for x in beams)  # [rows, N, L], [rows, N], [rows, N]
@@ -342,14 +369,28 @@ class CorpusDecoder:
                     None if weights is None else weights[row, :, :, :batch.src_len[row]])
         return results
 
-    def _prefix_arrays(self, prefixes: list[list[int]], rows: int, cap: int):
+    def _cap(self, batch: data.Batch, options: SearchOptions) -> int:
+        """The compiled output limit of a batch: options.max_len, else its bucket's."""
+        return options.max_len or max_decode_len(batch.src.shape[1], self.max_len_cap)
+
+    def _check_prefixes(self, batches: list[data.Batch], members: list[list[int]], forced: list[list[int]],
+                        options: SearchOptions, first_line: int) -> None:
+        """ValueError naming the first line whose prefix leaves no room for one more piece within
+        its batch's compiled limit (members: the sentences of each batch)."""
+        for batch, sentences in zip(batches, members):
+            cap = self._cap(batch, options)
+            for index in sentences:
+                if len(forced[index]) >= cap:
+                    raise ValueError(f"line {first_line + index}: its prefix of {len(forced[index])} pieces leaves "
+                                     f"no room within the output limit of {cap} pieces; shorten the prefix "
+                                     "or raise max_len")
+
+    def _prefix_arrays(self, prefixes: list[list[int]], rows: int):
         """(prefix int32[rows, P], prefix_lens int32[rows]) with P a multiple of PREFIX_QUANTUM, or
         (None, None) when no sentence of the batch has a prefix."""
         longest = max((len(p) for p in prefixes), default=0)
         if not longest:
             return None, None
-        if longest >= cap:
-            raise ValueError(f"a prefix of {longest} pieces leaves no room within the output limit {cap}")
         width = -(-longest // PREFIX_QUANTUM) * PREFIX_QUANTUM
         prefix = np.full((rows, width), PAD_ID, np.int32)
         lens = np.zeros(rows, np.int32)

@@ -6,7 +6,10 @@
 
 The command streams: it reads CHUNK_LINES (4096) lines, translates them, writes their output lines
 (in input order) and reads on, so memory stays constant; above one chunk it prints a progress line
-per chunk on stderr. --output is written as OUTPUT.partial, renamed when complete.
+per chunk on stderr. --output is written as a temporary file unique to the run, next to it,
+renamed onto it when complete: a failed or stopped run leaves no file, and two runs writing the same
+--output never mix (the last to finish wins). Every place it writes to is checked before decoding.
+SIGINT and SIGTERM stop it promptly (status 130, 143) with one line; errors are one line, status 1.
 
 Python:
     translator = Translator.from_workdir("runs/demo")
@@ -35,7 +38,9 @@ import functools
 import itertools
 import logging
 import os
+import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from typing import TextIO
@@ -44,8 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from s2s_jax import (BOS_ID, EOS_ID, checkpoints, configuration, data, inference, parallel, plotting,
-                     steps)
+from s2s_jax import (BOS_ID, EOS_ID, checkpoints, configuration, data, export, inference, parallel,
+                     plotting, steps)
 from s2s_jax.inference import ON_LONG, SEARCHES, Hypothesis, SearchOptions
 from s2s_jax.models import Seq2Seq, make_model
 
@@ -83,6 +88,8 @@ class Translator:
         Raises configuration.ConfigError if `workdir` has no config.json, data.DataError for a
         missing tokenizer and checkpoints.CheckpointError if it holds no checkpoint.
         """
+        if os.path.exists(workdir) and not os.path.isdir(workdir):
+            raise configuration.ConfigError(f"workdir {workdir} is not a directory: give a training workdir")
         config = configuration.load(workdir)
         if not _has_steps(os.path.join(workdir, "checkpoints")):
             # Checked before opening the store, which would create empty directories.
@@ -110,6 +117,8 @@ class Translator:
         workdir's config and tokenizers. Raises ValueError unless all share their tokenizers."""
         if isinstance(workdirs, str) or not workdirs:
             raise ValueError(f"from_workdirs takes a non-empty list of workdirs, got {workdirs!r}")
+        if not all(workdirs):
+            raise ValueError(f"empty workdir (e.g. a stray comma) in {list(workdirs)}: name each workdir")
         loaded = [cls.from_workdir(w) for w in workdirs]
         first = loaded[0]
         for other in loaded[1:]:
@@ -153,8 +162,7 @@ class Translator:
         hypothesis must start with (interactive translation, forced tags). `return_attention`: each
         hypothesis also gets the attention weights the search recorded for it, [T, S]
         (see `inference.Hypothesis`). `first_line`: the first sentence's line number in messages."""
-        return self.decoder(self.params, list(sentences) if not isinstance(sentences, str) else sentences,
-                            self.options(**options), prefixes, return_attention, first_line)
+        return self.decoder(self.params, sentences, self.options(**options), prefixes, return_attention, first_line)
 
     # ------------------------------------------------------------------------------ attention
     def attention(self, sentence: str, output: str | Sequence[int]):
@@ -353,24 +361,95 @@ def _translate_stream(translator: Translator, pairs: Iterator[tuple[str, str | N
 
 @contextlib.contextmanager
 def _output(path: str | None) -> Iterator[TextIO]:
-    """Where the translations go: stdout, or `path`, written as PATH.partial and renamed once
-    complete, so a failed run leaves no file. A link (/dev/stdout) or a special file is written in
-    place: renaming would replace it."""
+    """Where the translations go: stdout, or `path`, written as a temporary file of this run
+    (unique, in the same directory) and renamed onto `path` once complete, so a failed run leaves
+    no file and two runs writing the same path never mix: the last to finish wins. A link
+    (/dev/stdout) or a special file is written in place: renaming would replace it. OSError
+    naming `path` if it cannot be written."""
     if path is None:
         yield sys.stdout
     elif os.path.islink(path) or os.path.exists(path) and not os.path.isfile(path):
-        with open(path, "w", encoding="utf-8", newline="\n") as out:
+        with _opened(path, lambda: open(path, "w", encoding="utf-8", newline="\n")) as out:
             yield out
     else:
-        partial = path + ".partial"
-        try:
-            with open(partial, "w", encoding="utf-8", newline="\n") as out:
+        with _opened(path, lambda: _temporary(path)) as out:
+            try:
                 yield out
-            os.replace(partial, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(partial)
-            raise
+                out.close()
+                os.replace(out.name, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(out.name)
+
+
+@contextlib.contextmanager
+def _opened(path: str, opener) -> Iterator[TextIO]:
+    """The file `opener()` opens for writing `path`, closed on exit; an OSError naming `path`
+    if it cannot be opened."""
+    try:
+        out = opener()
+    except OSError as error:
+        raise OSError(error.errno, f"--output cannot be written there ({error.strerror or error}); "
+                      "choose another path", path) from None
+    with out:
+        yield out
+
+
+def _temporary(path: str) -> TextIO:
+    """A new text file next to `path`, unique to this run (`export.new_file_next_to`)."""
+    return open(export.new_file_next_to(path), "w", encoding="utf-8", newline="\n")  # its name: the path
+
+
+def _check_attention_dir(path: str) -> None:
+    """Creates --attention_dir and checks that a file can be written there, before decoding;
+    an OSError naming it if not."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as error:
+        raise OSError(error.errno, f"--attention_dir cannot be written ({error.strerror or error}); "
+                      "give a writable directory", path) from None
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (`_stop_on_signals`); not an Exception, so nothing swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM raise Interrupted in the main thread (once: later ones are ignored, so
+    the cleanup runs to its end)."""
+    def handler(signum, frame):
+        del frame
+        for name in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(name, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    for name in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(name, handler)
+
+
+def _fail(message: str, status: int = 1) -> SystemExit:
+    """The exit of a failed run: `message` as one line on stderr, then `status`."""
+    print(message, file=sys.stderr, flush=True)
+    return SystemExit(status)
+
+
+def _translate_main(f) -> None:
+    """The command's work: checks the output places, loads the model, translates the input."""
+    if f.output:
+        _make_parent(f.output)
+    if f.attention_dir:
+        _check_attention_dir(f.attention_dir)
+    with _output(f.output) as out:  # opened before loading: an unwritable --output fails at once
+        pairs = _sources(f.input or "/dev/stdin", f.prefixes)
+        translator = Translator.from_workdirs(f.workdir.split(","))
+        options = {name: f[name].value for name in OPTION_FLAGS}
+        translator.options(**options)  # bad options fail before any output, even on empty input
+        _translate_stream(translator, pairs, out, options, f.attention_dir, sys.stderr)
 
 
 def main(argv) -> None:
@@ -381,17 +460,22 @@ def main(argv) -> None:
     f = flags.FLAGS
     if not f["verbosity"].present:  # keep stderr to warnings and errors (orbax logs a lot at INFO)
         absl_logging.set_verbosity(absl_logging.WARNING)
-    if f.output:
-        _make_parent(f.output)
     try:
-        pairs = _sources(f.input or "/dev/stdin", f.prefixes)
-        translator = Translator.from_workdirs(f.workdir.split(","))
-        options = {name: f[name].value for name in OPTION_FLAGS}
-        translator.options(**options)  # bad options fail before any output, even on empty input
-        with _output(f.output) as out:
-            _translate_stream(translator, pairs, out, options, f.attention_dir, sys.stderr)
+        _stop_on_signals()
+        _translate_main(f)
+    except Interrupted as stop:
+        raise _fail(f"translate: stopped by {signal.Signals(stop.signum).name}", 128 + stop.signum) from None
     except (ValueError, checkpoints.CheckpointError) as error:  # DataError, ConfigError are ValueErrors
-        raise SystemExit(f"translate: {error}") from None
+        raise _fail(f"translate: {error}") from None
+    except OSError as error:
+        raise _fail(f"translate: {_os_error_line(error, f.output or 'stdout')}") from None
+
+
+def _os_error_line(error: OSError, output: str) -> str:
+    """An OSError in one line: its file, else (a failed write: disk full) the output."""
+    if error.filename:
+        return f"{error.filename}: {error.strerror or error}"
+    return f"cannot write {output}: {error.strerror or error}; free some space or choose another --output"
 
 
 def run() -> None:

@@ -32,8 +32,8 @@ def best(decoder, options):
     return [[hyps[0].text, hyps[0].score] for hyps in decoder(translator.params, sentences, options)]
 
 result = dict(devices=sharded.mesh.size, translations=translator.translate(sentences))
-for search in ("greedy", "beam"):
-    options = translator.options(search=search)
+for search in ("greedy", "beam", "sample"):
+    options = translator.options(search=search, seed=3)
     result[search] = best(sharded, options), best(single, options)
 inference.MAX_STEP_ELEMENTS = 3 * 5 * translator.tgt_tokenizer.vocab_size  # memory for 3 rows of beam 5
 options = translator.options(search="beam", beam_size=5)
@@ -65,7 +65,7 @@ def two_devices(tiny_workdir, sentences) -> dict:
     return result
 
 
-@pytest.mark.parametrize("search", ["greedy", "beam"])
+@pytest.mark.parametrize("search", ["greedy", "beam", "sample"])  # sample: each row's key travels with it
 def test_mesh_decoding_equals_one_device(two_devices, search):
     sharded, single = two_devices[search]
     assert [text for text, _ in sharded] == [text for text, _ in single]

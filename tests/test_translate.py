@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -450,3 +451,92 @@ def test_cli_prefix_file_one_line_short_leaves_no_output(tiny_workdir, tmp_path)
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and str(prefixes) in lines[0], result.stderr
     assert sorted(os.listdir(tmp_path)) == ["in.txt", "prefixes.txt"]
+
+
+# ----------------------------------------------------------------------------- robustness
+def test_cli_two_runs_writing_one_output_never_mix(tmp_path):
+    """Each run writes a temporary file of its own: the last to finish wins, whole."""
+    path = tmp_path / "out.txt"
+    with translate._output(str(path)) as first:
+        first.write("first\n")
+        with translate._output(str(path)) as second:
+            second.write("second\n")
+        first.write("first again\n")
+        assert path.read_text(encoding="utf-8") == "second\n"
+    assert path.read_text(encoding="utf-8") == "first\nfirst again\n" and os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_cli_samples_do_not_depend_on_chunks(translator, tmp_path, monkeypatch):
+    """A sentence's samples depend on the seed and its line in the whole input only."""
+    lines = ["4 5 6 7 8 9"] * 7 + ["9 8 7"]
+    options = dict(search="sample", n_best=2, seed=5, temperature=2.0)
+    whole = ["\t".join(h.text for h in hyps) + "\n" for hyps in translator.hypotheses(lines, **options)]
+    monkeypatch.setattr(translate, "CHUNK_LINES", 3)
+    out, _ = _stream(translator, tmp_path, _encoded(lines), **options)
+    assert out == "".join(whole)
+    assert len(set(whole[:7])) > 2, "identical lines at different positions should draw differently"
+
+
+def test_prefix_longer_than_its_limit_is_kept_whole_or_refused_naming_the_line(translator):
+    # a = 0, b = 2: a limit of 2 pieces, which grows to hold the 3-piece prefix and one more.
+    hyps = translator.hypotheses(["4 5 6"], prefixes=["6 5 4"], search="greedy", max_len_a=0.0, max_len_b=2)
+    assert hyps[0][0].ids[:3] == [6, 5, 4] and len(hyps[0][0].ids) <= 3
+    too_long = " ".join(["5"] * 16)  # the bucket's compiled limit: 16 pieces
+    with pytest.raises(ValueError, match=r"^line 2: its prefix of 16 pieces leaves no room.*16 pieces"):
+        translator.hypotheses(["4 5", "6 7"], prefixes=[None, too_long], search="greedy")
+
+
+def test_bad_arguments_name_what_is_expected(tiny_workdir, tmp_path, translator):
+    with pytest.raises(TypeError, match="sentences must be a list of strings, got NoneType"):
+        translator.translate(None)
+    with pytest.raises(TypeError, match="sentence 2 is a int"):
+        translator.translate(["4 5", 6])
+    with pytest.raises(ValueError, match=r"empty workdir .* in \['.*', ''\]"):
+        Translator.from_workdirs([tiny_workdir, ""])
+    regular = tmp_path / "file.txt"
+    regular.write_text("x")
+    with pytest.raises(ValueError, match=f"{regular} is not a directory"):
+        Translator.from_workdir(str(regular))
+
+
+def _one_line_error(result, *named):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[-1].startswith("translate: ") and all(n in lines[-1] for n in named), result.stderr
+
+
+def test_cli_unwritable_places_fail_before_decoding_in_one_line(tiny_workdir, tmp_path):
+    regular = tmp_path / "file.txt"
+    regular.write_text("x")
+    _one_line_error(_cli(f"--workdir={tiny_workdir}", "--output=/proc/version", stdin="4 5 6\n"),
+                    "/proc/version", "--output cannot be written")
+    _one_line_error(_cli(f"--workdir={tiny_workdir}", f"--attention_dir={regular}", stdin="4 5 6\n"),
+                    str(regular), "--attention_dir cannot be written")
+    _one_line_error(_cli(f"--workdir={tiny_workdir}", "--output=/dev/full", "--search=greedy", stdin="4 5 6\n"),
+                    "cannot write /dev/full", "No space left")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_cli_signal_stops_promptly_in_one_line_leaving_no_file(tiny_workdir, tmp_path, signum):
+    """The signal arrives after the first chunk, while the command waits for more input."""
+    out = tmp_path / "out.txt"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    process = subprocess.Popen([sys.executable, "-m", "s2s_jax.translate", f"--workdir={tiny_workdir}",
+                                f"--output={out}", "--search=greedy"], cwd=REPO, env=env, text=True,
+                               stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        process.stdin.write("4 5 6\n" * (translate.CHUNK_LINES + 1))  # a chunk and the line after it
+        process.stdin.flush()
+        stderr = []
+        for line in process.stderr:  # until the first chunk's progress line
+            stderr.append(line)
+            if " lines done" in line:
+                break
+        process.send_signal(signum)
+        stderr += process.stderr.readlines()
+        assert process.wait(timeout=60) == 128 + signum, "".join(stderr)
+    finally:
+        process.kill()
+        process.stdin.close()
+    assert stderr[-1].strip() == f"translate: stopped by {signal.Signals(signum).name}", "".join(stderr)
+    assert "Traceback" not in "".join(stderr) and os.listdir(tmp_path) == []
