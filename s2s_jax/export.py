@@ -167,9 +167,11 @@ def check_platforms(platforms: Sequence[str] | None) -> None:
 def _archive(output: str) -> Iterator[zipfile.ZipFile]:
     """A zip archive written to a temporary file unique to this run, next to `output`, and renamed
     onto it once complete: a failed run leaves nothing, and two runs never write one file. OSError
-    naming `output` if it cannot be written there; ValueError if it is a directory."""
+    naming `output` if it cannot be written there; ValueError if it is a directory or a special file."""
     if os.path.isdir(output):
         raise ValueError(f"--output {output} is a directory; give a file name (e.g. model.s2s.zip)")
+    if os.path.exists(output) and not os.path.isfile(output):  # renaming would replace a device or pipe
+        raise ValueError(f"--output {output} is not a regular file; give a file name (e.g. model.s2s.zip)")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         temporary = new_file_next_to(output)

@@ -2,6 +2,7 @@
 exactly as `Translator` does (texts, n-best ids and scores, attention)."""
 import json
 import os
+import stat
 import subprocess
 import sys
 import zipfile
@@ -179,6 +180,11 @@ def test_archive_is_written_under_a_name_of_its_own(tmp_path):
         raise RuntimeError("failed midway")
     assert sorted(os.listdir(tmp_path)) == ["a.s2s.zip", "a.s2s.zip.partial"]
     assert zipfile.ZipFile(output).read("x") == b"mine"
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    with pytest.raises(ValueError, match=f"--output {pipe} is not a regular file"), export._archive(str(pipe)):
+        pass
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode)
 
 
 def _export_cli(*args):
