@@ -75,7 +75,7 @@ def _manager(directory: str, keep: int, read_only: bool) -> ocp.CheckpointManage
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
         read_only=read_only, create=not read_only, cleanup_tmp_directories=not read_only,
-        enable_async_checkpointing=False,
+        save_interval_steps=0 if read_only else 1, enable_async_checkpointing=False,
         # best_fn makes orbax store each step's metrics and rank them in best_step(), in the same
         # order as BestN below (ascending, the last of equals wins).
         best_fn=_dev_bleu, best_mode="max",
@@ -83,7 +83,19 @@ def _manager(directory: str, keep: int, read_only: bool) -> ocp.CheckpointManage
             policies.LatestN(n=keep),
             policies.BestN(get_metric_fn=_dev_bleu, reverse=False, n=1,
                            keep_checkpoints_without_metrics=False)]))
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    absl_logger, quiet = logging.getLogger("absl"), _ReadOnlyNotice()
+    absl_logger.addFilter(quiet)
+    try:
+        return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    finally:
+        absl_logger.removeFilter(quiet)
+
+
+class _ReadOnlyNotice(logging.Filter):
+    """Orbax's warning that a read-only manager's directory is read-only: what a reader asked for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
 
 
 class _DemoteErrors(logging.Filter):
