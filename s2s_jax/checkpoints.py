@@ -55,10 +55,16 @@ import orbax.checkpoint as ocp
 from s2s_jax import data, parallel
 
 logger = logging.getLogger(__name__)
+# How often a reader lists the steps again when the run prunes the one it was reading.
+READER_ATTEMPTS = 5
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or does not fit the model."""
+
+
+class _ListingChanged(Exception):
+    """A reader's step failed to load while the run changed the steps on disk (internal: retry)."""
 
 
 class _Unreadable(Exception):
@@ -238,7 +244,20 @@ class Checkpoints:
         return None
 
     def restore_best_or_latest(self, target: Any) -> tuple[Any, dict]:
-        """For inference: the checkpoint with the best dev BLEU, else the latest loadable one."""
+        """For inference: the checkpoint with the best dev BLEU, else the latest loadable one.
+
+        A reader races the run that trains in the workdir: a step it was reading may be pruned
+        meanwhile. When a step fails to load and the listing changed since it was read, the reader
+        lists again and starts over (up to READER_ATTEMPTS times), without warnings."""
+        for _ in range(READER_ATTEMPTS):
+            try:
+                return self._best_or_latest(target)
+            except _ListingChanged:
+                self._unreadable.clear()
+        raise CheckpointError(f"the checkpoints in {self.directory} changed {READER_ATTEMPTS} times while "
+                              "they were read (a run saving very often); try again")
+
+    def _best_or_latest(self, target: Any) -> tuple[Any, dict]:
         best = self._manager.best_step()
         restored = None if best is None else self._restore_or_warn(best, target)
         if restored is None:
@@ -257,14 +276,21 @@ class Checkpoints:
             return self._restore(step, target)
         except CheckpointError:
             raise
-        except OSError as error:
-            if not isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        except Exception as error:  # noqa: BLE001 - orbax raises many types for a bad step
+            if self._read_only and self._listing_changed():
+                raise _ListingChanged(step) from error  # pruned by the run while this reader read it
+            if isinstance(error, OSError) and not isinstance(
+                    error, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
                 raise CheckpointError(f"cannot read checkpoint {path}: {_one_line(error)}; "
                                       "fix the error (permissions, disk) and rerun") from error
             self._skip(step, error)
-        except Exception as error:  # noqa: BLE001 - orbax raises many types for a bad step
-            self._skip(step, error)
         return None
+
+    def _listing_changed(self) -> bool:
+        """Whether the steps on disk differ from those this store listed (a run is saving)."""
+        listed = self.steps()
+        self._manager.reload()
+        return self.steps() != listed
 
     def _skip(self, step: int, error: Exception) -> None:
         """Marks a step unreadable: a one-line warning; the full error at DEBUG level."""

@@ -1,5 +1,6 @@
 """The workdir contract: readers change nothing, checkpoints that do not load are never silently
 replaced by a fresh run, and a checkpoint is bound to the tokenizers it was trained with."""
+import logging
 import os
 import shutil
 
@@ -218,3 +219,29 @@ def test_new_tokenizers_do_not_resume_an_old_checkpoint(tmp_path):
     store.save(2, state, dict(window={}, param_shapes=checkpoints.param_shapes(state.params)))
     store.close()
     _expect_error(checkpoints.CheckpointError, config, workdir, "was trained with other tokenizers")
+
+
+def test_a_reader_whose_step_the_run_prunes_meanwhile_loads_the_new_one(tmp_path, caplog):
+    """The race of translating while a run trains (keep 1): the reader lists step 1, the run saves
+    step 2 and prunes step 1 before the reader restores it. The reader lists again and loads
+    step 2, without warnings; before, it failed with 'no checkpoint loads'."""
+    writer = checkpoints.Checkpoints(str(tmp_path), keep=1)
+    writer.save(1, make_state(1), meta(make_state(1)))
+    reader = checkpoints.Checkpoints.reader(str(tmp_path))
+    assert reader.steps() == [1]
+    restore = reader._restore
+
+    def run_saves_first(step, target):  # the run saves and prunes between listing and reading
+        if step == 1:
+            writer.save(2, make_state(2), meta(make_state(2)))
+        return restore(step, target)
+
+    reader._restore = run_saves_first
+    try:
+        with caplog.at_level(logging.WARNING):
+            state, saved = reader.restore_best_or_latest(TARGET)
+    finally:
+        reader.close()
+        writer.close()
+    assert saved["step"] == 2 and int(state.step) == 2
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
