@@ -362,10 +362,12 @@ def _open(directory: str, keep: int, read_only: bool) -> ocp.CheckpointManager:
 
 
 def _one_line(error: Exception, limit: int = 200) -> str:
-    """ "Type: first line of the message", at most `limit` characters."""
+    """ "Type: message" on one line, at most about `limit` characters: a longer message keeps its
+    start and its end (where the cause usually is, e.g. "No space left on device")."""
     text = " ".join(str(error).split())
     text = f"{type(error).__name__}: {text}" if text else type(error).__name__
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    half = limit // 2
+    return text if len(text) <= limit else f"{text[:half]} … {text[-half:]}"
 
 
 def tokenizers_fingerprint(src_tokenizer: Any, tgt_tokenizer: Any) -> str:
