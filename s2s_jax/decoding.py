@@ -372,6 +372,8 @@ class _Finished(NamedTuple):
 
 
 class _Carry(NamedTuple):
+    """The loop's state: the K hypotheses still growing and the store of the N best finished."""
+
     step: jax.Array  # int32[], steps done so far == index where the next token is written
     tokens: jax.Array  # int32[B, K], last token of each hypothesis (input of the next step)
     state: Any  # pytree, leaves [B, K, ...]
@@ -490,12 +492,12 @@ def _merge_finished(store: _Finished, new: _Finished, n_best: int) -> _Finished:
     return _Finished(seq, score, length, records)
 
 
-def _rows_done(stop_early: str, store: _Finished, alive, alive_sum, max_lens, score_fn) -> jax.Array:
-    """bool[B]: the rows that stop now (stop_early: see _search). alive bool[B, K], alive_sum
-    float32[B, K]: the alive hypotheses after this step; max_lens int32[B]: the rows' limits."""
+def _rows_done(stop_early: str, store: _Finished, alive, log_prob_sum, max_lens, score_fn) -> jax.Array:
+    """bool[B]: the rows that stop now (stop_early: see _search). alive bool[B, K] and log_prob_sum
+    float32[B, K]: this step's hypotheses; max_lens int32[B]: the rows' limits."""
     full = store.length[:, -1] > 0  # [batch]: n_best hypotheses have finished
     if stop_early == "bound":  # the best alive one, at its best, cannot beat the n-th finished
-        best_alive = jnp.max(jnp.where(alive, alive_sum, _EMPTY), axis=1)  # [batch]
+        best_alive = jnp.max(jnp.where(alive, log_prob_sum, _EMPTY), axis=1)  # [batch]
         return full & (score_fn(best_alive, max_lens) < store.score[:, -1])
     if stop_early == "n_best":
         return full
