@@ -12,6 +12,13 @@ gathered by beam index (`take_along_axis` on axis 1 of each leaf). Static encode
 The searches differ only in how the K hypotheses of the next step are chosen from the [B, K, V]
 extensions (`_beam_select`, `_sample_select`) and in how a finished hypothesis is scored.
 
+Names: B rows, K = `beam_size` hypotheses kept per step (`num_samples` when sampling), N = `n_best`
+finished hypotheses returned per row, V tokens, `max_len` the compiled output length. Each step of
+the loop masks the extensions (`_allowed_tokens`, `_extensions`), selects K of them, gathers the
+hypotheses by parent (`_take_extensions`, `_extend_hypotheses`), sets the finished ones aside into
+a store of the N best (`_split_finished`, `_finished_scores`, `_merge_finished`) and decides which
+rows stop (`_rows_done`).
+
 Options shared by all three (keyword-only, traced arrays, defaults off):
   * `max_lens: int32[B]`: per-row output limits, min(max_lens[b], max_len) clipped to >= 1;
     `max_len` stays the static compiled cap. `length_limits` computes fairseq's
@@ -28,7 +35,7 @@ Options shared by all three (keyword-only, traced arrays, defaults off):
 
 `ensemble_step_fn` combines several step functions into one (their states as a tuple).
 
-Conventions (see DESIGN.md section 2):
+Conventions (see docs/architecture.md, "Contracts"):
   * Step 1 feeds `bos_id`; returned sequences hold no BOS, include the EOS within `lengths`, and are
     `pad_id` after the end. `pad_id` and `bos_id` are forbidden at every step, whatever the model
     prefers, so neither ever appears inside a hypothesis; `eos_id` must differ from both.
@@ -79,20 +86,6 @@ class Beams(NamedTuple):
     sequences: jax.Array  # int32[B, N, max_len], no BOS, EOS included, pad_id after the end
     scores: jax.Array  # float32[B, N], descending
     lengths: jax.Array  # int32[B, N], number of tokens including the EOS (0 = empty slot)
-
-
-class _Carry(NamedTuple):
-    step: jax.Array  # int32[], steps done so far == index where the next token is written
-    tokens: jax.Array  # int32[B, K], last token of each hypothesis (input of the next step)
-    state: Any  # pytree, leaves [B, K, ...]
-    alive_seq: jax.Array  # int32[B, K, max_len]
-    alive_sum: jax.Array  # float32[B, K], summed log-probs (NEG_INF where not alive)
-    alive: jax.Array  # bool[B, K]
-    fin_seq: jax.Array  # int32[B, N, max_len]
-    fin_score: jax.Array  # float32[B, N], descending (_EMPTY for empty slots)
-    fin_len: jax.Array  # int32[B, N] (0 for empty slots)
-    alive_rec: jax.Array | None  # float32[B, K, max_len, ...] records (None: no record_fn)
-    fin_rec: jax.Array | None  # float32[B, N, max_len, ...]
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,12 +139,12 @@ def _batch_size(init_state) -> int:
     return sizes.pop()
 
 
-def _tile_state(init_state, num_hyps: int):
+def _tile_state(init_state, beam_size: int):
     """[B, ...] -> [B, K, ...] for every leaf (the only broadcast the search does)."""
 
     def tile(x):
         x = jnp.asarray(x)
-        return jnp.broadcast_to(x[:, None], (x.shape[0], num_hyps) + x.shape[1:])  # [batch, beam, ...]
+        return jnp.broadcast_to(x[:, None], (x.shape[0], beam_size) + x.shape[1:])  # [batch, beam, ...]
 
     return jax.tree.map(tile, init_state)
 
@@ -174,10 +167,10 @@ def _check_step_fn(step_fn: StepFn, tokens: jax.Array, state) -> int:
     log_probs, new_state = out
     if not jnp.issubdtype(log_probs.dtype, jnp.floating):
         raise TypeError(f"step_fn must return floating-point log_probs, got dtype {log_probs.dtype}")
-    batch, num_hyps = tokens.shape
-    if len(log_probs.shape) != 3 or log_probs.shape[:2] != (batch, num_hyps):
+    batch, beam_size = tokens.shape
+    if len(log_probs.shape) != 3 or log_probs.shape[:2] != (batch, beam_size):
         raise ValueError(
-            f"step_fn must return log_probs of shape [B, K, V] = [{batch}, {num_hyps}, V]; "
+            f"step_fn must return log_probs of shape [B, K, V] = [{batch}, {beam_size}, V]; "
             f"got {log_probs.shape}")
     if log_probs.shape[2] < 1:
         raise ValueError("step_fn returned an empty vocabulary (V = 0)")
@@ -200,10 +193,10 @@ def _ngram_banned(seq: jax.Array, step: jax.Array, n: int, vocab: int) -> jax.Ar
     the generated prefix (j + n <= step), matches the last n - 1 tokens seq[step - n + 1 : step] on
     its first n - 1 tokens, and ends in v.
     """
-    batch, num_hyps, max_len = seq.shape
+    batch, beam_size, max_len = seq.shape
     num_starts = max_len - n + 1  # candidate start positions j of an earlier n-gram
     if n == 1:
-        match = jnp.ones((batch, num_hyps, num_starts), bool)  # [batch, beam, start]
+        match = jnp.ones((batch, beam_size, num_starts), bool)  # [batch, beam, start]
     else:
         context = jax.lax.dynamic_slice_in_dim(seq, jnp.maximum(step - (n - 1), 0), n - 1, axis=2)
         # [batch, beam, start, n-1]
@@ -212,33 +205,33 @@ def _ngram_banned(seq: jax.Array, step: jax.Array, n: int, vocab: int) -> jax.Ar
     match &= jnp.arange(num_starts) <= step - n  # the earlier n-gram must be complete
     completing = seq[:, :, n - 1:]  # [batch, beam, start]: last token of the n-gram at j
     b_idx = jnp.arange(batch)[:, None, None]
-    k_idx = jnp.arange(num_hyps)[None, :, None]
-    banned = jnp.zeros((batch, num_hyps, vocab), jnp.int32)
+    k_idx = jnp.arange(beam_size)[None, :, None]
+    banned = jnp.zeros((batch, beam_size, vocab), jnp.int32)
     banned = banned.at[b_idx, k_idx, completing].max(match.astype(jnp.int32))  # [batch, beam, vocab]
     return banned > 0
 
 
-def _check_beam_width(num_hyps: int, vocab: int, max_len: int) -> None:
+def _check_beam_width(beam_size: int, vocab: int, max_len: int) -> None:
     """Refuses a beam that no vocabulary of `vocab` tokens could ever fill (static shapes)."""
-    if num_hyps > vocab ** max_len:
+    if beam_size > vocab ** max_len:
         raise ValueError(
-            f"beam_size={num_hyps} can never be filled: step_fn's vocabulary allows at most "
+            f"beam_size={beam_size} can never be filled: step_fn's vocabulary allows at most "
             f"{vocab} ** max_len = {vocab ** max_len} sequences; use a beam_size at most that")
 
 
-def _beam_select(num_hyps: int, max_len: int):
-    """Keeps the `num_hyps` valid extensions with the highest summed log-prob (ties: lower index)."""
+def _beam_select(beam_size: int, max_len: int):
+    """Keeps the `beam_size` valid extensions with the highest summed log-prob (ties: lower index)."""
 
     def select(step, log_probs, cand_sum, cand_valid):
         del step, log_probs
-        batch, k_in, vocab = cand_sum.shape
-        _check_beam_width(num_hyps, vocab, max_len)
+        batch, _, vocab = cand_sum.shape
+        _check_beam_width(beam_size, vocab, max_len)
         key = jnp.where(cand_valid, cand_sum, _EMPTY)  # [batch, beam, vocab]
-        # Two-stage top-k (exact): the best num_hyps overall are among each beam's best num_hyps.
-        per_beam = min(num_hyps, vocab)
+        # Two-stage top-k (exact): the best beam_size overall are among each beam's best beam_size.
+        per_beam = min(beam_size, vocab)
         beam_best, beam_tokens = jax.lax.top_k(key, per_beam)  # [batch, beam, per_beam]
-        _, flat = jax.lax.top_k(beam_best.reshape(batch, k_in * per_beam), num_hyps)  # [batch, num_hyps]
-        tokens = jnp.take_along_axis(beam_tokens.reshape(batch, k_in * per_beam), flat, axis=1)
+        _, flat = jax.lax.top_k(beam_best.reshape(batch, beam_size * per_beam), beam_size)  # [batch, beam]
+        tokens = jnp.take_along_axis(beam_tokens.reshape(batch, beam_size * per_beam), flat, axis=1)
         return flat // per_beam, tokens
 
     return select
@@ -259,7 +252,7 @@ def _sample_select(rng: jax.Array, temperature, top_k: int, top_p):
 
     def select(step, log_probs, cand_sum, cand_valid):
         del cand_sum
-        batch, num_hyps, vocab = log_probs.shape
+        batch, num_samples, vocab = log_probs.shape
         logits = jnp.where(cand_valid, log_probs / temperature, _EMPTY)  # [batch, sample, vocab]
         if (top_k and top_k < vocab) or nucleus:
             width = top_k if 0 < top_k < vocab else vocab
@@ -270,7 +263,7 @@ def _sample_select(rng: jax.Array, temperature, top_k: int, top_p):
             token = jnp.take_along_axis(top_ids, choice[..., None], axis=-1)[..., 0]  # [batch, sample]
         else:
             token = _categorical(rng, step, logits)  # [batch, sample]
-        parent = jnp.broadcast_to(jnp.arange(num_hyps), (batch, num_hyps))  # [batch, sample]
+        parent = jnp.broadcast_to(jnp.arange(num_samples), (batch, num_samples))  # [batch, sample]
         return parent, token.astype(jnp.int32)
 
     return select
@@ -309,9 +302,9 @@ def _raw_score(log_prob_sum, length):
 def _length_penalty_fn(length_penalty: str, alpha):
     """score_fn(sum, length) = sum / d(length), with d > 0 non-decreasing in length (alpha >= 0).
 
-    So score_fn(s, limit) bounds the final score of an alive hypothesis with raw sum s <= 0 and
-    length limit `limit`: later log-probs are <= 0, so its final sum s' <= s <= 0, and s' / d is
-    largest for the largest denominator, reached at the limit."""
+    So score_fn(s, max_lens[b]) bounds the final score of an alive hypothesis of row b with raw sum
+    s <= 0: later log-probs are <= 0, so its final sum s' <= s <= 0, and s' / d is largest for the
+    largest denominator, reached at the row's limit max_lens[b]."""
     if length_penalty == "gnmt":
 
         def penalty(length):
@@ -328,7 +321,7 @@ def _length_penalty_fn(length_penalty: str, alpha):
 
 
 # --------------------------------------------------------------------------------------------
-# The one loop
+# The one loop, in steps (names B, K, N, V, max_len: see the module docstring)
 # --------------------------------------------------------------------------------------------
 
 
@@ -356,13 +349,168 @@ def _prefix_args(prefix, prefix_lens, batch: int):
     return jnp.asarray(prefix, jnp.int32), jnp.clip(jnp.asarray(prefix_lens, jnp.int32), 0, width)
 
 
+def _record_shape(record_fn: RecordFn | None, state) -> tuple[int, ...] | None:
+    """The trailing shape [...] of record_fn's float[B, K, ...] on state (None without record_fn)."""
+    if record_fn is None:
+        return None
+    record = jax.eval_shape(record_fn, state)
+    batch, beam_size = jax.tree.leaves(state)[0].shape[:2]
+    if record.shape[:2] != (batch, beam_size):
+        raise ValueError(f"record_fn must return an array [B, K, ...] = [{batch}, {beam_size}, ...]; "
+                         f"got {record.shape}")
+    return record.shape[2:]
+
+
+class _Finished(NamedTuple):
+    """Finished hypotheses of each row, in n slots: the store (n = N, best first) or one step's
+    candidates (n = K, _EMPTY / 0 where not finished)."""
+
+    seq: jax.Array  # int32[B, n, max_len], pad_id after the end
+    score: jax.Array  # float32[B, n] (_EMPTY: empty slot)
+    length: jax.Array  # int32[B, n] (0: empty slot)
+    records: jax.Array | None  # float32[B, n, max_len, ...] (None: no record_fn)
+
+
+class _Carry(NamedTuple):
+    """The loop's state: the K hypotheses still growing and the store of the N best finished."""
+
+    step: jax.Array  # int32[], steps done so far == index where the next token is written
+    tokens: jax.Array  # int32[B, K], last token of each hypothesis (input of the next step)
+    state: Any  # pytree, leaves [B, K, ...]
+    alive_seq: jax.Array  # int32[B, K, max_len]
+    alive_sum: jax.Array  # float32[B, K], summed log-probs (NEG_INF where not alive)
+    alive: jax.Array  # bool[B, K]
+    alive_rec: jax.Array | None  # float32[B, K, max_len, ...] records (None: no record_fn)
+    finished: _Finished  # the store, n = N
+
+
+def _initial_carry(tokens, state, *, n_best: int, max_len: int, pad_id, single_start: bool,
+                   record_shape) -> _Carry:
+    """Before step 1: the K hypotheses (tokens int32[B, K] of BOS, state leaves [B, K, ...]) are
+    empty, all alive (with single_start only hypothesis 0); the finished store is empty."""
+    batch, beam_size = tokens.shape
+    if single_start:
+        alive = jnp.broadcast_to(jnp.arange(beam_size) == 0, (batch, beam_size))  # [batch, beam]
+    else:
+        alive = jnp.ones((batch, beam_size), bool)
+
+    def records(n):  # float32[batch, n, max_len, ...]
+        return None if record_shape is None else jnp.zeros((batch, n, max_len) + record_shape, jnp.float32)
+
+    finished = _Finished(seq=jnp.full((batch, n_best, max_len), pad_id, jnp.int32),
+                         score=jnp.full((batch, n_best), _EMPTY, jnp.float32),
+                         length=jnp.zeros((batch, n_best), jnp.int32), records=records(n_best))
+    return _Carry(step=jnp.zeros((), jnp.int32), tokens=tokens, state=state,
+                  alive_seq=jnp.full((batch, beam_size, max_len), pad_id, jnp.int32),
+                  alive_sum=jnp.where(alive, 0.0, NEG_INF).astype(jnp.float32), alive=alive,
+                  alive_rec=records(beam_size), finished=finished)
+
+
+class _Masks(NamedTuple):
+    """The search's own token masks, fixed for one search; the model's log-probs never lift them."""
+
+    vocab_ids: jax.Array  # int32[V]
+    special: jax.Array  # bool[V]: PAD and BOS, never inside a hypothesis
+    eos_id: int
+    min_len: Any  # int (maybe traced): EOS is masked at steps t < min_len
+    no_repeat_ngram_size: int  # 0: off
+    prefix: jax.Array | None  # int32[B, P], forced tokens (None: nothing forced)
+    prefix_lens: jax.Array | None  # int32[B], in [0, P]
+
+
+def _allowed_tokens(masks: _Masks, step: jax.Array, alive_seq: jax.Array) -> jax.Array:
+    """bool, broadcastable to [B, K, V]: the tokens the search allows at step t = step + 1.
+
+    alive_seq: int32[B, K, max_len], the hypotheses so far. Never PAD or BOS; no EOS at t < min_len;
+    no token completing a repeated n-gram; at t <= prefix_lens[b] only prefix[b, t - 1].
+    """
+    t = step + 1
+    vocab_ids = masks.vocab_ids
+    allowed = ~masks.special & ~((vocab_ids == masks.eos_id) & (t < masks.min_len))  # [vocab]
+    if 0 < masks.no_repeat_ngram_size <= alive_seq.shape[2]:
+        banned = _ngram_banned(alive_seq, step, masks.no_repeat_ngram_size, vocab_ids.shape[0])
+        allowed &= ~banned  # [batch, beam, vocab]
+    if masks.prefix is not None:
+        forced = masks.prefix[:, jnp.minimum(step, masks.prefix.shape[1] - 1)]  # [batch]
+        allowed &= (t > masks.prefix_lens)[:, None, None] | (vocab_ids == forced[:, None, None])
+    return allowed
+
+
+def _take_extensions(cand_sum: jax.Array, cand_valid: jax.Array, parent: jax.Array, token: jax.Array):
+    """The chosen extensions' summed log-probs float32[B, K] and validity bool[B, K].
+
+    cand_sum, cand_valid: [B, K, V], every extension of every hypothesis; parent, token: int32[B, K],
+    the K chosen (hypothesis, token) pairs.
+    """
+    batch, beam_size, vocab = cand_sum.shape
+    flat = parent * vocab + token  # [batch, beam]: index into beam * vocab
+
+    def take(x):
+        return jnp.take_along_axis(x.reshape(batch, beam_size * vocab), flat, axis=1)  # [batch, beam]
+
+    return take(cand_sum), take(cand_valid)
+
+
+def _extend_hypotheses(c: _Carry, new_state, parent: jax.Array, token: jax.Array,
+                       record_fn: RecordFn | None):
+    """Gathers the hypotheses by parent int32[B, K] and appends token int32[B, K] at c.step.
+
+    new_state: step_fn's state after this step, leaves [B, K, ...] in the order of c's hypotheses.
+    Returns (seq int32[B, K, max_len], state leaves [B, K, ...], records float32[B, K, max_len, ...]
+    with record_fn(state) at c.step, or None).
+    """
+    seq, state, records = _gather_beams((c.alive_seq, new_state, c.alive_rec), parent)
+    seq = jnp.where(jnp.arange(seq.shape[2]) == c.step, token[..., None], seq)  # [batch, beam, max_len]
+    if record_fn is not None:
+        records = records.at[:, :, c.step].set(record_fn(state))  # [batch, beam, max_len, ...]
+    return seq, state, records
+
+
+def _split_finished(valid: jax.Array, token: jax.Array, t: jax.Array, max_lens: jax.Array, eos_id):
+    """(finished, alive) bool[B, K] of the valid[B, K] extensions ending in token int32[B, K] at
+    step t: finished with EOS or at the row's limit max_lens int32[B], else alive."""
+    is_eos = token == eos_id
+    at_limit = (t >= max_lens)[:, None]  # [batch, 1]
+    return valid & (is_eos | at_limit), valid & ~is_eos & ~at_limit
+
+
+def _finished_scores(log_prob_sum, finished, t, state, score_fn, final_score_fn) -> jax.Array:
+    """float32[B, K]: the score of each hypothesis finished at step t (log_prob_sum float32[B, K]
+    length-penalised, then final_score_fn with state leaves [B, K, ...]), _EMPTY if not finished."""
+    score = score_fn(log_prob_sum, t)  # [batch, beam]
+    if final_score_fn is not None:
+        score = final_score_fn(score, jnp.full(score.shape, t), state).astype(jnp.float32)
+    return jnp.where(finished, score, _EMPTY)
+
+
+def _merge_finished(store: _Finished, new: _Finished, n_best: int) -> _Finished:
+    """The n_best best of the store [B, N, ...] and one step's candidates [B, K, ...]. The store
+    comes first, so on equal scores the earlier-found hypothesis is kept."""
+    both = jax.tree.map(lambda old, x: jnp.concatenate([old, x], axis=1), store, new)  # [batch, N+K, ...]
+    score, keep = jax.lax.top_k(both.score, n_best)  # [batch, n_best]
+    seq, length, records = _gather_beams((both.seq, both.length, both.records), keep)
+    return _Finished(seq, score, length, records)
+
+
+def _rows_done(stop_early: str, store: _Finished, alive, log_prob_sum, max_lens, score_fn) -> jax.Array:
+    """bool[B]: the rows that stop now (stop_early: see _search). alive bool[B, K] and log_prob_sum
+    float32[B, K]: this step's hypotheses; max_lens int32[B]: the rows' limits."""
+    full = store.length[:, -1] > 0  # [batch]: n_best hypotheses have finished
+    if stop_early == "bound":  # the best alive one, at its best, cannot beat the n-th finished
+        best_alive = jnp.max(jnp.where(alive, log_prob_sum, _EMPTY), axis=1)  # [batch]
+        return full & (score_fn(best_alive, max_lens) < store.score[:, -1])
+    if stop_early == "n_best":
+        return full
+    return jnp.zeros(alive.shape[:1], bool)
+
+
 def _search(
     step_fn: StepFn,
     init_state,
     select,
     *,
-    num_hyps: int,
-    n_keep: int,
+    beam_size: int,
+    n_best: int,
     max_len: int,
     eos_id,
     bos_id,
@@ -370,7 +518,7 @@ def _search(
     min_len,
     no_repeat_ngram_size: int,
     score_fn,
-    stop_rule: str,
+    stop_early: str,
     single_start: bool,
     max_lens=None,
     prefix=None,
@@ -381,128 +529,54 @@ def _search(
     """Shared search loop. Returns (Beams, number of steps run), or ((Beams, records), steps) with
     a record_fn.
 
-    stop_rule: "bound" (stop a batch element once no alive hypothesis can beat its n-th best
-    finished one; exact when step_fn's log-probs are <= 0 and final_score_fn never raises a
-    score), "n_best" (once n_keep hypotheses have finished) or "never" (only when nothing is alive
-    or at the row's limit). A batch element that stops is frozen while others run on.
+    select(step, log_probs, cand_sum, cand_valid) -> (parent, token) int32[B, K]: the K extensions
+    kept, from log_probs, cand_sum float32[B, K, V] and cand_valid bool[B, K, V].
+    stop_early: "bound" (stop a row once no alive hypothesis can beat its n_best-th finished one;
+    exact when step_fn's log-probs are <= 0 and final_score_fn never raises a score), "n_best"
+    (once n_best hypotheses have finished) or "never" (only when nothing is alive or at the row's
+    limit). A row that stops is frozen while others run on.
     single_start: only hypothesis 0 is alive at step 1 (beam search: the K starts are identical).
     max_lens, prefix, prefix_lens, record_fn: see the module docstring. final_score_fn: see
     beam_search.
     """
-    batch, num_k, num_n, length = _batch_size(init_state), num_hyps, n_keep, max_len
-    limit = _row_limits(max_lens, batch, length)  # [batch]
+    batch = _batch_size(init_state)
+    max_lens = _row_limits(max_lens, batch, max_len)  # [batch]
     prefix, prefix_lens = _prefix_args(prefix, prefix_lens, batch)  # [batch, P], [batch]
-    state = _tile_state(init_state, num_k)  # leaves [batch, beam, ...]
-    tokens = jnp.full((batch, num_k), bos_id, jnp.int32)  # [batch, beam]
-    vocab = _check_step_fn(step_fn, tokens, state)
-    state_dtypes = [x.dtype for x in jax.tree.leaves(state)]
-    alive_rec = fin_rec = None
-    if record_fn is not None:
-        record = jax.eval_shape(record_fn, state)
-        if record.shape[:2] != (batch, num_k):
-            raise ValueError(f"record_fn must return an array [B, K, ...] = [{batch}, {num_k}, ...]; got "
-                             f"{record.shape}")
-        alive_rec = jnp.zeros((batch, num_k, length) + record.shape[2:], jnp.float32)  # [batch, beam, max_len, ...]
-        fin_rec = jnp.zeros((batch, num_n, length) + record.shape[2:], jnp.float32)
-
-    if single_start:
-        alive = jnp.broadcast_to(jnp.arange(num_k) == 0, (batch, num_k))  # [batch, beam]
-    else:
-        alive = jnp.ones((batch, num_k), bool)
-    init = _Carry(
-        step=jnp.zeros((), jnp.int32),
-        tokens=tokens,
-        state=state,
-        alive_seq=jnp.full((batch, num_k, length), pad_id, jnp.int32),
-        alive_sum=jnp.where(alive, 0.0, NEG_INF).astype(jnp.float32),
-        alive=alive,
-        fin_seq=jnp.full((batch, num_n, length), pad_id, jnp.int32),
-        fin_score=jnp.full((batch, num_n), _EMPTY, jnp.float32),
-        fin_len=jnp.zeros((batch, num_n), jnp.int32),
-        alive_rec=alive_rec,
-        fin_rec=fin_rec,
-    )
-    vocab_ids = jnp.arange(vocab)
-    special = (vocab_ids == pad_id) | (vocab_ids == bos_id)  # [vocab]: never inside a hypothesis
-
-    def cond(c: _Carry):
-        return (c.step < length) & jnp.any(c.alive)
+    state = _tile_state(init_state, beam_size)  # leaves [batch, beam, ...]
+    tokens = jnp.full((batch, beam_size), bos_id, jnp.int32)  # [batch, beam]
+    vocab_ids = jnp.arange(_check_step_fn(step_fn, tokens, state))  # [vocab]
+    init = _initial_carry(tokens, state, n_best=n_best, max_len=max_len, pad_id=pad_id,
+                          single_start=single_start, record_shape=_record_shape(record_fn, state))
+    masks = _Masks(vocab_ids, (vocab_ids == pad_id) | (vocab_ids == bos_id), eos_id, min_len,
+                   no_repeat_ngram_size, prefix, prefix_lens)
+    state_dtypes = jax.tree.map(lambda x: x.dtype, state)  # the loop's carry keeps its dtypes
 
     def body(c: _Carry) -> _Carry:
         t = c.step + 1  # 1-based step number; the new token goes to index c.step
         log_probs, new_state = step_fn(c.tokens, c.state)
-        new_state = jax.tree.unflatten(
-            jax.tree.structure(new_state),
-            [x.astype(d) for x, d in zip(jax.tree.leaves(new_state), state_dtypes)])
+        new_state = jax.tree.map(lambda x, dtype: x.astype(dtype), new_state, state_dtypes)
         log_probs = _model_log_probs(log_probs)  # [batch, beam, vocab]
-        allowed = ~special & ~((vocab_ids == eos_id) & (t < min_len))  # [vocab]
-        if 0 < no_repeat_ngram_size <= length:
-            allowed &= ~_ngram_banned(c.alive_seq, c.step, no_repeat_ngram_size, vocab)  # [batch, beam, vocab]
-        if prefix is not None:  # at t <= prefix_lens[b] only prefix[b, t - 1] stays allowed
-            forced = prefix[:, jnp.minimum(c.step, prefix.shape[1] - 1)]  # [batch]
-            allowed &= (t > prefix_lens)[:, None, None] | (vocab_ids == forced[:, None, None])
+        allowed = _allowed_tokens(masks, c.step, c.alive_seq)  # broadcastable to [batch, beam, vocab]
         cand_valid = c.alive[..., None] & _extensions(log_probs, allowed)  # [batch, beam, vocab]
         cand_sum = c.alive_sum[..., None] + log_probs  # [batch, beam, vocab]
-
         parent, token = select(c.step, log_probs, cand_sum, cand_valid)  # [batch, beam] each
-        flat = parent * vocab + token  # [batch, beam]
-        new_sum = jnp.take_along_axis(cand_sum.reshape(batch, num_k * vocab), flat, axis=1)  # [batch, beam]
-        new_valid = jnp.take_along_axis(cand_valid.reshape(batch, num_k * vocab), flat, axis=1)
-        seq = jnp.take_along_axis(c.alive_seq, parent[..., None], axis=1)  # [batch, beam, max_len]
-        seq = jnp.where(jnp.arange(length) == c.step, token[..., None], seq)
-        state = _gather_beams(new_state, parent)  # leaves [batch, beam, ...]: after this step
+        new_sum, new_valid = _take_extensions(cand_sum, cand_valid, parent, token)  # [batch, beam] each
+        seq, state, records = _extend_hypotheses(c, new_state, parent, token, record_fn)
+        finished, alive = _split_finished(new_valid, token, t, max_lens, eos_id)
+        score = _finished_scores(new_sum, finished, t, state, score_fn, final_score_fn)
+        candidates = _Finished(seq, score, jnp.where(finished, t, 0), records)
+        store = _merge_finished(c.finished, candidates, n_best)
+        done = _rows_done(stop_early, store, alive, new_sum, max_lens, score_fn)  # [batch]
+        alive &= ~done[:, None]  # freeze the rows that stop
+        return _Carry(step=t, tokens=token, state=state, alive_seq=seq,
+                      alive_sum=jnp.where(alive, new_sum, NEG_INF), alive=alive, alive_rec=records,
+                      finished=store)
 
-        is_eos = token == eos_id
-        at_limit = (t >= limit)[:, None]  # [batch, 1]
-        finished = new_valid & (is_eos | at_limit)
-        alive = new_valid & ~is_eos & ~at_limit
-
-        # Merge newly finished into the fixed-size store: top-N of (old finished U new finished).
-        # Old entries come first, so on equal scores the earlier-found hypothesis is kept.
-        new_score = score_fn(new_sum, t)  # [batch, beam]
-        if final_score_fn is not None:
-            new_score = final_score_fn(new_score, jnp.full((batch, num_k), t), state).astype(jnp.float32)
-        new_score = jnp.where(finished, new_score, _EMPTY)  # [batch, beam]
-        all_score = jnp.concatenate([c.fin_score, new_score], axis=1)  # [batch, n_best + beam]
-        all_seq = jnp.concatenate([c.fin_seq, seq], axis=1)  # [batch, n_best + beam, max_len]
-        all_len = jnp.concatenate([c.fin_len, jnp.where(finished, t, 0)], axis=1)  # [batch, n_best + beam]
-        fin_score, keep = jax.lax.top_k(all_score, num_n)  # [batch, n_best]
-        fin_seq = jnp.take_along_axis(all_seq, keep[..., None], axis=1)  # [batch, n_best, max_len]
-        fin_len = jnp.take_along_axis(all_len, keep, axis=1)  # [batch, n_best]
-        rec = fin_rec = None
-        if record_fn is not None:  # this step's record, appended like the token
-            rec = _gather_beams(c.alive_rec, parent)  # [batch, beam, max_len, ...]
-            rec = rec.at[:, :, c.step].set(record_fn(state))
-            fin_rec = _gather_beams(jnp.concatenate([c.fin_rec, rec], axis=1), keep)  # [batch, n_best, max_len, ...]
-
-        full = fin_len[:, -1] > 0  # [batch]: n_best hypotheses have finished
-        if stop_rule == "bound":
-            best_alive = jnp.max(jnp.where(alive, new_sum, _EMPTY), axis=1)  # [batch]
-            done = full & (score_fn(best_alive, limit) < fin_score[:, -1])
-        elif stop_rule == "n_best":
-            done = full
-        else:
-            done = jnp.zeros((batch,), bool)
-        alive &= ~done[:, None]  # freeze finished batch elements
-
-        return _Carry(
-            step=t,
-            tokens=token,
-            state=state,
-            alive_seq=seq,
-            alive_sum=jnp.where(alive, new_sum, NEG_INF),
-            alive=alive,
-            fin_seq=fin_seq,
-            fin_score=fin_score,
-            fin_len=fin_len,
-            alive_rec=rec,
-            fin_rec=fin_rec,
-        )
-
-    out = jax.lax.while_loop(cond, body, init)
-    scores = jnp.where(out.fin_len > 0, out.fin_score, NEG_INF)  # empty slots: NEG_INF
-    beams = Beams(out.fin_seq, scores, out.fin_len)
-    return (beams if record_fn is None else (beams, out.fin_rec)), out.step
+    out = jax.lax.while_loop(lambda c: (c.step < max_len) & jnp.any(c.alive), body, init)
+    store = out.finished
+    scores = jnp.where(store.length > 0, store.score, NEG_INF)  # empty slots: NEG_INF
+    beams = Beams(store.seq, scores, store.length)
+    return (beams if record_fn is None else (beams, store.records)), out.step
 
 
 # --------------------------------------------------------------------------------------------
@@ -625,9 +699,9 @@ def beam_search(
         raise ValueError(f"final_score_fn must be callable or None, got {final_score_fn!r}")
     result, _ = _search(
         step_fn, init_state, _beam_select(beam_size, max_len),
-        num_hyps=beam_size, n_keep=n_best, max_len=max_len, eos_id=eos_id, bos_id=bos_id,
+        beam_size=beam_size, n_best=n_best, max_len=max_len, eos_id=eos_id, bos_id=bos_id,
         pad_id=pad_id, min_len=min_len, no_repeat_ngram_size=no_repeat_ngram_size,
-        score_fn=_length_penalty_fn(length_penalty, alpha), stop_rule=stop_early, single_start=True,
+        score_fn=_length_penalty_fn(length_penalty, alpha), stop_early=stop_early, single_start=True,
         max_lens=max_lens, prefix=prefix, prefix_lens=prefix_lens, final_score_fn=final_score_fn,
         record_fn=record_fn)
     return result
@@ -655,8 +729,8 @@ def greedy_search(
     _check_common(max_len, min_len, eos_id, bos_id, pad_id)
     result, _ = _search(
         step_fn, init_state, _beam_select(1, max_len),
-        num_hyps=1, n_keep=1, max_len=max_len, eos_id=eos_id, bos_id=bos_id, pad_id=pad_id,
-        min_len=min_len, no_repeat_ngram_size=0, score_fn=_raw_score, stop_rule="never",
+        beam_size=1, n_best=1, max_len=max_len, eos_id=eos_id, bos_id=bos_id, pad_id=pad_id,
+        min_len=min_len, no_repeat_ngram_size=0, score_fn=_raw_score, stop_early="never",
         single_start=True, max_lens=max_lens, prefix=prefix, prefix_lens=prefix_lens,
         record_fn=record_fn)
     return result
@@ -701,8 +775,8 @@ def sample_search(
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     result, _ = _search(
         step_fn, init_state, _sample_select(rng, temperature, top_k, top_p),
-        num_hyps=num_samples, n_keep=num_samples, max_len=max_len, eos_id=eos_id, bos_id=bos_id,
+        beam_size=num_samples, n_best=num_samples, max_len=max_len, eos_id=eos_id, bos_id=bos_id,
         pad_id=pad_id, min_len=min_len, no_repeat_ngram_size=0, score_fn=_raw_score,
-        stop_rule="never", single_start=False, max_lens=max_lens, prefix=prefix,
+        stop_early="never", single_start=False, max_lens=max_lens, prefix=prefix,
         prefix_lens=prefix_lens, record_fn=record_fn)
     return result

@@ -1,7 +1,7 @@
 """LSTM encoder, attentional LSTM decoder and the Seq2Seq model (flax linen).
 
 Modules declare parameters; the recurrences are pure functions run by `jax.lax.scan` over
-arrays read once outside the loop. Speed by design (DESIGN.md section 3):
+arrays read once outside the loop. Speed by design (docs/architecture.md, "Modules"):
   * input projections of all time steps are one matmul; the scan carries only the recurrence;
   * padding never changes a carry (the carry is frozen past each sequence's length);
   * attention keys are projected once per batch (`Memory.keys`);
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from s2s_jax import attention as attn
 from s2s_jax import initializers
+from s2s_jax.ops import matmul
 
 State = dict[str, jax.Array]  # decoder state: h, c [B, K, L, H]; feed [B, K, H] (+ attention, coverage [B, K, S])
 
@@ -29,13 +30,6 @@ def lstm_bias_init(key, shape, dtype=jnp.float32):
     """Zero bias with forget-gate bias 1 (gate order i, f, g, o)."""
     hidden = shape[0] // 4
     return jnp.zeros(shape, dtype).at[hidden:2 * hidden].set(1.0)
-
-
-def matmul(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
-    """x @ w computed in `dtype` (e.g. bfloat16 on accelerators), result in float32 (float64 if
-    `dtype` is float64)."""
-    return jnp.matmul(x.astype(dtype), w.astype(dtype),
-                      preferred_element_type=jnp.promote_types(dtype, jnp.float32))
 
 
 def lstm_cell(gates_in: jax.Array, h: jax.Array, c: jax.Array, w_h: jax.Array, dtype: Any):

@@ -26,11 +26,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from s2s_jax import BOS_ID, PAD_ID
-from s2s_jax.models import matmul
-
-# Ids that are never a target token: label smoothing puts no mass on them.
-NEVER_TARGETS = (PAD_ID, BOS_ID)
+from s2s_jax import PAD_ID
+from s2s_jax.ops import NEVER_TARGETS, matmul
 
 
 def cross_entropy(vectors: jax.Array, w: jax.Array, b: jax.Array, targets: jax.Array,
@@ -38,7 +35,7 @@ def cross_entropy(vectors: jax.Array, w: jax.Array, b: jax.Array, targets: jax.A
     """vectors [..., H], w [H, V], b [V], targets [...] -> (nll_sum, smoothed_sum, token_count).
 
     PAD targets count for nothing. `chunk` (static) tokens per step of the scan; `dtype` is the
-    matmul compute dtype (as `models.matmul`).
+    matmul compute dtype (as `ops.matmul`).
     """
     x = vectors.reshape(-1, vectors.shape[-1])                            # [N, H]
     y = targets.reshape(-1)                                               # [N]

@@ -282,9 +282,9 @@ def test_early_stop_is_exact_and_saves_steps():
         for rule in ("bound", "never"):
             calls.clear()
             beams, steps = decoding._search(
-                counting_step_fn, init, decoding._beam_select(3, max_len), num_hyps=3, n_keep=2,
+                counting_step_fn, init, decoding._beam_select(3, max_len), beam_size=3, n_best=2,
                 max_len=max_len, eos_id=EOS, bos_id=BOS, pad_id=PAD, min_len=0,
-                no_repeat_ngram_size=0, score_fn=score_fn, stop_rule=rule,
+                no_repeat_ngram_size=0, score_fn=score_fn, stop_early=rule,
                 single_start=True)
             results[rule] = (jax.tree.map(np.asarray, beams), int(steps), len(calls))
         (bound, bound_steps, bound_calls), (full, full_steps, _) = results["bound"], results["never"]

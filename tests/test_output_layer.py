@@ -1,6 +1,6 @@
 """Tests for s2s_jax.output_layer: the fused, chunked projection + cross-entropy.
 
-References: `steps.cross_entropy` of `models.matmul` logits and its autodiff gradients (float64),
+References: `steps.cross_entropy` of `ops.matmul` logits and its autodiff gradients (float64),
 central finite differences, and a whole `steps.train_step` / `eval_step` with output_chunk = 0.
 """
 import functools
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from s2s_jax import BOS_ID, PAD_ID, data, output_layer, schedules, steps
-from s2s_jax.models import make_model, matmul
+from s2s_jax import BOS_ID, PAD_ID, data, ops, output_layer, schedules, steps
+from s2s_jax.models import make_model
+from s2s_jax.ops import matmul
 
 
 def random_layer(rng, n, hidden, vocab):
@@ -109,7 +110,7 @@ def test_train_step_fused_equals_plain(tiny_config, attention, input_feeding, bi
 
 def confident_layer(rng, n, vocab):
     """x [n, V], w [V, V], b [V], targets [n] (some PAD) with p(target) > 0.997 for every token."""
-    targets = rng.integers(len(output_layer.NEVER_TARGETS), vocab, n)
+    targets = rng.integers(len(ops.NEVER_TARGETS), vocab, n)
     targets[::7] = PAD_ID
     w = np.eye(vocab) + 0.05 * rng.normal(size=(vocab, vocab))
     x = 10.0 * np.eye(vocab)[targets] + 0.05 * rng.normal(size=(n, vocab))
