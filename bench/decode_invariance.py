@@ -1,5 +1,5 @@
 """What batch invariance and returned attention cost: `CorpusDecoder` on a trained workdir's dev
-sources with its fixed rows per call (inference.DECODE_ROWS) against larger calls, and with
+sources with its fixed rows per call (inference.ROWS_PER_CALL) against larger calls, and with
 `return_attention` on and off. Each variant is compiled first, then timed over `--repeats` runs.
 
     python bench/decode_invariance.py --workdir=runs/demo --input=data/bible-es-en/dev.es --json=out.json
@@ -30,17 +30,17 @@ def main():
     args = parser.parse_args()
     translator = Translator.from_workdir(args.workdir)
     sentences = data.read_lines(args.input)[:args.sentences]
-    rows, invariant_rows = [], inference.DECODE_ROWS
+    rows, invariant_rows = [], inference.ROWS_PER_CALL
     for search in ("greedy", "beam"):
         for decode_rows in (invariant_rows, 128):
-            inference.DECODE_ROWS = decode_rows
+            inference.ROWS_PER_CALL = decode_rows
             for attention in (False, True):
                 seconds = timed(translator, sentences, args.repeats, search=search, return_attention=attention)
                 rows.append(dict(search=search, rows=decode_rows, attention=attention, seconds=seconds,
                                  sentences_per_s=len(sentences) / seconds))
                 print(f"{search:6s} rows {decode_rows:4d} attention {attention!s:5s} "
                       f"{seconds:7.2f} s  {len(sentences) / seconds:7.1f} sentences/s", flush=True)
-        inference.DECODE_ROWS = invariant_rows
+        inference.ROWS_PER_CALL = invariant_rows
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=2)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from s2s_jax import EOS_ID, data, inference
+from s2s_jax import EOS_ID, data, driver, inference
 from s2s_jax.models import Seq2Seq
 
 # The models of configs/demo.py (its spm vocabulary of 4000 pieces per side) and configs/default.py
@@ -89,7 +89,7 @@ def workdir_setup(args):
     src_ids = (src_ids * (-(-args.sentences // len(src_ids))))[:args.sentences]  # repeat if too few
     longest = max(len(ids) for ids in src_ids) + 1
     source_len = data.padded_length(longest, translator.boundaries)
-    max_len = args.max_len or inference.max_decode_len(source_len, int(translator.config.eval.max_decode_len))
+    max_len = args.max_len or driver.output_limit(source_len, int(translator.config.eval.max_decode_len))
     description = f"trained model from {args.workdir} (best checkpoint, else latest), sources: {origin}"
     return translator.model, translator.params, src_ids, source_len, max_len, description
 

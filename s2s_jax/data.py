@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import contextvars
 import functools
 import hashlib
 import io
@@ -249,69 +248,6 @@ class IdTokenizer:
 
     def decode(self, ids_batch) -> list[str]:
         return [" ".join(map(str, _content_ids(row))) for row in ids_batch]
-
-
-class Hypothesis(NamedTuple):
-    """One output of the search."""
-    text: str          # detokenized
-    ids: list[int]     # target ids, EOS excluded
-    score: float       # beam: GNMT length-penalised log-prob (+ coverage penalty); greedy, sample: summed log-prob
-    # With return_attention: float32[T, S], row t the weights over the S source pieces (EOS included)
-    # while emitting piece t; T = len(ids) + 1 (the EOS step), or len(ids) if cut at the output limit.
-    attention: np.ndarray | None = None
-
-
-def hypotheses(tokenizer, sequences: np.ndarray, scores: np.ndarray, lengths: np.ndarray,
-               weights: np.ndarray | None = None) -> list[Hypothesis]:
-    """One sentence's search result slots [N, L], [N], [N] (and attention [N, L, S] or None) ->
-    detokenized hypotheses; empty slots (length 0) are dropped."""
-    hyps = [Hypothesis("", [int(t) for t in sequences[k, :lengths[k]] if t != EOS_ID], float(scores[k]),
-                       None if weights is None else weights[k, :lengths[k]])
-            for k in range(len(lengths)) if lengths[k] > 0]
-    texts = tokenizer.decode([h.ids for h in hyps])
-    return [h._replace(text=t) for h, t in zip(hyps, texts)]
-
-
-# The indices of the long sentences warned about already, inside warn_long_once; None outside.
-_WARNED_LONG: contextvars.ContextVar[set[int] | None] = contextvars.ContextVar("warned_long", default=None)
-
-
-@contextlib.contextmanager
-def warn_long_once(warned: set[int]):
-    """Inside, source_ids warns about a long sentence only if its index is not in `warned` (and
-    adds it): a caller decoding the same sentences again and again keeps one set for all."""
-    token = _WARNED_LONG.set(warned)
-    try:
-        yield
-    finally:
-        _WARNED_LONG.reset(token)
-
-
-def source_ids(tokenizer, sentence: str, index: int, max_len: int, on_long: str) -> list[int]:
-    """Piece ids of sentence number `index` (0-based; EOS excluded) for translation, at most
-    `max_len` of them; [] for a blank sentence. A longer source is cut with a warning
-    (on_long="truncate"; see warn_long_once) or refused with a ValueError naming its line
-    (on_long="error")."""
-    if not isinstance(sentence, str):
-        raise TypeError(f"sentence {index + 1} is a {type(sentence).__name__}, not a string")
-    if not sentence.strip():
-        return []
-    shown = repr(sentence if len(sentence) <= 60 else sentence[:60] + "...")
-    try:
-        ids = tokenizer.encode([sentence])[0]
-    except ValueError as error:
-        raise ValueError(f"line {index + 1}: cannot tokenize {shown}: {error}") from None
-    if len(ids) > max_len:
-        message = f"{len(ids)} source pieces, more than the {max_len} the model was trained on (data.max_len)"
-        if on_long == "error":
-            raise ValueError(f"line {index + 1}: {message}: {shown}; shorten it or use on_long='truncate'")
-        warned = _WARNED_LONG.get()
-        if warned is None or index not in warned:
-            logger.warning("sentence %d (line %d): %s; truncated to the first %d", index, index + 1, message, max_len)
-        if warned is not None:
-            warned.add(index)
-        ids = ids[:max_len]
-    return ids
 
 
 # --------------------------------------------------------------------------- synthetic tasks

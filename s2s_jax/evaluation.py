@@ -16,8 +16,9 @@ import logging
 import jax
 import numpy as np
 
-from s2s_jax import data, inference, metrics, parallel, steps
+from s2s_jax import data, inference, metrics, parallel, sources, steps
 from s2s_jax.models import Seq2Seq
+from s2s_jax.options import SearchOptions
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,10 @@ class Evaluator:
         self.loss_batches = data.eval_batches(corpus.dev_src, corpus.dev_tgt, batch_size=config.eval.batch_size,
                                               boundaries=config.data.bucket_boundaries)
         self.eval_step = jax.jit(functools.partial(steps.eval_step, model=model))
-        self.decoder = inference.CorpusDecoder(config, model, corpus.src_tokenizer, corpus.tgt_tokenizer, mesh)
+        self.decoder = inference.CorpusDecoder(model, corpus.src_tokenizer, corpus.tgt_tokenizer,
+                                               boundaries=config.data.bucket_boundaries,
+                                               max_source_len=config.data.max_len,
+                                               max_decode_len=config.eval.max_decode_len, mesh=mesh)
         self.searches = ["greedy"] + (["beam"] if config.eval.search == "beam" else [])
         self.signature: str | None = None  # sacrebleu's, logged at the first evaluation
         self.warned_long: set[int] = set()  # dev sources longer than data.max_len: warned about once a run
@@ -54,6 +58,6 @@ class Evaluator:
 
     def translate(self, params, search: str) -> list[str]:
         """Detokenized translations of the dev source text, in corpus order."""
-        options = inference.SearchOptions.from_eval_config(self.config.eval, search)
-        with data.warn_long_once(self.warned_long):
+        options = SearchOptions.from_eval_config(self.config.eval, search)
+        with sources.warn_long_once(self.warned_long):
             return [hyps[0].text for hyps in self.decoder(params, self.corpus.dev_src_text, options)]

@@ -26,16 +26,16 @@ Why one function per bucket rather than a symbolic source length: the compiled o
 L = min(eval.max_decode_len, 2 * s + 10) is a static loop bound and array size of the search, and
 XLA's floats depend on shapes; exporting each bucket keeps every shape of `CorpusDecoder`, so the
 loaded artifact returns exactly what `Translator` returns. The batch is symbolic, but the loader
-decodes the same number of rows per call as `CorpusDecoder` (batch invariance), each with the
-same per-row limit floor(max_len_a * source pieces + max_len_b). The parameters are arguments,
-not constants, so they are stored once for all the functions.
+decodes through the same driver as `CorpusDecoder` (`s2s_jax.driver`): the same rows per call
+(batch invariance), each with the same per-row limit floor(max_len_a * source pieces + max_len_b).
+The parameters are arguments, not constants, so they are stored once for all the functions.
 
 `export` checks its output place and platforms first, writes the archive under a temporary name
 unique to the run and renames it once complete. `load` raises ExportError, naming the file, for a
 missing, damaged or foreign archive.
 
 Only the loader's imports are at module level (jax, numpy, sentencepiece through `s2s_jax.data`,
-and the jax-only `s2s_jax.decoding`); `export` imports the model code when it runs.
+and the jax-only `s2s_jax.driver`); `export` imports the model code when it runs.
 """
 from __future__ import annotations
 
@@ -54,8 +54,10 @@ import jax
 import numpy as np
 import sentencepiece as spm
 
-from s2s_jax import data, decoding
-from s2s_jax.data import Hypothesis
+from s2s_jax import data
+from s2s_jax.driver import CallInputs, Driver, output_limits
+from s2s_jax.hypotheses import Hypothesis
+from s2s_jax.options import SearchOptions, check_option
 
 FORMAT = "s2s_jax.export/1"
 MANIFEST, PARAMS = "manifest.json", "params.npz"
@@ -85,7 +87,6 @@ def export(workdirs: str | Sequence[str], output: str, *, n_best: Sequence[int] 
 
 def _export(archive: zipfile.ZipFile, workdirs, n_best, attention: bool, platforms, options: dict) -> dict:
     """Exports into `archive` (see `export`); returns the manifest."""
-    from s2s_jax import inference
     from s2s_jax.translate import Translator
 
     translator = Translator.from_workdirs([workdirs] if isinstance(workdirs, str) else list(workdirs))
@@ -98,18 +99,51 @@ def _export(archive: zipfile.ZipFile, workdirs, n_best, attention: bool, platfor
     for n in sizes:  # SearchOptions.check names a bad one
         translator.options(**options, n_best=n)
     decoder = translator.decoder
-    # Every bucket a source of 1..max_source_len pieces (+ EOS) can fall into (data.eval_batches).
-    lengths = sorted({data.padded_length(n + 1, decoder.boundaries) for n in range(1, decoder.max_source_len + 1)})
+    limits = output_limits(decoder.boundaries, decoder.max_source_len, decoder.max_decode_len, base.max_len)
+    start = time.perf_counter()
+    functions, lowered_for = _functions(translator, base, limits, sizes, attention, platforms)
+    seconds = time.perf_counter() - start
+    tokenizers = {}
+    if isinstance(translator.src_tokenizer, data.Tokenizer):
+        tokenizers = {f"tokenizers/{side}.model": tok.model_proto()
+                      for side, tok in (("src", translator.src_tokenizer), ("tgt", translator.tgt_tokenizer))}
+    manifest = {
+        "format": FORMAT,
+        "workdir": translator.workdir,
+        "jax_version": jax.__version__,
+        "platforms": lowered_for,
+        "options": base._replace(n_best=None)._asdict(),
+        "n_best": sizes,
+        "attention": attention,
+        "rows": decoder.rows_per_call(base),
+        "buckets": [{"length": length, "max_len": cap} for length, cap in limits.items()],
+        "boundaries": decoder.boundaries,
+        "max_source_len": decoder.max_source_len,
+        "tokenizer": "sentencepiece" if tokenizers else "ids",
+        "vocab_sizes": [translator.src_tokenizer.vocab_size, translator.tgt_tokenizer.vocab_size],
+        "export_seconds": round(seconds, 2),
+    }
+    params = io.BytesIO()
+    np.savez(params, **{f"{i:04d}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(translator.params))})
+    archive.writestr(MANIFEST, json.dumps(manifest, indent=1))
+    archive.writestr(PARAMS, params.getvalue())
+    for name, content in {**functions, **tokenizers}.items():
+        archive.writestr(name, content)
+    return manifest
+
+
+def _functions(translator, base: SearchOptions, limits: dict[int, int], sizes: list[int], attention: bool,
+               platforms) -> tuple[dict[str, bytes], list[str]]:
+    """({path in the archive: serialised jax.export function} for every bucket, n-best size and
+    (with `attention`) attention or not, the platforms they were lowered for)."""
+    from s2s_jax import inference
+
     leaves, treedef = jax.tree.flatten(translator.params)
     leaf_specs = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in leaves]
     batch = jax.export.symbolic_shape("b")[0]
     vector = jax.ShapeDtypeStruct((batch,), np.int32)  # src_len, max_lens
-
-    functions, buckets = {}, []
-    start = time.perf_counter()
-    for length in lengths:
-        cap = base.max_len or inference.max_decode_len(length, decoder.max_len_cap)
-        buckets.append({"length": length, "max_len": cap})
+    functions = {}
+    for length, cap in limits.items():
         for n in sizes:
             for tracks in (False, True) if attention else (False,):
                 def decode(param_leaves, src, src_len, max_lens, cap=cap, n=n, tracks=tracks):
@@ -121,35 +155,7 @@ def _export(archive: zipfile.ZipFile, workdirs, n_best, attention: bool, platfor
                 exported = jax.export.export(jax.jit(decode), platforms=platforms)(
                     leaf_specs, jax.ShapeDtypeStruct((batch, length), np.int32), vector, vector)
                 functions[_function_path(length, n, tracks)] = exported.serialize()
-    seconds = time.perf_counter() - start
-
-    tokenizers = {}
-    if isinstance(translator.src_tokenizer, data.Tokenizer):
-        tokenizers = {f"tokenizers/{side}.model": tok.model_proto()
-                      for side, tok in (("src", translator.src_tokenizer), ("tgt", translator.tgt_tokenizer))}
-    manifest = {
-        "format": FORMAT,
-        "workdir": translator.workdir,
-        "jax_version": jax.__version__,
-        "platforms": list(exported.platforms),
-        "options": base._replace(n_best=None)._asdict(),
-        "n_best": sizes,
-        "attention": attention,
-        "rows": decoder.rows(base),
-        "buckets": buckets,
-        "boundaries": decoder.boundaries,
-        "max_source_len": decoder.max_source_len,
-        "tokenizer": "sentencepiece" if tokenizers else "ids",
-        "vocab_sizes": [translator.src_tokenizer.vocab_size, translator.tgt_tokenizer.vocab_size],
-        "export_seconds": round(seconds, 2),
-    }
-    params = io.BytesIO()
-    np.savez(params, **{f"{i:04d}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
-    archive.writestr(MANIFEST, json.dumps(manifest, indent=1))
-    archive.writestr(PARAMS, params.getvalue())
-    for name, content in {**functions, **tokenizers}.items():
-        archive.writestr(name, content)
-    return manifest
+    return functions, list(exported.platforms)
 
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for
@@ -207,10 +213,9 @@ class ExportedTranslator:
         manifest = json.loads(archive.read(MANIFEST))
         if manifest.get("format") != FORMAT:
             raise ValueError(f"not an {FORMAT} artifact: format {manifest.get('format')!r}")
-        self.manifest, self.options = manifest, manifest["options"]
-        self.n_best_sizes, self.rows, self.boundaries = manifest["n_best"], manifest["rows"], manifest["boundaries"]
-        self.max_source_len = manifest["max_source_len"]
-        self.caps = {b["length"]: b["max_len"] for b in manifest["buckets"]}  # compiled output limit per bucket
+        self.manifest, self.options = manifest, SearchOptions(**manifest["options"])
+        self.n_best_sizes = manifest["n_best"]
+        self.output_limits = {b["length"]: b["max_len"] for b in manifest["buckets"]}  # compiled, per bucket
         if manifest["tokenizer"] == "sentencepiece":
             self.src_tokenizer, self.tgt_tokenizer = (
                 data.Tokenizer(spm.SentencePieceProcessor(model_proto=archive.read(f"tokenizers/{side}.model")))
@@ -223,7 +228,7 @@ class ExportedTranslator:
         self.functions = {
             (length, n, tracks): jax.jit(jax.export.deserialize(bytearray(
                 archive.read(_function_path(length, n, tracks)))).call)
-            for length in self.caps for n in self.n_best_sizes
+            for length in self.output_limits for n in self.n_best_sizes
             for tracks in ((False, True) if manifest["attention"] else (False,))}
 
     def translate(self, sentences: Sequence[str], n_best: int = 1, on_long: str | None = None) -> list:
@@ -237,33 +242,24 @@ class ExportedTranslator:
         """Per sentence, up to n_best Hypothesis(text, ids, score[, attention]), best first; a blank
         sentence gives [Hypothesis("", [], 0.0)]. on_long: "truncate" or "error" (default: the
         exported option)."""
-        if isinstance(sentences, str):
-            raise TypeError("translate takes a list of sentences, not one string")
         if n_best not in self.n_best_sizes:
             raise ValueError(f"n_best must be one of the exported sizes {self.n_best_sizes}, got {n_best!r}")
         if return_attention and not self.manifest["attention"]:
             raise ValueError("this artifact was exported without attention")
-        on_long = on_long or self.options["on_long"]
-        if on_long not in ("truncate", "error"):
-            raise ValueError(f"on_long must be 'truncate' or 'error', got {on_long!r}")
-        src_ids = [data.source_ids(self.src_tokenizer, s, i, self.max_source_len, on_long)
-                   for i, s in enumerate(sentences)]
-        results = [[Hypothesis("", [], 0.0)] for _ in src_ids]
-        todo = [i for i, ids in enumerate(src_ids) if ids]  # blank lines are not decoded
-        batches = data.eval_batches([src_ids[i] for i in todo], [[] for _ in todo], batch_size=self.rows,
-                                    boundaries=self.boundaries)
-        for batch in batches:  # [rows, bucket] each, as CorpusDecoder decodes them
-            length = batch.src.shape[1]
-            max_lens = decoding.length_limits(batch.src_len - 1, self.options["max_len_a"], self.options["max_len_b"],
-                                              self.caps[length])
-            out = [np.asarray(x) for x in self.functions[length, n_best, return_attention](
-                self.params, batch.src, batch.src_len, max_lens)]
-            sequences, scores, lengths = out[:3]  # [rows, N, L], [rows, N], [rows, N]
-            weights = out[3] if return_attention else None  # [rows, N, L, S]
-            for row, index in enumerate(todo[i] for i in batch.index if i >= 0):
-                results[index] = data.hypotheses(self.tgt_tokenizer, sequences[row], scores[row], lengths[row],
-                                                  None if weights is None else weights[row, :, :, :batch.src_len[row]])
-        return results
+        options = self.options._replace(n_best=n_best, on_long=on_long or self.options.on_long)
+        check_option("on_long", options.on_long)
+        return self.driver(n_best, return_attention)(sentences, options)
+
+    def driver(self, n_best: int, return_attention: bool) -> Driver:
+        """The decode driver of the exported functions for `n_best` (and attention)."""
+        def decode(inputs: CallInputs, max_len: int) -> tuple:
+            del max_len  # compiled into each bucket's function
+            function = self.functions[inputs.src.shape[1], n_best, return_attention]
+            out = function(self.params, inputs.src, inputs.src_len, inputs.max_lens)
+            return (*out, None) if len(out) == 3 else tuple(out)
+
+        return Driver(decode, self.src_tokenizer, self.tgt_tokenizer, self.manifest["boundaries"],
+                      self.manifest["max_source_len"], self.output_limits, self.manifest["rows"])
 
 
 class ExportError(ValueError):
@@ -293,19 +289,11 @@ OPTION_FLAGS = ("search", "beam_size", "alpha", "min_len", "no_repeat_ngram_size
 
 
 def main(argv) -> None:
-    from absl import flags
-    from absl import logging as absl_logging
-
-    from s2s_jax import checkpoints
-    if len(argv) > 1:
-        raise SystemExit(f"export: unexpected arguments {argv[1:]}")
-    f = flags.FLAGS
-    if not f["verbosity"].present:  # keep stderr to warnings and errors (orbax logs a lot at INFO)
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    options = {name: f[name].value for name in OPTION_FLAGS if f[name].value is not None}
+    from s2s_jax import checkpoints, cli
+    f = cli.parsed_flags("export", argv)
     try:
         manifest = export(f.workdir.split(","), f.output, n_best=_n_best_flag(f.n_best), attention=f.attention,
-                          platforms=f.platforms, **options)
+                          platforms=f.platforms, **cli.option_values(f, OPTION_FLAGS))
     except (ValueError, checkpoints.CheckpointError) as error:  # DataError, ConfigError are ValueErrors
         raise SystemExit(f"export: {error}") from None
     except OSError as error:  # disk full, unwritable places
@@ -327,21 +315,14 @@ def _n_best_flag(values: list[str] | None) -> list[int] | None:
 
 def run() -> None:
     from absl import app, flags
-    flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizers/, checkpoints); several, "
-                        "comma-separated, export an ensemble.", required=True)
+
+    from s2s_jax import cli
+    cli.define_workdir_flag("export")
     flags.DEFINE_string("output", None, "The artifact to write (a zip file).", required=True)
     flags.DEFINE_list("n_best", None, "N-best sizes to export; default: 1 and the beam size.")
     flags.DEFINE_bool("attention", True, "Also export the searches that return attention.")
     flags.DEFINE_list("platforms", None, "jax.export platforms, e.g. cpu,cuda; default: this machine's.")
-    flags.DEFINE_enum("search", None, ["beam", "greedy"], "Decoding; default beam.")
-    flags.DEFINE_integer("beam_size", None, "Beam size; default: the workdir's eval.beam_size.")
-    flags.DEFINE_float("alpha", None, "GNMT length-penalty exponent; default: the workdir's eval.alpha.")
-    flags.DEFINE_integer("min_len", None, "Forbid EOS before this many pieces (EOS included).")
-    flags.DEFINE_integer("no_repeat_ngram_size", None, "Beam: never repeat an n-gram of this size (0 = off).")
-    flags.DEFINE_float("coverage", None, "Beam: GNMT coverage penalty beta (0 = off).")
-    flags.DEFINE_float("max_len_a", None, "Per-sentence output limit a * source pieces + b.")
-    flags.DEFINE_integer("max_len_b", None, "See --max_len_a.")
-    flags.DEFINE_integer("max_len", None, "Compiled output limit override (EOS included).")
+    cli.define_option_flags(OPTION_FLAGS)
     app.run(main)
 
 

@@ -24,12 +24,13 @@ members must share their source and target tokenizers (identical sentencepiece m
 synthetic vocabulary size); the first workdir's config gives the buckets and the default options.
 An ensemble's attention is the mean of its members'.
 
-Decoding is `inference.CorpusDecoder`, the same code that computes dev BLEU during training:
-sentences are grouped into the config's length buckets by source length, decoded with each batch
-split over this process's devices, and returned in input order. Options default to the workdir's
-`config.eval` (beam size, alpha, batch size), so `--search=greedy` reproduces the run's dev BLEU. A source may hold at most `config.data.max_len`
-pieces (plus EOS): longer sources are truncated with a warning (on_long="truncate") or rejected
-(on_long="error").
+Decoding is `inference.CorpusDecoder` through the decode driver (`s2s_jax.driver`), the same code
+that computes dev BLEU during training: sentences are grouped into the config's length buckets by
+source length, decoded inference.ROWS_PER_CALL rows per call (each call split over this process's
+devices), and returned in input order. Options (`s2s_jax.options`) default to the workdir's
+`config.eval` (beam size, alpha, length rule), so `--search=greedy` reproduces the run's dev BLEU.
+A source may hold at most `config.data.max_len` pieces (plus EOS): longer sources are truncated
+with a warning (on_long="truncate") or rejected (on_long="error").
 """
 from __future__ import annotations
 
@@ -49,10 +50,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from s2s_jax import (BOS_ID, EOS_ID, checkpoints, configuration, data, export, inference, parallel,
-                     plotting, steps)
-from s2s_jax.inference import ON_LONG, SEARCHES, Hypothesis, SearchOptions
+from s2s_jax import (BOS_ID, EOS_ID, checkpoints, cli, configuration, data, export, inference, parallel,
+                     plotting, sources, steps)
+from s2s_jax.hypotheses import Hypothesis
 from s2s_jax.models import Seq2Seq, make_model
+from s2s_jax.options import OPTIONS, SearchOptions
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +78,10 @@ class Translator:
         self.params = jax.device_put(params, parallel.replicated(mesh))
         self.src_tokenizer, self.tgt_tokenizer = src_tokenizer, tgt_tokenizer
         self.workdir = workdir
-        self.decoder = inference.CorpusDecoder(config, model, src_tokenizer, tgt_tokenizer, mesh)
+        self.decoder = inference.CorpusDecoder(model, src_tokenizer, tgt_tokenizer,
+                                               boundaries=config.data.bucket_boundaries,
+                                               max_source_len=config.data.max_len,
+                                               max_decode_len=config.eval.max_decode_len, mesh=mesh)
         self.boundaries = self.decoder.boundaries
         self.max_source_len = self.decoder.max_source_len
 
@@ -136,11 +141,7 @@ class Translator:
     def options(self, **overrides) -> SearchOptions:
         """Search options: the workdir's config.eval (beam size, alpha, length rule) under `overrides`
         (a None override keeps the default)."""
-        base = SearchOptions.from_eval_config(self.config.eval, "beam")
-        unknown = sorted(set(overrides) - set(SearchOptions._fields))
-        if unknown:
-            raise TypeError(f"unknown search option(s) {unknown}; expected some of {list(SearchOptions._fields)}")
-        options = base._replace(**{k: v for k, v in overrides.items() if v is not None or k == "max_len"})
+        options = SearchOptions.from_eval_config(self.config.eval, "beam").updated(overrides)
         self.decoder.check(options)
         return options
 
@@ -148,7 +149,7 @@ class Translator:
     def translate(self, sentences: Sequence[str], **options) -> list[str]:
         """The best translation of each sentence, in input order ("" for a blank sentence).
 
-        options: any `inference.SearchOptions` field except n_best; unset ones come from the
+        options: any `options.SearchOptions` field except n_best; unset ones come from the
         workdir's config.eval. `prefixes`: see `hypotheses`.
         """
         if "n_best" in options:
@@ -161,7 +162,7 @@ class Translator:
         n_best samples, by score). `prefixes`: per sentence a target text (or None) that every
         hypothesis must start with (interactive translation, forced tags). `return_attention`: each
         hypothesis also gets the attention weights the search recorded for it, [T, S]
-        (see `inference.Hypothesis`). `first_line`: the first sentence's line number in messages."""
+        (see `hypotheses.Hypothesis`). `first_line`: the first sentence's line number in messages."""
         return self.decoder(self.params, sentences, self.options(**options), prefixes, return_attention, first_line)
 
     # ------------------------------------------------------------------------------ attention
@@ -173,7 +174,7 @@ class Translator:
         while the decoder emits out_pieces[t]; both piece lists end with "</s>" (the EOS). An
         ensemble's weights are the mean of its members'.
         """
-        src = self.decoder.source_ids(sentence, 0, "truncate") + [EOS_ID]
+        src = self._source_with_eos(sentence)
         if isinstance(output, str):
             out = self.tgt_tokenizer.encode([output])[0] if output.strip() else []
         else:
@@ -198,6 +199,10 @@ class Translator:
         weights = np.asarray(weights[0, :len(tgt_in), :len(src)], np.float32)  # [T, S]
         return weights, _pieces(self.src_tokenizer, src), _pieces(self.tgt_tokenizer, out + [EOS_ID])
 
+    def _source_with_eos(self, sentence: str) -> list[int]:
+        """The piece ids the model reads for `sentence` (truncated like a decoded one), EOS included."""
+        return sources.source_ids(self.src_tokenizer, sentence, 0, self.max_source_len, "truncate") + [EOS_ID]
+
     def plot_attention(self, sentence: str, output: str | Sequence[int], path: str, title: str | None = None) -> None:
         """Writes the attention heat map of (sentence, output) to `path` (e.g. a .png)."""
         weights, src_pieces, out_pieces = self.attention(sentence, output)
@@ -209,7 +214,7 @@ class Translator:
         if hypothesis.attention is None:
             raise ValueError("the hypothesis has no attention: use hypotheses(..., return_attention=True)")
         weights = hypothesis.attention                              # [T, S]
-        src = self.decoder.source_ids(sentence, 0, "truncate") + [EOS_ID]
+        src = self._source_with_eos(sentence)
         out = (hypothesis.ids + [EOS_ID])[:len(weights)]             # no EOS row if cut at the limit
         plotting.plot_attention(weights, _pieces(self.src_tokenizer, src), _pieces(self.tgt_tokenizer, out),
                                 path, title=title)
@@ -233,47 +238,22 @@ def _pieces(tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- command line
+OPTION_FLAGS = [option.name for option in OPTIONS]
+
+
 def _define_flags() -> None:
-    """Flags are defined only when run as a program, so importing this module defines none. Every
-    search flag maps onto one `inference.SearchOptions` field; unset ones keep its default (or the
-    workdir's config.eval)."""
+    """The command's flags; every search flag maps onto one `options.SearchOptions` field."""
     from absl import flags
-    flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizers/, checkpoints); several, "
-                        "comma-separated, decode as an ensemble (same tokenizers).", required=True)
+    cli.define_workdir_flag("decode as")
     flags.DEFINE_string("input", None, "Source text, one sentence per line (strict UTF-8); default stdin.")
     flags.DEFINE_string("output", None, "Where to write one translation per line (its directory is created); "
                         "default stdout.")
     flags.DEFINE_string("prefixes", None, "Optional file of target prefixes, one line per input line (empty "
                         "= none): every hypothesis starts with its line's prefix.")
-    flags.DEFINE_enum("search", "beam", list(SEARCHES), "Decoding: beam, greedy or sample.")
-    flags.DEFINE_integer("beam_size", None, "Beam size (beam; at most the target vocabulary); default: the "
-                         "workdir's eval.beam_size.")
-    flags.DEFINE_float("alpha", None, "GNMT length-penalty exponent (beam; 0 = raw log-prob); default: the "
-                       "workdir's eval.alpha.")
-    flags.DEFINE_integer("n_best", 1, "Hypotheses per sentence (sample: samples); > 1 writes them "
-                         "tab-separated, best first.")
-    flags.DEFINE_integer("min_len", 0, "Forbid EOS before this many pieces (EOS included).")
-    flags.DEFINE_integer("no_repeat_ngram_size", 0, "Beam: never repeat an n-gram of this size (0 = off).")
-    flags.DEFINE_float("coverage", 0.0, "Beam: GNMT coverage penalty beta (0 = off).")
-    flags.DEFINE_float("temperature", 1.0, "Sample: softmax temperature (> 0).")
-    flags.DEFINE_integer("top_k", 0, "Sample: only among the k most likely pieces (0 = all).")
-    flags.DEFINE_float("top_p", 1.0, "Sample: only among the smallest set of pieces with this much "
-                       "probability (nucleus; 1 = all).")
-    flags.DEFINE_integer("seed", 0, "Sample: random seed.")
-    flags.DEFINE_float("max_len_a", None, "Per-sentence output limit a * source pieces + b; default: the "
-                       "workdir's eval.max_len_a.")
-    flags.DEFINE_integer("max_len_b", None, "See --max_len_a; default: the workdir's eval.max_len_b.")
-    flags.DEFINE_integer("max_len", None, "Compiled output limit in pieces incl. EOS (at most 4x data.max_len "
-                         "+ 4); default: min(eval.max_decode_len, 2 * source bucket length + 10).")
-    flags.DEFINE_enum("on_long", "truncate", list(ON_LONG),
-                      "A source longer than data.max_len pieces: truncate (with a warning) or error.")
+    cli.define_option_flags(OPTION_FLAGS)
     flags.DEFINE_string("attention_dir", None, "Write one attention heat map per sentence here, "
                         "{line:05d}.png: the attention the search recorded for the best hypothesis "
                         "(none for empty lines).")
-
-
-OPTION_FLAGS = ("search", "beam_size", "alpha", "n_best", "min_len", "no_repeat_ngram_size", "coverage",
-                "temperature", "top_k", "top_p", "seed", "max_len_a", "max_len_b", "max_len", "on_long")
 
 
 def _make_parent(path: str) -> None:
@@ -447,19 +427,13 @@ def _translate_main(f) -> None:
     with _output(f.output) as out:  # opened before loading: an unwritable --output fails at once
         pairs = _sources(f.input or "/dev/stdin", f.prefixes)
         translator = Translator.from_workdirs(f.workdir.split(","))
-        options = {name: f[name].value for name in OPTION_FLAGS}
+        options = cli.option_values(f, OPTION_FLAGS)
         translator.options(**options)  # bad options fail before any output, even on empty input
         _translate_stream(translator, pairs, out, options, f.attention_dir, sys.stderr)
 
 
 def main(argv) -> None:
-    from absl import flags
-    from absl import logging as absl_logging
-    if len(argv) > 1:
-        raise SystemExit(f"translate: unexpected arguments {argv[1:]}; use --input=FILE")
-    f = flags.FLAGS
-    if not f["verbosity"].present:  # keep stderr to warnings and errors (orbax logs a lot at INFO)
-        absl_logging.set_verbosity(absl_logging.WARNING)
+    f = cli.parsed_flags("translate", argv, "; use --input=FILE")
     try:
         _stop_on_signals()
         _translate_main(f)

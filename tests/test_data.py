@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from s2s_jax import BOS_ID, EOS_ID, PAD_ID, UNK_ID, data, tokenized
+from s2s_jax import BOS_ID, EOS_ID, PAD_ID, UNK_ID, data, sources, tokenized
 
 REPO = Path(__file__).resolve().parents[1]
 BIBLE = REPO / "data" / "bible-es-en"
@@ -539,13 +539,13 @@ def test_long_sources_warn_once_inside_warn_long_once(es_tokenizer, caplog):
     """Dev evaluation decodes the same sources at every evaluation: one warning per sentence a run."""
     long = "y " * 40
     for _ in range(2):
-        assert len(data.source_ids(es_tokenizer, long, 3, 10, "truncate")) == 10
+        assert len(sources.source_ids(es_tokenizer, long, 3, 10, "truncate")) == 10
     assert len(caplog.records) == 2  # outside: every time, as translate does
     caplog.clear()
     warned = set()
     for _ in range(3):
-        with data.warn_long_once(warned):
-            ids = [data.source_ids(es_tokenizer, text, i, 10, "truncate") for i, text in enumerate(["a", long, long])]
+        with sources.warn_long_once(warned):
+            ids = [sources.source_ids(es_tokenizer, text, i, 10, "truncate") for i, text in enumerate(["a", long, long])]
     assert list(map(len, ids)) == [1, 10, 10]
     assert [r.getMessage()[:22] for r in caplog.records] == ["sentence 1 (line 2): 4", "sentence 2 (line 3): 4"]
     assert warned == {1, 2}

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from s2s_jax import BOS_ID, EOS_ID, PAD_ID, inference, translate
+from s2s_jax import BOS_ID, EOS_ID, PAD_ID, data, translate
 from s2s_jax.decoding import beam_search, ensemble_step_fn, greedy_search
 from s2s_jax.translate import Translator
 from tests.test_decoding import H0, Toy, as_list, assert_same_ranking, brute_force, np_greedy
@@ -105,7 +105,7 @@ def test_ensemble_of_two_different_models_greedy_is_the_averaged_argmax(single):
 
 def test_ensemble_refuses_different_tokenizers(tiny_workdir, single, monkeypatch):
     other = Translator(single.config, single.model, single.params, single.src_tokenizer,
-                       inference.data.IdTokenizer(30), "other_workdir")
+                       data.IdTokenizer(30), "other_workdir")
     monkeypatch.setattr(Translator, "from_workdir", classmethod(
         lambda cls, workdir: other if workdir == "other_workdir" else single))
     with pytest.raises(ValueError) as error:

@@ -25,8 +25,9 @@ from s2s_jax.translate import Translator
 translator = Translator.from_workdir(sys.argv[1])
 sentences = json.loads(sys.argv[2])
 sharded = translator.decoder  # on a mesh over both devices
-single = inference.CorpusDecoder(translator.config, translator.model, translator.src_tokenizer,
-                                 translator.tgt_tokenizer)
+single = inference.CorpusDecoder(translator.model, translator.src_tokenizer, translator.tgt_tokenizer,
+                                 boundaries=sharded.boundaries, max_source_len=sharded.max_source_len,
+                                 max_decode_len=sharded.max_decode_len)
 
 def best(decoder, options):
     return [[hyps[0].text, hyps[0].score] for hyps in decoder(translator.params, sentences, options)]
@@ -37,7 +38,7 @@ for search in ("greedy", "beam", "sample"):
     result[search] = best(sharded, options), best(single, options)
 inference.MAX_STEP_ELEMENTS = 3 * 5 * translator.tgt_tokenizer.vocab_size  # memory for 3 rows of beam 5
 options = translator.options(search="beam", beam_size=5)
-result["rows"] = sharded.rows(options), single.rows(options)
+result["rows"] = sharded.rows_per_call(options), single.rows_per_call(options)
 print(json.dumps(result))
 """
 

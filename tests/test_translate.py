@@ -17,6 +17,7 @@ import pytest
 
 from s2s_jax import BOS_ID, EOS_ID, data, inference, metrics, translate
 from s2s_jax.checkpoints import CheckpointError
+from s2s_jax.options import SearchOptions
 from s2s_jax.translate import Translator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,7 +185,7 @@ def test_long_sentence_error_names_line_and_truncate_warns(translator, caplog):
     lines = ["4 5", "6 7", long]
     with pytest.raises(ValueError, match="line 3"):
         translator.translate(lines, on_long="error")
-    with caplog.at_level(logging.WARNING, logger="s2s_jax.data"):
+    with caplog.at_level(logging.WARNING, logger="s2s_jax.sources"):
         out = translator.translate(lines, on_long="truncate")
     assert len(out) == 3 and out[0] == "5 4"
     assert any("sentence 2 (line 3)" in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
@@ -358,7 +359,7 @@ def test_eval_options_of_a_workdir_older_than_the_length_rule():
     """config.json of older workdirs has no eval.max_len_a / max_len_b: the defaults apply."""
     from ml_collections import ConfigDict
     old_eval = ConfigDict(dict(beam_size=4, alpha=0.5, batch_size=16, max_decode_len=64, search="greedy"))
-    options = inference.SearchOptions.from_eval_config(old_eval, "beam")
+    options = SearchOptions.from_eval_config(old_eval, "beam")
     assert (options.beam_size, options.alpha, options.max_len_a, options.max_len_b) == (4, 0.5, 2.0, 10)
 
 
