@@ -62,7 +62,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from configs import demo, tiny
-from s2s_jax import checkpoints, configuration, data, logbook, metrics, steps, training
+from s2s_jax import checkpoints, configuration, data, files, logbook, metrics, steps, training
 from s2s_jax.translate import Translator
 
 # Every preset: one base config module and its overrides. eval_every_steps is set to
@@ -262,7 +262,7 @@ def write_markdown(results: dict, path: str) -> None:
         ["variant", "teacher-forced", "free-running", "gap"],
         [[r["name"], f"{r['dev_loss']:.3f}", f"{r['dev_loss_free_running']:.3f}",
           f"{r['dev_loss_free_running'] - r['dev_loss']:.3f}"] for r in exposure])
-    logbook.write_atomic(path, "\n".join(lines) + "\n")
+    files.write_atomic(path, "\n".join(lines) + "\n")
 
 
 def _new_figure(width: float, height: float):
@@ -316,7 +316,7 @@ def run_study(preset: str, out: str, names: Sequence[str]) -> dict:
             for name in names]
     results = dict(preset=preset, machine=machine(), signature=summaries[names[0]]["bleu_signature"],
                    reference=reference_stats(rows), variants=rows)
-    logbook.write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=2))
+    files.write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=2))
     write_markdown(results, os.path.join(out, "results.md"))
     plot_bleu_by_length(rows, os.path.join(out, "bleu_by_length.png"))
     plot_exposure_gap(rows, os.path.join(out, "exposure_gap.png"))

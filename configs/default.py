@@ -9,8 +9,8 @@ per full-length 64x40 step when idle (bench/train_speed.py), ~4,200 tokens/s on 
 other jobs shared the cores; so 12k steps take roughly an hour. The full run's BLEU has not been
 measured yet (BUILD_NOTES.md).
 
-Each field's valid range is in s2s_jax/configuration.py (RANGES, CHOICES); configuration.check
-enforces them before anything is compiled or written. Override any field on the command line with
+Each field's type, valid range and role on resume are in s2s_jax/configuration.py (KEYS: a new field
+needs its row there); configuration.check enforces them before anything is compiled or written. Override any field on the command line with
 --config.<group>.<key>=<value>, e.g. --config.teacher_forcing.k=500.
 """
 import ml_collections

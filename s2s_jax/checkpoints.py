@@ -6,9 +6,10 @@ of equals). A step saved without dev BLEU ranks below any step with it, so it ne
 best step, and the best step outlives any number of newer ones.
 
 A checkpoint holds the train state (step, params, optimizer state) as a state dict, a JSON `meta`
-record (data position, logging window, vocabulary sizes, parameter shapes, the fingerprint of the
-tokenizers it was trained with, and a CRC32 of every floating-point array of the state) and
-orbax's `metrics` record ({"dev_bleu": x} or {}).
+record (step, logging window, vocabulary sizes, parameter shapes, the fingerprint of the tokenizers
+it was trained with, and a CRC32 of every floating-point array of the state; checkpoints of older
+versions also hold data_position and epoch, ignored) and orbax's `metrics` record ({"dev_bleu": x}
+or {}).
 
 Writer and readers: `Checkpoints(workdir, keep)` is the store of the training run that holds the
 workdir lock, the only one that writes, prunes or cleans up. `Checkpoints.reader(workdir)` (translate,

@@ -1,13 +1,18 @@
 """Config checks that run before anything is compiled or written, and the workdir's config.json.
 
+KEYS is the one table of config keys: a row says a key's type or choices, its range, its role on
+resume and its value for workdirs written before the key existed. Adding a key is a line in
+configs/default.py plus a row here (and, for a model key, the Seq2Seq field of that name).
+
 Public entry points:
-  check(config)                 every field against the tables below (CHOICES, RANGES, BOOLS,
-                                STRINGS, bucket_boundaries); a key in none of them is unknown.
+  check(config)                 every key against its row (and data.bucket_boundaries against
+                                data.max_len); a key without a row is unknown.
   check_workdir(config, workdir) compares with workdir/config.json before a run resumes there:
-                                refuses a change of a SHAPE_KEYS key or of any key that changes
-                                the training trajectory; returns the changes of FREE_KEYS.
-  save / load / to_json         workdir/config.json; load runs check() on it (a hand-edited file
-                                is refused like a bad command line, naming the file and the key).
+                                refuses a change of a SHAPE key or of a TRAJECTORY key; returns
+                                the changes of FREE keys.
+  save / load / to_json         workdir/config.json; load fills the keys added since the file was
+                                written (their `older` value) and runs check() on it (a hand-edited
+                                file is refused like a bad command line, naming the file and the key).
 
 Every error is a ConfigError of one line that names the key, its value and what it must be.
 """
@@ -17,103 +22,112 @@ import math
 import numbers
 import operator
 import os
+from typing import NamedTuple
 
 import ml_collections
 
-from s2s_jax import schedules
+from s2s_jax import files, schedules
 from s2s_jax.attention import SCORES
 from s2s_jax.validate import is_int
 
-CHOICES = {
-    "on_nonfinite": ("stop", "skip"),
-    "data.task": ("files", "copy", "reverse", "sort"),
-    "data.spm_model_type": ("unigram", "bpe"),
-    "data.on_empty": ("skip", "error"),
-    "model.attention": ("none",) + SCORES,
-    "model.dtype": ("float32", "bfloat16"),
-    "optimizer.decay": ("constant", "cosine", "rsqrt", "wsd"),
-    "teacher_forcing.schedule": schedules.SCHEDULES,
-    "teacher_forcing.mode": ("sequential", "parallel"),
-    "eval.search": ("greedy", "beam"),
-}
-# Numeric keys: (type, valid range). A range reads "[lo, hi)" (brackets include the bound,
-# parentheses exclude it) or ">= lo" / "> lo".
-RANGES = {
-    "seed": (int, ">= 0"),
-    "num_train_steps": (int, ">= 1"),
-    "log_every_steps": (int, ">= 1"),
-    "eval_every_steps": (int, ">= 1"),
-    "checkpoint_every_steps": (int, ">= 1"),
-    "keep_checkpoints": (int, ">= 1"),
+# Roles: what a resumed run may do with a key.
+SHAPE = "shape"  # fixes the parameter shapes or the vocabulary: a workdir cannot change it
+TRAJECTORY = "trajectory"  # changes the training trajectory: refused on resume
+FREE = "free"  # may change on resume
+
+
+class Key(NamedTuple):
+    """One row of KEYS."""
+    kind: type  # int, float, bool, str, or tuple (data.bucket_boundaries, checked on its own)
+    allowed: str | tuple | None  # int, float: the range ("[lo, hi)", ">= lo", ...); str: the choices (None: any)
+    role: str  # SHAPE, TRAJECTORY or FREE
+    older: object = None  # its value in workdirs written before it existed; None: it always existed
+
+
+# A range reads "[lo, hi)" (brackets include the bound, parentheses exclude it) or ">= lo" / "> lo".
+KEYS = {
+    "seed": Key(int, ">= 0", TRAJECTORY),
+    # Free only while nothing of the trajectory depends on it (see _depends_on_num_train_steps).
+    "num_train_steps": Key(int, ">= 1", FREE),
+    "log_every_steps": Key(int, ">= 1", FREE),
+    "eval_every_steps": Key(int, ">= 1", FREE),
+    "checkpoint_every_steps": Key(int, ">= 1", FREE),
+    "keep_checkpoints": Key(int, ">= 1", FREE),
+    "on_nonfinite": Key(str, ("stop", "skip"), FREE),
+    "data.task": Key(str, ("files", "copy", "reverse", "sort"), SHAPE),
+    "data.train_prefix": Key(str, None, TRAJECTORY),
+    "data.dev_prefix": Key(str, None, TRAJECTORY),
+    "data.src_lang": Key(str, None, SHAPE),
+    "data.tgt_lang": Key(str, None, SHAPE),
     # Sentencepiece's floor: 4 special ids, the word-boundary piece and one character.
-    "data.vocab_size": (int, ">= 6"),
-    "data.max_len": (int, ">= 1"),
-    "data.batch_size": (int, ">= 1"),
-    "data.max_train_pairs": (int, ">= 0"),
-    "data.spm_sample_size": (int, ">= 1"),
-    "data.max_dev_pairs": (int, ">= 0"),
+    "data.vocab_size": Key(int, ">= 6", SHAPE),
+    "data.spm_model_type": Key(str, ("unigram", "bpe"), SHAPE),
+    # Older versions trained sentencepiece on every pair: the same for any corpus of up to a million.
+    "data.spm_sample_size": Key(int, ">= 1", TRAJECTORY, older=1_000_000),
+    "data.max_len": Key(int, ">= 1", TRAJECTORY),
+    "data.bucket_boundaries": Key(tuple, None, TRAJECTORY),
+    "data.batch_size": Key(int, ">= 1", TRAJECTORY),
+    "data.on_empty": Key(str, ("skip", "error"), TRAJECTORY),
+    "data.max_train_pairs": Key(int, ">= 0", TRAJECTORY),
+    "data.max_dev_pairs": Key(int, ">= 0", TRAJECTORY),
     # Ids 0-3 are PAD, BOS, EOS, UNK: at least one symbol.
-    "data.synthetic_vocab_size": (int, ">= 5"),
-    "data.synthetic_min_len": (int, ">= 1"),
-    "data.synthetic_max_len": (int, ">= 1"),
-    "data.synthetic_train_size": (int, ">= 1"),
-    "data.synthetic_dev_size": (int, ">= 1"),
-    "data.synthetic_seed": (int, ">= 0"),
-    "model.embed_dim": (int, ">= 1"),
-    "model.encoder_hidden": (int, ">= 1"),
-    "model.encoder_layers": (int, ">= 1"),
-    "model.decoder_hidden": (int, ">= 1"),
-    "model.decoder_layers": (int, ">= 1"),
-    "model.attention_dim": (int, ">= 1"),
-    "model.dropout": (float, "[0, 1)"),
-    "model.output_chunk": (int, ">= 0"),
-    "model.init_scale": (float, "[0, 1]"),
+    "data.synthetic_vocab_size": Key(int, ">= 5", SHAPE),
+    "data.synthetic_min_len": Key(int, ">= 1", TRAJECTORY),
+    "data.synthetic_max_len": Key(int, ">= 1", TRAJECTORY),
+    "data.synthetic_train_size": Key(int, ">= 1", TRAJECTORY),
+    "data.synthetic_dev_size": Key(int, ">= 1", TRAJECTORY),
+    "data.synthetic_seed": Key(int, ">= 0", TRAJECTORY),
+    "model.embed_dim": Key(int, ">= 1", SHAPE),
+    "model.encoder_hidden": Key(int, ">= 1", SHAPE),
+    "model.encoder_layers": Key(int, ">= 1", SHAPE),
+    "model.bidirectional": Key(bool, None, SHAPE),
+    "model.reverse_source": Key(bool, None, TRAJECTORY),
+    "model.decoder_hidden": Key(int, ">= 1", SHAPE),
+    "model.decoder_layers": Key(int, ">= 1", SHAPE),
+    "model.attention": Key(str, ("none",) + SCORES, SHAPE),
+    "model.attention_dim": Key(int, ">= 1", SHAPE),
+    "model.input_feeding": Key(bool, None, SHAPE),
+    "model.dropout": Key(float, "[0, 1)", TRAJECTORY),
+    # Older workdirs were initialised with Glorot / orthogonal (0) and ran the plain output layer (0).
+    "model.init_scale": Key(float, "[0, 1]", TRAJECTORY, older=0.0),
+    "model.dtype": Key(str, ("float32", "bfloat16"), TRAJECTORY),
+    "model.output_chunk": Key(int, ">= 0", TRAJECTORY, older=0),
     # Adam moves each parameter by about the rate per step: above 10 a run can only diverge.
-    "optimizer.learning_rate": (float, "(0, 10]"),
-    "optimizer.warmup_steps": (int, ">= 0"),
-    "optimizer.b1": (float, "[0, 1)"),
-    "optimizer.b2": (float, "[0, 1)"),
-    "optimizer.clip_norm": (float, ">= 0"),
-    "optimizer.label_smoothing": (float, "[0, 1)"),
-    "teacher_forcing.start": (float, "[0, 1]"),
-    "teacher_forcing.end": (float, "[0, 1]"),
-    "teacher_forcing.decay_steps": (int, ">= 1"),
+    "optimizer.learning_rate": Key(float, "(0, 10]", TRAJECTORY),
+    "optimizer.warmup_steps": Key(int, ">= 0", TRAJECTORY),
+    "optimizer.decay": Key(str, ("constant", "cosine", "rsqrt", "wsd"), TRAJECTORY),
+    "optimizer.b1": Key(float, "[0, 1)", TRAJECTORY),
+    "optimizer.b2": Key(float, "[0, 1)", TRAJECTORY),
+    "optimizer.clip_norm": Key(float, ">= 0", TRAJECTORY),
+    "optimizer.label_smoothing": Key(float, "[0, 1)", TRAJECTORY),
+    "teacher_forcing.schedule": Key(str, schedules.SCHEDULES, TRAJECTORY),
+    "teacher_forcing.start": Key(float, "[0, 1]", TRAJECTORY),
+    "teacher_forcing.end": Key(float, "[0, 1]", TRAJECTORY),
+    "teacher_forcing.decay_steps": Key(int, ">= 1", TRAJECTORY),
     # Further limited per schedule by K_RANGES.
-    "teacher_forcing.k": (float, ">= 0"),
-    "teacher_forcing.passes": (int, ">= 1"),
-    "eval.batch_size": (int, ">= 1"),
-    "eval.max_decode_len": (int, ">= 1"),
-    "eval.beam_size": (int, ">= 1"),
-    "eval.alpha": (float, ">= 0"),
-    "eval.max_len_a": (float, ">= 0"),
-    "eval.max_len_b": (int, ">= 0"),
-    # Further checked against each other by parallel.check_distributed.
-    "distributed.num_processes": (int, ">= 1"),
-    "distributed.process_id": (int, ">= 0"),
-    "distributed.heartbeat_timeout_s": (int, ">= 1"),
-    "distributed.init_timeout_s": (int, ">= 1"),
+    "teacher_forcing.k": Key(float, ">= 0", TRAJECTORY),
+    "teacher_forcing.mode": Key(str, ("sequential", "parallel"), TRAJECTORY, older="sequential"),
+    "teacher_forcing.passes": Key(int, ">= 1", TRAJECTORY, older=1),
+    "eval.batch_size": Key(int, ">= 1", FREE),
+    "eval.max_decode_len": Key(int, ">= 1", FREE),
+    "eval.max_len_a": Key(float, ">= 0", FREE, older=2.0),
+    "eval.max_len_b": Key(int, ">= 0", FREE, older=10),
+    "eval.search": Key(str, ("greedy", "beam"), FREE),
+    "eval.beam_size": Key(int, ">= 1", FREE),
+    "eval.alpha": Key(float, ">= 0", FREE),
+    # Lays the same global batches out over other processes: the updates differ only in the order of
+    # float sums. Further checked against each other by parallel.check_distributed.
+    "distributed.coordinator_address": Key(str, None, FREE, older=""),
+    "distributed.num_processes": Key(int, ">= 1", FREE, older=1),
+    "distributed.process_id": Key(int, ">= 0", FREE, older=0),
+    "distributed.heartbeat_timeout_s": Key(int, ">= 1", FREE, older=30),
+    "distributed.init_timeout_s": Key(int, ">= 1", FREE, older=45),
 }
+# Views of KEYS for checks of the same values elsewhere: the numeric keys' (type, range), the choices.
+RANGES = {key: (row.kind, row.allowed) for key, row in KEYS.items() if row.kind in (int, float)}
+CHOICES = {key: row.allowed for key, row in KEYS.items() if row.kind is str and row.allowed is not None}
 # teacher_forcing.k for the schedules that use it, unless it is schedules.AUTO_K (sized to the run).
 K_RANGES = {"exponential": "(0, 1)", "inverse_sigmoid": ">= 1"}
-BOOLS = ("model.bidirectional", "model.reverse_source", "model.input_feeding")
-STRINGS = ("data.train_prefix", "data.dev_prefix", "data.src_lang", "data.tgt_lang",
-           "distributed.coordinator_address")
-KNOWN_KEYS = frozenset(CHOICES) | frozenset(RANGES) | frozenset(BOOLS) | frozenset(STRINGS) | {
-    "data.bucket_boundaries"}
-
-# Keys that fix the parameter shapes or the vocabulary: a workdir cannot change them.
-SHAPE_KEYS = (
-    "data.task", "data.vocab_size", "data.spm_model_type", "data.src_lang", "data.tgt_lang",
-    "data.synthetic_vocab_size", "model.embed_dim", "model.encoder_hidden", "model.encoder_layers",
-    "model.bidirectional", "model.decoder_hidden", "model.decoder_layers", "model.attention",
-    "model.attention_dim", "model.input_feeding",
-)
-# Keys (or groups) a resumed run may change: they do not change the training trajectory. Every other
-# key does, so a new key is refused by default. num_train_steps is free only while nothing of the
-# trajectory depends on it (see _depends_on_num_train_steps). `distributed` lays the same global
-# batches out over other processes: the updates differ only in the order of float sums.
-FREE_KEYS = ("num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-             "keep_checkpoints", "on_nonfinite", "eval", "distributed")
 
 _ABSENT = object()
 _COMPARE = {"[": operator.ge, "(": operator.gt, "]": operator.le, ")": operator.lt,
@@ -155,27 +169,33 @@ def _is_number(value, kind: type) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _problem(row: Key, value) -> str | None:
+    """What `value` must be for a key of this row ("is not one of ...", "must be ..."); None if it is."""
+    if row.kind in (int, float):
+        ok = _is_number(value, row.kind) and _in_range(value, row.allowed)
+        return None if ok else _requirement(row.kind, row.allowed)
+    if row.kind is bool:
+        return None if isinstance(value, bool) else "must be True or False"
+    if row.kind is str and row.allowed is not None:
+        return None if value in row.allowed else f"is not one of {row.allowed}"
+    if row.kind is str:
+        return None if isinstance(value, str) else "must be a string"
+    return None  # data.bucket_boundaries: _check_bucket_boundaries
+
+
 def check(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the first bad key."""
     flat = _flatten(config)
-    unknown = sorted(set(flat) - KNOWN_KEYS)
+    unknown = sorted(set(flat) - set(KEYS))
     if unknown:
         raise ConfigError(f"config: unknown key {unknown[0]} (the known keys are those of configs/default.py)")
-    missing = sorted(KNOWN_KEYS - set(flat))
+    missing = sorted(set(KEYS) - set(flat))
     if missing:
         raise ConfigError(f"config: missing key {missing[0]}")
-    for key, allowed in CHOICES.items():
-        if flat[key] not in allowed:
-            raise ConfigError(f"config: {key}={flat[key]!r} is not one of {allowed}")
-    for key, (kind, interval) in RANGES.items():
-        if not (_is_number(flat[key], kind) and _in_range(flat[key], interval)):
-            raise ConfigError(f"config: {key}={flat[key]!r} {_requirement(kind, interval)}")
-    for key in BOOLS:
-        if not isinstance(flat[key], bool):
-            raise ConfigError(f"config: {key}={flat[key]!r} must be True or False")
-    for key in STRINGS:
-        if not isinstance(flat[key], str):
-            raise ConfigError(f"config: {key}={flat[key]!r} must be a string")
+    for key, row in KEYS.items():
+        problem = _problem(row, flat[key])
+        if problem:
+            raise ConfigError(f"config: {key}={flat[key]!r} {problem}")
     _check_bucket_boundaries(config.data)
     if config.data.synthetic_min_len > config.data.synthetic_max_len:
         raise ConfigError(f"config: data.synthetic_min_len={config.data.synthetic_min_len} must be <= "
@@ -210,7 +230,7 @@ def to_json(config: ml_collections.ConfigDict) -> dict:
 def _depends_on_num_train_steps(config: ml_collections.ConfigDict) -> bool:
     """True when the trajectory is a function of num_train_steps: the cosine and wsd learning-rate
     decays end at the last step, and an auto-sized teacher-forcing k is computed from it."""
-    return config.optimizer.decay in ("cosine", "wsd") or schedules.uses_num_train_steps(config)
+    return config.optimizer.decay in ("cosine", "wsd") or schedules.uses_num_train_steps(config.teacher_forcing)
 
 
 def _unused(config: ml_collections.ConfigDict) -> set[str]:
@@ -236,28 +256,29 @@ def _unused(config: ml_collections.ConfigDict) -> set[str]:
 
 
 def _is_free(key: str, config: ml_collections.ConfigDict) -> bool:
+    """True for a FREE key (num_train_steps only while nothing depends on it); a key without a row
+    (in an old config.json) is not free."""
     if key == "num_train_steps":
         return not _depends_on_num_train_steps(config)
-    return any(key == free or key.startswith(f"{free}.") for free in FREE_KEYS)
+    return key in KEYS and KEYS[key].role == FREE
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     """Compares `config` with workdir/config.json, if there is one, before anything is written.
 
-    Raises ConfigError if a SHAPE_KEYS key changed (the checkpoints cannot be restored), or if any
+    Raises ConfigError if a SHAPE key changed (the checkpoints cannot be restored), or if any
     other key changed that alters the training trajectory (one line naming each such key, old ->
     new). Returns the changes of free keys, "key: old → new", for the caller to log. Keys the
-    config ignores (synthetic settings of a files task, k of a linear schedule, ...) are skipped.
+    config ignores (synthetic settings of a files task, k of a linear schedule, ...) are skipped;
+    keys added since the workdir's config.json was written count with their `older` value.
     """
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return []
-    saved = _read_config(path)
+    saved = _with_older_values(_read_config(path))
     unused = _unused(config)
     old, new = _flatten(saved), _flatten(to_json(config))
-    for key in SHAPE_KEYS:
-        if key in unused:
-            continue
+    for key in [key for key, row in KEYS.items() if row.role == SHAPE and key not in unused]:
         if key not in old:
             raise ConfigError(f"{path}: has no {key}; this workdir was made by another version or "
                               "program; use a new --workdir")
@@ -280,38 +301,45 @@ def _change(key: str, old: dict, new: dict) -> str:
     return f"{key}: {show[0]} → {show[1]}"
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{path}: unreadable ({error})") from error
-
-
 def _read_config(path: str) -> dict:
     """The JSON object of a config.json; ConfigError for anything else (a list, null, ...)."""
-    saved = _read_json(path)
+    try:
+        saved = files.read_json(path)
+    except files.UnreadableFile as error:
+        raise ConfigError(str(error)) from error
     if not isinstance(saved, dict):
         raise ConfigError(f"{path}: not a config (a JSON object of keys and groups, as training writes it) "
                           f"but {json.dumps(saved)[:40]}; restore the file or use a new --workdir")
     return saved
 
 
+def _with_older_values(saved: dict) -> dict:
+    """A config.json's object with each key it lacks that has an `older` value set to that value:
+    the keys added since an older version wrote it."""
+    present = _flatten(saved)
+    for key, row in KEYS.items():
+        if row.older is None or key in present:
+            continue
+        group, _, name = key.rpartition(".")
+        node = saved.setdefault(group, {}) if group else saved
+        if isinstance(node, dict):  # else a hand-edited group: check() names it
+            node[name] = row.older
+    return saved
+
+
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Writes workdir/config.json atomically (a killed run leaves the old file or the new one)."""
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-        json.dump(to_json(config), f, indent=2, sort_keys=True)
-    os.replace(f"{path}.tmp", path)
+    files.write_json(os.path.join(workdir, "config.json"), to_json(config))
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:
-    """workdir/config.json, checked as check() checks a new config; ConfigError naming the file."""
+    """workdir/config.json, with the keys added since it was written at their `older` values, checked
+    as check() checks a new config; ConfigError naming the file."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"{path}: missing; is {workdir} a training workdir?")
-    config = ml_collections.ConfigDict(_read_config(path))
+    config = ml_collections.ConfigDict(_with_older_values(_read_config(path)))
     try:
         check(config)
     except ConfigError as error:

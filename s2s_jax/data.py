@@ -11,7 +11,6 @@ import contextlib
 import functools
 import hashlib
 import io
-import json
 import logging
 import os
 import re
@@ -23,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import sentencepiece as spm
 
-from s2s_jax import BOS_ID, EOS_ID, PAD_ID, UNK_ID, tokenized
+from s2s_jax import BOS_ID, EOS_ID, PAD_ID, UNK_ID, files, tokenized
 
 IdSeqs = list[list[int]]
 
@@ -349,7 +348,7 @@ def make_batch(src_ids: IdSeqs, tgt_ids: IdSeqs, indices: Sequence[int], batch_s
 
 
 class TrainBatches:
-    """Endless, deterministic stream of training batches, a pure function of the batch number.
+    """Endless, deterministic training batches: `batch(n)` is a pure function of the batch number.
 
     Each pair goes to the bucket of the smallest boundary >= pair_length. Epoch e uses
     rng = np.random.default_rng([seed, e]): pairs are shuffled within each bucket, each bucket
@@ -408,15 +407,6 @@ class TrainBatches:
         if rows is not None:
             indices = indices[rows]
         return make_batch(self.src_ids, self.tgt_ids, indices, len(indices), length)
-
-    def from_position(self, number: int) -> Iterator[tuple[int, Batch]]:
-        """Yields (n, batch(n)) for n = number, number+1, ... forever (resume from a checkpoint step)."""
-        while True:
-            yield number, self.batch(number)
-            number += 1
-
-    def __iter__(self) -> Iterator[tuple[int, Batch]]:
-        return self.from_position(0)
 
 
 def eval_batches(src_ids: IdSeqs, tgt_ids: IdSeqs, *, batch_size: int, boundaries: Sequence[int]) -> list[Batch]:
@@ -596,10 +586,9 @@ def _scan(cfg, with_sample: bool) -> _Scan:
 
 def _read_provenance(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except (OSError, ValueError) as e:
-        raise _error(path, f"cannot read tokenizer provenance ({e})") from e
+        record = files.read_json(path)
+    except files.UnreadableFile as e:
+        raise DataError(str(e)) from e
     if not (isinstance(record, dict) and record.get("format") == _PROVENANCE_FORMAT
             and isinstance(record.get("models"), dict)):
         raise _error(path, f"not a tokenizer provenance record of format {_PROVENANCE_FORMAT}")
@@ -667,13 +656,6 @@ def _tokenizers(cfg, scan: _Scan, workdir: str) -> tuple[Tokenizer, Tokenizer, d
     return tokenizers[0], tokenizers[1], {**scan.record, "models": models}
 
 
-def _write_synced(path: str, content: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_tokenizers(corpus: Corpus, workdir: str) -> None:
     """Writes the corpus's tokenizers to workdir/tokenizers/: {src,tgt}.model and provenance.json.
 
@@ -692,9 +674,9 @@ def save_tokenizers(corpus: Corpus, workdir: str) -> None:
     os.makedirs(tmp)
     try:
         for name, tok in zip(_MODEL_FILES, (corpus.src_tokenizer, corpus.tgt_tokenizer)):
-            _write_synced(os.path.join(tmp, name), tok.model_proto())
-        _write_synced(os.path.join(tmp, _PROVENANCE), (json.dumps(corpus.provenance, indent=1) + "\n").encode())
-        os.replace(tmp, folder)  # atomic; replaces an empty folder, fails on a non-empty one
+            files.write_atomic(os.path.join(tmp, name), tok.model_proto())
+        files.write_json(os.path.join(tmp, _PROVENANCE), corpus.provenance)
+        files.replace(tmp, folder)  # atomic; replaces an empty folder, fails on a non-empty one
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -6,15 +6,9 @@ import os
 
 import jax
 
+from s2s_jax import files
+
 logger = logging.getLogger(__name__)
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Writes a whole file or nothing: a run killed mid-write leaves the old file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def duration(seconds: float) -> str:
@@ -85,7 +79,7 @@ class MetricsLog:
                     continue
                 if row["step"] <= resume_step:
                     rows.append(line)
-        write_atomic(self.path, "".join(rows))
+        files.write_atomic(self.path, "".join(rows))
         from tensorboardX import SummaryWriter
         # One event file per run start (tensorboardX names files by the second: a restart within
         # the same second would truncate the previous file); names sort by resume step.

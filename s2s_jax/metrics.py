@@ -1,5 +1,11 @@
 """Translation metrics on token sequences: BLEU, bag-of-tokens P/R/F1, sacrebleu wrappers.
 
+Two BLEUs, each with its own job. The run's dev BLEU (evaluation, summary.json, the final line) is
+sacrebleu's on detokenized text (`sacrebleu_score`): the field's standard score, reported with its
+signature. `corpus_bleu` / `sentence_bleu` / `bleu_by_length` are the library's fast token-level
+BLEU for users who score ids or tokens (analyses, studies, tests); tests/test_metrics.py checks
+them against sacrebleu.
+
 BLEU mirrors ``sacrebleu`` (``tokenize="none"`` on space-joined tokens) exactly, including its
 smoothing methods and edge cases, but counts n-grams for the whole corpus at once with numpy:
 every n-gram becomes one integer id per (sentence, n-gram), built order by order from the id of

@@ -412,16 +412,9 @@ class Seq2Seq(nn.Module):
 
 
 def make_model(model_cfg, src_vocab_size: int, tgt_vocab_size: int) -> Seq2Seq:
-    """Builds Seq2Seq from the `config.model` group."""
-    return Seq2Seq(
-        src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size,
-        embed_dim=model_cfg.embed_dim, encoder_hidden=model_cfg.encoder_hidden,
-        encoder_layers=model_cfg.encoder_layers, bidirectional=model_cfg.bidirectional,
-        reverse_source=model_cfg.reverse_source, decoder_hidden=model_cfg.decoder_hidden,
-        decoder_layers=model_cfg.decoder_layers, attention=model_cfg.attention,
-        attention_dim=model_cfg.attention_dim, input_feeding=model_cfg.input_feeding,
-        dropout_rate=model_cfg.dropout, dtype=jnp.dtype(model_cfg.dtype),
-        # Workdirs written before output_chunk existed run the plain output layer.
-        output_chunk=model_cfg.get("output_chunk", 0),
-        # Workdirs written before init_scale existed were initialised with Glorot / orthogonal.
-        init_scale=model_cfg.get("init_scale", 0.0))
+    """Builds Seq2Seq from the `config.model` group: each key sets the field of its name (dropout
+    sets dropout_rate; dtype is named)."""
+    fields = dict(model_cfg)
+    fields["dropout_rate"] = fields.pop("dropout")
+    fields["dtype"] = jnp.dtype(fields["dtype"])
+    return Seq2Seq(src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, **fields)

@@ -11,7 +11,8 @@ All schedules move from `start` towards `end` and work on Python ints and traced
 In a config, k = AUTO_K (0) sizes k to the run for exponential and inverse_sigmoid: the ratio passes
 the midpoint between start and end at step num_train_steps / 2, i.e. k ** (N / 2) = 1/2 for
 exponential and k * ln(k) = N / 2 for inverse_sigmoid (k = 884 for N = 12,000: ratio 0.999 at step
-0). An explicit k is used as given. from_config(config) builds the schedule of a training config.
+0). An explicit k is used as given. from_config(tf_cfg, num_train_steps) builds the schedule of
+a training config's teacher_forcing group.
 """
 import math
 from collections.abc import Callable
@@ -70,15 +71,14 @@ def auto_k(kind: str, num_train_steps: int) -> float:
     return k
 
 
-def uses_num_train_steps(config) -> bool:
-    """True when config.teacher_forcing's k is sized to config.num_train_steps (AUTO_K)."""
-    tf = config.teacher_forcing
-    return tf.schedule in ("exponential", "inverse_sigmoid") and tf.k == AUTO_K
+def uses_num_train_steps(tf_cfg) -> bool:
+    """True when the k of config.teacher_forcing (`tf_cfg`) is sized to num_train_steps (AUTO_K)."""
+    return tf_cfg.schedule in ("exponential", "inverse_sigmoid") and tf_cfg.k == AUTO_K
 
 
-def from_config(config) -> Callable:
-    """step -> teacher-forcing ratio for a training config (its teacher_forcing group and, for an
-    auto-sized k, num_train_steps)."""
-    tf = config.teacher_forcing
-    k = auto_k(tf.schedule, config.num_train_steps) if uses_num_train_steps(config) else tf.k
-    return make_schedule(tf.schedule, start=tf.start, end=tf.end, decay_steps=tf.decay_steps, k=k)
+def from_config(tf_cfg, num_train_steps: int) -> Callable:
+    """step -> teacher-forcing ratio of config.teacher_forcing (`tf_cfg`); num_train_steps sizes an
+    AUTO_K k."""
+    k = auto_k(tf_cfg.schedule, num_train_steps) if uses_num_train_steps(tf_cfg) else tf_cfg.k
+    return make_schedule(tf_cfg.schedule, start=tf_cfg.start, end=tf_cfg.end, decay_steps=tf_cfg.decay_steps,
+                         k=k)

@@ -21,7 +21,6 @@ naming it.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import shutil
@@ -32,6 +31,8 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
+
+from s2s_jax import files
 
 logger = logging.getLogger(__name__)
 
@@ -74,26 +75,16 @@ class RaggedIds(Sequence):
         return self.ids[start:start + int(self.lengths[i % n])]
 
 
-def _read_json(path: str) -> dict | None:
+def _record(path: str) -> dict | None:
+    """The JSON record at `path`; None when it is missing or unreadable (nothing to go on)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return files.read_json(path)
+    except files.UnreadableFile:
         return None
 
 
-def _write_json(path: str, record: dict) -> None:
-    """Atomic, durable write."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def is_ready(folder: str, key: dict) -> bool:
-    meta = _read_json(os.path.join(folder, "meta.json"))
+    meta = _record(os.path.join(folder, "meta.json"))
     return isinstance(meta, dict) and meta.get("format") == _FORMAT and meta.get("key") == key
 
 
@@ -180,7 +171,7 @@ def prepare(folder: str, key: dict, pairs: Callable[[dict | None], Iterator[tupl
     if is_ready(folder, key):
         return
     progress_path = os.path.join(folder, "progress.json")
-    progress = _read_json(progress_path)
+    progress = _record(progress_path)
     if not isinstance(progress, dict) or progress.get("key") != key or progress.get("format") != _FORMAT:
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder)
@@ -197,7 +188,7 @@ def prepare(folder: str, key: dict, pairs: Callable[[dict | None], Iterator[tupl
             output.f.close()
     meta = dict(format=_FORMAT, key=key, dtypes=dtypes, pairs=progress["pairs"], too_long=progress["too_long"],
                 files=progress["files"])
-    _write_json(os.path.join(folder, "meta.json"), meta)
+    files.write_json(os.path.join(folder, "meta.json"), meta)
     if os.path.exists(progress_path):  # absent when there was no pair at all
         os.remove(progress_path)
 
@@ -254,7 +245,7 @@ def _append_chunks(folder, outputs, progress, pairs, encode, max_len, dtypes, to
             output.sync()
         progress.update(position=chunk[-1][0], pairs=progress["pairs"] + len(keep),
                         too_long=progress["too_long"] + len(chunk) - len(keep))
-        _write_json(os.path.join(folder, "progress.json"), progress)
+        files.write_json(os.path.join(folder, "progress.json"), progress)
         consumed = progress["pairs"] + progress["too_long"]
         rate = (consumed - done_before) / max(time.time() - started, 1e-9)
         of = f" of {total:,} ({100 * consumed / total:.0f}%)" if total else ""
@@ -279,7 +270,7 @@ def open_split(folder: str, *, checksums: bool = True) -> tuple[RaggedIds, Ragge
     Every file's size is checked against meta.json, and with `checksums` its crc32 (a read of
     the whole folder); CorpusError naming the first file that differs."""
     meta_path = os.path.join(folder, "meta.json")
-    meta = _read_json(meta_path)
+    meta = files.read_json(meta_path)
     for name, record in meta["files"].items():
         path = os.path.join(folder, name)
         with _open(path, "rb") as f:

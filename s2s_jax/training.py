@@ -40,7 +40,6 @@ next collective fails (train.py exits with status 3) or JAX's heartbeat ends the
 (config.distributed.heartbeat_timeout_s).
 """
 import functools
-import json
 import logging
 import math
 import os
@@ -53,7 +52,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from s2s_jax import (checkpoints, configuration, data, evaluation, logbook, parallel, schedules, steps,
+from s2s_jax import (checkpoints, configuration, data, evaluation, files, logbook, parallel, schedules, steps,
                      workdir_lock)
 from s2s_jax.models import Seq2Seq, make_model
 
@@ -159,13 +158,13 @@ def _check_inputs(config, workdir: str) -> _Inputs:
 
 def _jit_train_step(config, model: Seq2Seq, mesh):
     """train_step with the run's static arguments bound, jitted with shardings and donation."""
+    tf = config.teacher_forcing
     return jax.jit(
-        functools.partial(steps.train_step, model=model, tf_schedule=schedules.from_config(config),
-                          fast_path_only=schedules.is_always_one(config.teacher_forcing.schedule,
-                                                                 config.teacher_forcing.start),
+        functools.partial(steps.train_step, model=model,
+                          tf_schedule=schedules.from_config(tf, config.num_train_steps),
+                          fast_path_only=schedules.is_always_one(tf.schedule, tf.start),
                           label_smoothing=config.optimizer.label_smoothing,
-                          base_rng=jax.random.PRNGKey(config.seed), tf_mode=config.teacher_forcing.mode,
-                          tf_passes=config.teacher_forcing.passes),
+                          base_rng=jax.random.PRNGKey(config.seed), tf_mode=tf.mode, tf_passes=tf.passes),
         in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
         out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
         donate_argnums=0)
@@ -297,9 +296,9 @@ class _Loop:
         return self.dev["dev_bleu"]
 
     def _save(self, done: int, dev_bleu: float | None) -> None:
-        corpus, batches = self.inputs.corpus, self.inputs.batches
-        meta = dict(step=done, data_position=done, epoch=done // batches.batches_per_epoch,
-                    window=self.window.as_dict(), param_shapes=checkpoints.param_shapes(self.state.params),
+        corpus = self.inputs.corpus
+        meta = dict(step=done, window=self.window.as_dict(),
+                    param_shapes=checkpoints.param_shapes(self.state.params),
                     src_vocab_size=corpus.src_tokenizer.vocab_size, tgt_vocab_size=corpus.tgt_tokenizer.vocab_size)
         self.store.save(done, self.state, meta, dev_bleu)
 
@@ -370,7 +369,7 @@ def _train_in(config, workdir: str) -> dict:
                    train_step_shapes=len(inputs.batches.shapes), parameters=inputs.param_count,
                    bleu_signature=loop.evaluator.signature)
     if writer:
-        logbook.write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
+        files.write_json(os.path.join(workdir, "summary.json"), summary)
         print(_final_line(summary, config), flush=True)
     return summary
 
@@ -380,8 +379,7 @@ def _finished_summary(workdir: str, step: int, num_train_steps: int) -> dict | N
     path = os.path.join(workdir, "summary.json")
     if step < num_train_steps or not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        summary = json.load(f)
+    summary = files.read_json(path)
     return summary if summary.get("steps") == step else None
 
 

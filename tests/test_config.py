@@ -195,7 +195,7 @@ def test_auto_k_starts_near_start_and_is_halfway_at_half_the_run():
     for module in (default, tiny):
         config = module.get_config()
         config.teacher_forcing.update(schedule="inverse_sigmoid", start=0.9, end=0.1, k=0.0)
-        ratio = schedules.from_config(config)
+        ratio = schedules.from_config(config.teacher_forcing, config.num_train_steps)
         assert float(ratio(0)) == pytest.approx(0.9, abs=0.02)
         assert float(ratio(config.num_train_steps // 2)) == pytest.approx(0.5, abs=1e-4)
         assert float(ratio(config.num_train_steps)) < 0.2
@@ -233,6 +233,33 @@ def test_load_checks_a_hand_edited_config(tmp_path, edit, key):
 def test_check_workdir_refuses_a_config_json_that_is_not_an_object(tmp_path, edit):
     workdir = _hand_edited(tmp_path, edit)
     with pytest.raises(ConfigError, match=re.escape(os.path.join(workdir, "config.json")) + ": not a config"):
+        configuration.check_workdir(tiny.get_config(), workdir)
+
+
+# What a config.json written before these keys existed lacks (git log -S'<key>' -- configs/default.py).
+LATER_KEYS = ("data.spm_sample_size", "model.init_scale", "model.output_chunk", "teacher_forcing.mode",
+              "teacher_forcing.passes", "eval.max_len_a", "eval.max_len_b")
+
+
+def _as_older_version(saved: dict) -> dict:
+    for key in LATER_KEYS:
+        group, name = key.split(".")
+        del saved[group][name]
+    del saved["distributed"]
+    return saved
+
+
+def test_a_config_json_of_an_older_version_loads_with_the_later_keys_at_their_older_values(tmp_path):
+    workdir = _hand_edited(tmp_path, _as_older_version)
+    config = configuration.load(workdir)
+    assert (config.data.spm_sample_size, config.model.init_scale, config.model.output_chunk) == (1_000_000, 0.0, 0)
+    assert (config.teacher_forcing.mode, config.teacher_forcing.passes) == ("sequential", 1)
+    assert (config.eval.max_len_a, config.eval.max_len_b) == (2.0, 10)
+    assert config.distributed.to_dict() == dict(coordinator_address="", num_processes=1, process_id=0,
+                                                heartbeat_timeout_s=30, init_timeout_s=45)
+    assert configuration.check_workdir(config, workdir) == []
+    # The older value is what a resumed run is compared with.
+    with pytest.raises(ConfigError, match=re.escape("(model.output_chunk: 0 → 512)")):
         configuration.check_workdir(tiny.get_config(), workdir)
 
 

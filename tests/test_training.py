@@ -334,6 +334,32 @@ def test_resume_continues_at_the_checkpoint_and_matches_an_uninterrupted_run(set
         training.train_and_evaluate(other, resumed)
 
 
+def test_a_workdir_of_an_older_version_loads_and_resumes(tmp_path, caplog):
+    """A config.json without the keys added since (each at its older value in this run) loads with
+    them filled in, and the run resumes from its checkpoint."""
+    workdir = str(tmp_path / "older")
+    config = resume_config(50)
+    config.model.output_chunk = 0  # the older value of every later key, like tiny's init_scale
+    training.train_and_evaluate(config, workdir)
+    path = os.path.join(workdir, "config.json")
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    for key, row in configuration.KEYS.items():
+        if row.older is not None:
+            group, name = key.split(".")
+            del saved[group][name]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(saved, f)
+
+    loaded = configuration.load(workdir)
+    assert configuration.to_json(loaded) == configuration.to_json(config)
+    loaded.num_train_steps = 100
+    with caplog.at_level(logging.INFO, logger="s2s_jax.training"):
+        summary = training.train_and_evaluate(loaded, workdir)
+    assert any("resumed" in r.getMessage() and "step 50" in r.getMessage() for r in caplog.records)
+    assert summary["steps"] == 100
+
+
 # ----------------------------------------------------------------------------- optimizer
 def opt_config(decay, warmup=10, peak=1e-2, clip_norm=0.0):
     from ml_collections import ConfigDict
