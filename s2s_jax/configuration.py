@@ -18,8 +18,6 @@ Every error is a ConfigError of one line that names the key, its value and what 
 """
 import itertools
 import json
-import math
-import numbers
 import operator
 import os
 from typing import NamedTuple
@@ -28,7 +26,7 @@ import ml_collections
 
 from s2s_jax import files, schedules
 from s2s_jax.attention import SCORES
-from s2s_jax.validate import is_int
+from s2s_jax.validate import is_int, is_number
 
 # Roles: what a resumed run may do with a key.
 SHAPE = "shape"  # fixes the parameter shapes or the vocabulary: a workdir cannot change it
@@ -164,9 +162,7 @@ def _requirement(kind: type, interval: str) -> str:
 
 
 def _is_number(value, kind: type) -> bool:
-    if kind is int:
-        return is_int(value)
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    return is_int(value) if kind is int else is_number(value)
 
 
 def _problem(row: Key, value) -> str | None:

@@ -122,8 +122,7 @@ class SearchOptions(collections.namedtuple("SearchOptions", [o.name for o in OPT
     def from_eval_config(cls, eval_cfg, search: str) -> SearchOptions:
         """The options of dev BLEU during training (config.eval) for `search`."""
         return cls(search=search, beam_size=int(eval_cfg.beam_size), alpha=float(eval_cfg.alpha),
-                   max_len_a=float(eval_cfg.get("max_len_a", cls._field_defaults["max_len_a"])),  # absent in
-                   max_len_b=int(eval_cfg.get("max_len_b", cls._field_defaults["max_len_b"])))  # older workdirs
+                   max_len_a=float(eval_cfg.max_len_a), max_len_b=int(eval_cfg.max_len_b))
 
     def updated(self, overrides: Mapping[str, Any]) -> SearchOptions:
         """These options under `overrides` (a None override keeps the value, except for max_len,

@@ -13,7 +13,7 @@ from flax.training import train_state
 
 from s2s_jax import PAD_ID, data, output_layer
 from s2s_jax.models import Seq2Seq
-from s2s_jax.output_layer import NEVER_TARGETS
+from s2s_jax.ops import NEVER_TARGETS
 
 
 class TrainState(train_state.TrainState):

@@ -1,7 +1,6 @@
 """Tests for s2s_jax.tokenized: the on-disk training split is checked, never trusted blindly."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from s2s_jax import data, tokenized
-from tests.test_data import as_lists, small_corpus, write
+from tests.test_data import as_lists, small_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 
