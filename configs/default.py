@@ -6,12 +6,14 @@ Command:
 Expect: bidirectional LSTM 256x2 encoder, LSTM 256 decoder, Luong general attention and input
 feeding (8,580,416 parameters with the 8000-piece vocabularies). Measured on 2 CPU cores: 0.33 s
 per full-length 64x40 step when idle (bench/train_speed.py), ~4,200 tokens/s on the corpus while
-other jobs shared the cores; so 12k steps take roughly an hour. The full run's BLEU has not been
-measured yet (BUILD_NOTES.md).
+other jobs shared the cores; so 12k steps take roughly an hour. Within the JoeyNMT anchor's 30
+minutes (bench/anchor_budget.sh) it reached greedy dev BLEU 31.6 and beam-5 32.4 (3,114 steps,
+under load; BUILD_NOTES.md has the command).
 
-Each field's type, valid range and role on resume are in s2s_jax/configuration.py (KEYS: a new field
-needs its row there); configuration.check enforces them before anything is compiled or written. Override any field on the command line with
---config.<group>.<key>=<value>, e.g. --config.teacher_forcing.k=500.
+Each field's type, valid range and role on resume are in s2s_jax/configuration.py (KEYS: a new
+field needs its row there); configuration.check enforces them before anything is compiled or
+written. Override any field on the command line with --config.<group>.<key>=<value>, e.g.
+--config.teacher_forcing.k=500.
 """
 import ml_collections
 
@@ -142,7 +144,7 @@ def get_config() -> ml_collections.ConfigDict:
     tf.passes = 1
 
     config.eval = ev = ml_collections.ConfigDict()
-    # Sentences per decoding batch.
+    # Sentences per dev-loss batch (dev BLEU decodes a fixed 32 rows per call: batch invariance).
     ev.batch_size = 128
     # Compiled output limit, in pieces: min(max_decode_len, 2 * source bucket length + 10).
     ev.max_decode_len = 128
