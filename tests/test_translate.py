@@ -355,12 +355,19 @@ def test_cli_sampling_and_bad_option(tiny_workdir):
     assert result.returncode != 0 and len(lines) == 1 and "top_p" in lines[0]
 
 
-def test_eval_options_of_a_workdir_older_than_the_length_rule():
-    """config.json of older workdirs has no eval.max_len_a / max_len_b: the defaults apply."""
-    from ml_collections import ConfigDict
-    old_eval = ConfigDict(dict(beam_size=4, alpha=0.5, batch_size=16, max_decode_len=64, search="greedy"))
-    options = SearchOptions.from_eval_config(old_eval, "beam")
-    assert (options.beam_size, options.alpha, options.max_len_a, options.max_len_b) == (4, 0.5, 2.0, 10)
+def test_eval_options_of_a_workdir_older_than_the_length_rule(tmp_path, tiny_config):
+    """config.json of older workdirs has no eval.max_len_a / max_len_b: loading it fills their older
+    values, which the search options then use."""
+    import json
+
+    from s2s_jax import configuration
+    configuration.save(tiny_config, str(tmp_path))
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["eval"]["max_len_a"], saved["eval"]["max_len_b"]
+    path.write_text(json.dumps(saved))
+    options = SearchOptions.from_eval_config(configuration.load(str(tmp_path)).eval, "beam")
+    assert (options.max_len_a, options.max_len_b) == (2.0, 10)
 
 
 # ----------------------------------------------------------------------------- the command streams
