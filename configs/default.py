@@ -168,7 +168,8 @@ def get_config() -> ml_collections.ConfigDict:
     # This process's number, 0 .. num_processes - 1 (ignored when "auto"); process 0 writes the files.
     dist.process_id = 0
     # A process silent for this long counts as dead: the others stop with an error (JAX's heartbeat).
-    dist.heartbeat_timeout_s = 30
+    # Above gloo's 30 s wait in a collective, so a peer lost there is reported as such (status 3).
+    dist.heartbeat_timeout_s = 60
     # How long a process waits for all the others to join (and agree on the config) before it gives up.
     dist.init_timeout_s = 45
     return config
