@@ -50,7 +50,7 @@ def bench_ours(cfg: dict, num_steps: int, dtype: str, output_chunk: int) -> tupl
                                          b2=0.999, clip_norm=0.0, label_smoothing=0.0))
     config = ml_collections.ConfigDict(dict(seed=0, num_train_steps=1000, optimizer=opt,
                                             data=dict(bucket_boundaries=(S,))))
-    state = steps.init_state(config, model)
+    state = steps.init_state(model, config.optimizer, config.num_train_steps, config.seed)
     rng = np.random.default_rng(0)
     tgt = rng.integers(4, V, (B, T + 1)).astype(np.int32)
     batch = data.Batch(src=jnp.asarray(rng.integers(4, V, (B, S)), jnp.int32),

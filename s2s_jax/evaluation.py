@@ -26,16 +26,17 @@ logger = logging.getLogger(__name__)
 class Evaluator:
     """`evaluator(params)` -> dict(dev_loss, dev_ppl, dev_bleu, dev_chrf[, dev_bleu_beam, dev_chrf_beam])."""
 
-    def __init__(self, config, corpus: data.Corpus, model: Seq2Seq, mesh):
-        self.config, self.corpus, self.mesh = config, corpus, mesh
-        self.loss_batches = data.eval_batches(corpus.dev_src, corpus.dev_tgt, batch_size=config.eval.batch_size,
-                                              boundaries=config.data.bucket_boundaries)
+    def __init__(self, eval_cfg, data_cfg, corpus: data.Corpus, model: Seq2Seq, mesh):
+        """eval_cfg, data_cfg: the run's config.eval and config.data."""
+        self.eval_cfg, self.corpus, self.mesh = eval_cfg, corpus, mesh
+        self.loss_batches = data.eval_batches(corpus.dev_src, corpus.dev_tgt, batch_size=eval_cfg.batch_size,
+                                              boundaries=data_cfg.bucket_boundaries)
         self.eval_step = jax.jit(functools.partial(steps.eval_step, model=model))
         self.decoder = inference.CorpusDecoder(model, corpus.src_tokenizer, corpus.tgt_tokenizer,
-                                               boundaries=config.data.bucket_boundaries,
-                                               max_source_len=config.data.max_len,
-                                               max_decode_len=config.eval.max_decode_len, mesh=mesh)
-        self.searches = ["greedy"] + (["beam"] if config.eval.search == "beam" else [])
+                                               boundaries=data_cfg.bucket_boundaries,
+                                               max_source_len=data_cfg.max_len,
+                                               max_decode_len=eval_cfg.max_decode_len, mesh=mesh)
+        self.searches = ["greedy"] + (["beam"] if eval_cfg.search == "beam" else [])
         self.signature: str | None = None  # sacrebleu's, logged at the first evaluation
         self.warned_long: set[int] = set()  # dev sources longer than data.max_len: warned about once a run
 
@@ -58,6 +59,6 @@ class Evaluator:
 
     def translate(self, params, search: str) -> list[str]:
         """Detokenized translations of the dev source text, in corpus order."""
-        options = SearchOptions.from_eval_config(self.config.eval, search)
+        options = SearchOptions.from_eval_config(self.eval_cfg, search)
         with sources.warn_long_once(self.warned_long):
             return [hyps[0].text for hyps in self.decoder(params, self.corpus.dev_src_text, options)]

@@ -59,12 +59,11 @@ def make_optimizer(opt_cfg, num_train_steps: int) -> tuple[optax.GradientTransfo
     return tx, learning_rate
 
 
-def init_state(config, model: Seq2Seq) -> TrainState:
-    """Fresh parameters (from config.seed) and optimizer state."""
-    tx, _ = make_optimizer(config.optimizer, config.num_train_steps)
-    length = config.data.bucket_boundaries[0]
-    dummy = jnp.ones((1, length), jnp.int32)
-    params = model.init(jax.random.PRNGKey(config.seed), dummy, jnp.ones((1,), jnp.int32), dummy,
+def init_state(model: Seq2Seq, opt_cfg, num_train_steps: int, seed: int) -> TrainState:
+    """Fresh parameters (from `seed`) and the optimizer state of `opt_cfg` (config.optimizer)."""
+    tx, _ = make_optimizer(opt_cfg, num_train_steps)
+    dummy = jnp.ones((1, 1), jnp.int32)  # parameter shapes do not depend on the lengths
+    params = model.init(jax.random.PRNGKey(seed), dummy, jnp.ones((1,), jnp.int32), dummy,
                         fast_path_only=True)["params"]
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 

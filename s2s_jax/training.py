@@ -149,7 +149,7 @@ def _check_inputs(config, workdir: str) -> _Inputs:
     model = make_model(config.model, corpus.src_tokenizer.vocab_size, corpus.tgt_tokenizer.vocab_size)
     abstract_state = jax.tree.map(  # shapes only, replicated on the mesh: orbax restores onto it
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
-        jax.eval_shape(lambda: steps.init_state(config, model)))
+        jax.eval_shape(lambda: steps.init_state(model, config.optimizer, config.num_train_steps, config.seed)))
     param_count = sum(x.size for x in jax.tree.leaves(abstract_state.params))
     logger.info("model: %s parameters; %d batches per epoch; batch shapes %s",
                 f"{param_count:,}", batches.batches_per_epoch, batches.shapes)
@@ -183,7 +183,7 @@ class _Loop:
         self.config, self.inputs, self.state, self.window = config, inputs, state, window
         self.store, self.log, self.stats = store, log, stats
         self.train_step = _jit_train_step(config, inputs.model, inputs.mesh)
-        self.evaluator = evaluation.Evaluator(config, inputs.corpus, inputs.model, inputs.mesh)
+        self.evaluator = evaluation.Evaluator(config.eval, config.data, inputs.corpus, inputs.model, inputs.mesh)
         _, self.learning_rate = steps.make_optimizer(config.optimizer, config.num_train_steps)
         self.started = time.time()
         self._start_clock()
@@ -345,7 +345,8 @@ def _train_in(config, workdir: str) -> dict:
             data.save_tokenizers(inputs.corpus, workdir)
             configuration.save(config, workdir)
         if restored is None:
-            state = parallel.replicate(steps.init_state(config, inputs.model), inputs.mesh)
+            fresh = steps.init_state(inputs.model, config.optimizer, config.num_train_steps, config.seed)
+            state = parallel.replicate(fresh, inputs.mesh)
             window = logbook.Window()
         else:  # on the mesh already
             state, meta = restored

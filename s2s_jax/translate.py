@@ -107,7 +107,7 @@ class Translator:
             src_tok = tgt_tok = data.IdTokenizer(config.data.synthetic_vocab_size)
         model = make_model(config.model, src_tok.vocab_size, tgt_tok.vocab_size)
         # The train-state layout is what checkpoints hold; shapes only, nothing is initialised.
-        target = jax.eval_shape(lambda: steps.init_state(config, model))
+        target = jax.eval_shape(lambda: steps.init_state(model, config.optimizer, config.num_train_steps, config.seed))
         store = checkpoints.Checkpoints.reader(workdir, tokenizers=checkpoints.tokenizers_fingerprint(src_tok, tgt_tok))
         try:
             state, meta = store.restore_best_or_latest(target)

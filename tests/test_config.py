@@ -50,7 +50,7 @@ def test_config_builds_the_model_its_docstring_states(module, vocab, parameters)
     from s2s_jax import steps
     from s2s_jax.models import make_model
     config = module.get_config()
-    state = jax.eval_shape(lambda: steps.init_state(config, make_model(config.model, vocab, vocab)))
+    state = jax.eval_shape(lambda: steps.init_state(make_model(config.model, vocab, vocab), config.optimizer, config.num_train_steps, config.seed))
     assert sum(x.size for x in jax.tree.leaves(state.params)) == parameters
     assert f"{parameters:,}" in module.__doc__
 

@@ -21,7 +21,7 @@ def test_a_long_dev_source_warns_at_the_first_evaluation_only(tiny_config, tmp_p
     long = [i for i, ids in enumerate(corpus.dev_src) if len(ids) > 6]
     assert long  # dev sources of 2..10 symbols
     model = make_model(config.model, corpus.src_tokenizer.vocab_size, corpus.tgt_tokenizer.vocab_size)
-    evaluator = evaluation.Evaluator(config, corpus, model, parallel.make_mesh())
+    evaluator = evaluation.Evaluator(config.eval, config.data, corpus, model, parallel.make_mesh())
     evaluator.decoder.decode_batch = no_search
     with caplog.at_level(logging.WARNING, logger="s2s_jax"):
         for _ in range(2):

@@ -141,7 +141,7 @@ def final_params(workdir) -> dict:
     model = make_model(config.model, config.data.synthetic_vocab_size, config.data.synthetic_vocab_size)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          jax.eval_shape(lambda: steps.init_state(config, model)))
+                          jax.eval_shape(lambda: steps.init_state(model, config.optimizer, config.num_train_steps, config.seed)))
     store = checkpoints.Checkpoints(str(workdir), config.keep_checkpoints)
     try:
         state, meta = store.restore_latest(target)

@@ -94,7 +94,7 @@ def test_train_step_fused_equals_plain(tiny_config, attention, input_feeding, bi
     for chunk in (40, 0):
         config.model.output_chunk = chunk
         model = make_model(config.model, vocab, vocab)
-        state = steps.init_state(config, model)
+        state = steps.init_state(model, config.optimizer, config.num_train_steps, config.seed)
         train_step = jax.jit(functools.partial(
             steps.train_step, model=model, tf_schedule=schedules.make_schedule("constant"),
             fast_path_only=True, label_smoothing=0.1, base_rng=jax.random.PRNGKey(5)))

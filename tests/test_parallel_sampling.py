@@ -155,7 +155,7 @@ def _train_setup(output_chunk):
     src, src_len, tgt_in = seq2seq_batch(seed=3)
     tgt_out = np.roll(np.asarray(tgt_in), -1, axis=1)
     batch = data.Batch(src, src_len, tgt_in, jnp.asarray(tgt_out), jnp.arange(len(src_len)))
-    return model, steps.init_state(config, model), batch
+    return model, steps.init_state(model, config.optimizer, config.num_train_steps, config.seed), batch
 
 
 # The teacher-forcing ratio is 1.0 at step 0 and 0.5 at step 1: one compiled step serves both.

@@ -417,7 +417,7 @@ def test_update_that_overflows_the_parameters_is_not_applied():
     config = tiny.get_config()
     config.data.bucket_boundaries = (12,)
     model = make_model(config.model, 20, 20)
-    state = steps.init_state(config, model)
+    state = steps.init_state(model, config.optimizer, config.num_train_steps, config.seed)
     state = steps.TrainState.create(apply_fn=state.apply_fn, params=state.params,
                                        tx=optax.chain(optax.scale(1e30), optax.scale(1e30)))
     src, tgt = data.synthetic_task("reverse", 64, 20, 2, 10, seed=0)

@@ -76,7 +76,7 @@ def setup():
     """The tiny model, a fresh state, a fixed batch and a jitted train_step (compiled once)."""
     config = small_config()
     model = make_model(config.model, VOCAB, VOCAB)
-    state = steps.init_state(config, model)
+    state = steps.init_state(model, config.optimizer, config.num_train_steps, config.seed)
     src, tgt = data.synthetic_task("reverse", 16, VOCAB, 2, 6, seed=0)
     batch = data.make_batch(src, tgt, list(range(16)), batch_size=16, length=8)
     step = jax.jit(functools.partial(
@@ -253,7 +253,7 @@ def test_checkpoint_of_another_model_shape_is_refused(setup, tmp_path, change):
         config.model.encoder_hidden = 16
     else:
         vocab = VOCAB + 5
-    other = jax.eval_shape(lambda: steps.init_state(config, make_model(config.model, vocab, vocab)))
+    other = jax.eval_shape(lambda: steps.init_state(make_model(config.model, vocab, vocab), config.optimizer, config.num_train_steps, config.seed))
     ours, theirs = checkpoints.param_shapes(state.params), checkpoints.param_shapes(other.params)
     differing = [name for name in ours if ours[name] != theirs.get(name)]
     assert differing
@@ -432,7 +432,7 @@ def test_skipped_updates_keep_the_schedule_on_state_step(setup):
     first real update moves every parameter with a nonzero gradient by the rate (m/sqrt(v) = ±1)."""
     config = small_config()
     config.optimizer.update(learning_rate=1e-2, warmup_steps=10, decay="constant", clip_norm=0.0)
-    state = steps.init_state(config, setup["model"])
+    state = steps.init_state(setup["model"], config.optimizer, config.num_train_steps, config.seed)
     batch = setup["batch"]
     src = batch.src.copy()
     src[0, 0] = 10 ** 6  # an id outside the vocabulary: NaN loss

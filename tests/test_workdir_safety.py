@@ -42,7 +42,7 @@ def _tiny_state(workdir):
     from s2s_jax.models import make_model
     config = configuration.load(workdir)
     vocab = config.data.synthetic_vocab_size
-    return steps.init_state(config, make_model(config.model, vocab, vocab))
+    return steps.init_state(make_model(config.model, vocab, vocab), config.optimizer, config.num_train_steps, config.seed)
 
 
 def test_reader_of_an_empty_workdir_creates_nothing(tmp_path):
@@ -214,7 +214,7 @@ def test_new_tokenizers_do_not_resume_an_old_checkpoint(tmp_path):
     from tests.test_reliability import _expect_error
     config, workdir = _files_run(tmp_path)
     vocab = config.data.vocab_size
-    state = steps.init_state(config, make_model(config.model, vocab, vocab))
+    state = steps.init_state(make_model(config.model, vocab, vocab), config.optimizer, config.num_train_steps, config.seed)
     store = checkpoints.Checkpoints(workdir, keep=1, tokenizers="0" * 64)
     store.save(2, state, dict(window={}, param_shapes=checkpoints.param_shapes(state.params)))
     store.close()
