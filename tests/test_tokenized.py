@@ -160,14 +160,18 @@ def test_ctrl_c_stops_train_py_while_preparing_and_the_rerun_resumes(tmp_path, m
     args = [f"--config={REPO}/configs/demo.py", f"--workdir={workdir}", "--compilation_cache=off",
             *(f"--config.data.{key}={cfg[key]}" for key in ("train_prefix", "dev_prefix", "vocab_size"))]
     # The child waits for the signal after its first progress line: the point it stops at is fixed.
-    child = ("import logging, runpy, signal, sys\n"
+    # It polls the preparation's own record of the signal (signal.pause() after the print would
+    # wait forever when the signal lands between the two).
+    child = ("import logging, runpy, signal, sys, time\n"
              "from s2s_jax import tokenized\n"
              "tokenized.CHUNK_PAIRS = 40\n"
              "class Pause(logging.Handler):\n"
              "    def emit(self, record):\n"
              "        if record.getMessage().startswith('corpus: tokenized 40 pairs'):\n"
+             "            signals = signal.getsignal(signal.SIGINT).__self__\n"
              "            print('waiting', flush=True)\n"
-             "            signal.pause()\n"
+             "            while not signals.received:\n"
+             "                time.sleep(0.01)\n"
              "tokenized.logger.addHandler(Pause())\n"
              "sys.argv = ['train.py', *sys.argv[1:]]\n"
              "runpy.run_path('train.py', run_name='__main__')\n")
