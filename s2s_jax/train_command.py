@@ -210,6 +210,7 @@ def _config_importable(argv: list[str]) -> None:
 def run() -> None:
     """The `s2s-train` console script and `python train.py`."""
     _config_importable(sys.argv)
+    sys.modules["__main__"].__doc__ = __doc__  # absl's --help prints it
     app.run(main, flags_parser=parse_flags)
 
 
