@@ -34,6 +34,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 2
     # What to do with a non-finite loss or gradient: "stop" the run, or "skip" the update.
     config.on_nonfinite = "stop"
+    # Warm start: another workdir whose parameters start this run (its tokenizers are reused; the
+    # optimizer and the step start fresh); "" = off.
+    config.init_from = ""
+    # Which checkpoint step of init_from to start from (0 = its best, or its latest when none was evaluated).
+    config.init_from_step = 0
 
     config.data = data = ml_collections.ConfigDict()
     # "files" reads {prefix}.{lang}; "copy" | "reverse" | "sort" are synthetic tasks.
@@ -122,6 +127,11 @@ def get_config() -> ml_collections.ConfigDict:
     opt.b2 = 0.999
     # Clip gradients to this global norm (0 = off).
     opt.clip_norm = 1.0
+    # Plateau decay: multiply the learning rate by this factor after plateau_patience evaluations
+    # without improvement of early_stopping.metric (optax.contrib.reduce_on_plateau; 0 = off).
+    opt.plateau_factor = 0.0
+    # Evaluations without improvement before each plateau decay.
+    opt.plateau_patience = 2
     # Label smoothing of the cross-entropy (0 = off).
     opt.label_smoothing = 0.0
 
@@ -158,6 +168,21 @@ def get_config() -> ml_collections.ConfigDict:
     ev.beam_size = 5
     # GNMT length penalty exponent for beam search (0 = raw log-probability).
     ev.alpha = 0.6
+    # What ranks the kept best checkpoint: dev_bleu (greedy), dev_bleu_beam (needs search = "beam"),
+    # dev_chrf (greedy) or dev_loss (lower is better).
+    ev.best_metric = "dev_bleu"
+    # More sets scored at every evaluation, "name=prefix,name=prefix" (files prefix.src_lang and
+    # prefix.tgt_lang; metrics name_loss, name_bleu, name_chrf); "" = none.
+    ev.extra_sets = ""
+
+    config.early_stopping = stop = ml_collections.ConfigDict()
+    # Stop when this dev metric stops improving: "off", "dev_bleu" (greedy) or "dev_loss"; it also
+    # drives optimizer.plateau_factor.
+    stop.metric = "off"
+    # Evaluations without an improvement of more than min_delta before the run stops.
+    stop.patience = 5
+    # The smallest change that counts as an improvement (BLEU points, or nats of dev loss).
+    stop.min_delta = 0.0
 
     # Several processes (one per host): how the run is laid out, never its maths (free on resume).
     config.distributed = dist = ml_collections.ConfigDict()

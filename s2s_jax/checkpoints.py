@@ -1,15 +1,17 @@
-"""Orbax checkpoints in the workdir's `checkpoints/`: the last k steps and the best by dev BLEU.
+"""Orbax checkpoints in the workdir's `checkpoints/`: the last k steps and the best by a dev metric.
 
 One orbax CheckpointManager keeps them, with a preservation policy (orbax-checkpoint >= 0.11.15):
-a step stays while it is one of the `keep` newest or the one with the highest dev BLEU (the newer
-of equals). A step saved without dev BLEU ranks below any step with it, so it never evicts the
-best step, and the best step outlives any number of newer ones.
+a step stays while it is one of the `keep` newest or the best by `best_metric` (config
+eval.best_metric: dev_bleu by default; dev_loss ranks lower first; the newer of equals). A step
+saved without that metric ranks below any step with it, so it never evicts the best step, and the
+best step outlives any number of newer ones.
 
 A checkpoint holds the train state (step, params, optimizer state) as a state dict, a JSON `meta`
-record (step, logging window, vocabulary sizes, parameter shapes, the fingerprint of the tokenizers
-it was trained with, and a CRC32 of every floating-point array of the state; checkpoints of older
-versions also hold data_position and epoch, ignored) and orbax's `metrics` record ({"dev_bleu": x}
-or {}).
+record (step, logging window, early-stopping state, vocabulary sizes, parameter shapes, the
+fingerprint of the tokenizers it was trained with, and a CRC32 of every floating-point array of the
+state; checkpoints of older versions also hold data_position and epoch, ignored) and orbax's
+`metrics` record (the step's dev metrics, {"dev_bleu": x, "dev_loss": y, ...}; older versions:
+{"dev_bleu": x}; {} for a step saved without evaluation).
 
 Writer and readers: `Checkpoints(workdir, keep)` is the store of the training run that holds the
 workdir lock, the only one that writes, prunes or cleans up. `Checkpoints.reader(workdir)` (translate,
@@ -38,6 +40,7 @@ Crash safety:
 - Non-finite parameters are never written (CheckpointError).
 """
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -72,23 +75,28 @@ class _Unreadable(Exception):
     """A checkpoint step whose contents do not verify (internal: the step is skipped)."""
 
 
-def _dev_bleu(metrics: dict) -> float:
-    """The rank of a step: its dev BLEU, or -inf for a step saved without one (metrics {})."""
-    return metrics.get("dev_bleu", -math.inf)
+def _rank(metrics: dict, best_metric: str) -> float:
+    """The rank of a step: its `best_metric` (negated for dev_loss: higher ranks better), or -inf
+    for a step saved without it (metrics {})."""
+    value = metrics.get(best_metric)
+    if value is None:
+        return -math.inf
+    return -value if best_metric == "dev_loss" else value
 
 
-def _manager(directory: str, keep: int, read_only: bool) -> ocp.CheckpointManager:
+def _manager(directory: str, keep: int, read_only: bool, best_metric: str) -> ocp.CheckpointManager:
     """Orbax's manager; read_only: it creates, cleans up, saves and deletes nothing."""
     policies = ocp.checkpoint_managers
+    rank = functools.partial(_rank, best_metric=best_metric)
     options = ocp.CheckpointManagerOptions(
         read_only=read_only, create=not read_only, cleanup_tmp_directories=not read_only,
         save_interval_steps=0 if read_only else 1, enable_async_checkpointing=False,
         # best_fn makes orbax store each step's metrics and rank them in best_step(), in the same
         # order as BestN below (ascending, the last of equals wins).
-        best_fn=_dev_bleu, best_mode="max",
+        best_fn=rank, best_mode="max",
         preservation_policy=policies.AnyPreservationPolicy([
             policies.LatestN(n=keep),
-            policies.BestN(get_metric_fn=_dev_bleu, reverse=False, n=1,
+            policies.BestN(get_metric_fn=rank, reverse=False, n=1,
                            keep_checkpoints_without_metrics=False)]))
     absl_logger, quiet = logging.getLogger("absl"), _ReadOnlyNotice()
     absl_logger.addFilter(quiet)
@@ -158,26 +166,33 @@ class _AbandonedWrites(logging.Filter):
 class Checkpoints:
     """The workdir's checkpoint store: the training run's (read-write), or a reader's (`reader`)."""
 
-    def __init__(self, workdir: str, keep: int, *, tokenizers: str | None = None, read_only: bool = False):
+    def __init__(self, workdir: str, keep: int, *, tokenizers: str | None = None, read_only: bool = False,
+                 best_metric: str = "dev_bleu"):
         self.directory = os.path.join(workdir, "checkpoints")
         self._keep = keep
         self._tokenizers = tokenizers
         self._read_only = read_only
-        self._manager = _open(self.directory, keep, read_only)
+        self._best_metric = best_metric
+        self._manager = _open(self.directory, keep, read_only, best_metric)
         self.good_step: int | None = None  # newest step known to load (restored or saved here)
         self._unreadable: dict[int, str] = {}  # listed steps that failed to load: their one-line error
 
     @classmethod
-    def reader(cls, workdir: str, *, tokenizers: str | None = None) -> "Checkpoints":
+    def reader(cls, workdir: str, *, tokenizers: str | None = None, best_metric: str = "dev_bleu") -> "Checkpoints":
         """The store opened read-only, for a process that does not hold the workdir lock."""
-        return cls(workdir, keep=1, tokenizers=tokenizers, read_only=True)
+        return cls(workdir, keep=1, tokenizers=tokenizers, read_only=True, best_metric=best_metric)
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, meta: dict, dev_bleu: float | None = None) -> None:
-        """Saves synchronously, with `dev_bleu` if the step was evaluated; then deletes the steps
-        that are neither among the `keep` newest nor the best. On failure nothing is deleted."""
+    def best_step(self) -> int | None:
+        """The step ranked best by `best_metric` (None when no step has it)."""
+        return self._manager.best_step()
+
+    def save(self, step: int, state: Any, meta: dict, dev: dict | None = None) -> None:
+        """Saves synchronously, with the dev metrics `dev` if the step was evaluated; then deletes
+        the steps that are neither among the `keep` newest nor the best. On failure nothing is
+        deleted."""
         self._check_writable("write")
         state_dict = flax.serialization.to_state_dict(state)
         arrays = _float_arrays(state_dict)
@@ -190,7 +205,7 @@ class Checkpoints:
         if self._tokenizers is not None:
             meta["tokenizers"] = self._tokenizers
         args = ocp.args.Composite(state=ocp.args.StandardSave(state_dict), meta=ocp.args.JsonSave(meta))
-        metrics = {} if dev_bleu is None else {"dev_bleu": float(dev_bleu)}
+        metrics = {name: float(value) for name, value in (dev or {}).items()}
         try:
             with _orbax_errors_demoted():
                 if step in self._unreadable and step in self._manager.all_steps():
@@ -210,10 +225,10 @@ class Checkpoints:
         self._check_writable("prune")
         steps = self.steps()
         keep = set(steps[-self._keep:])
-        # The best dev BLEU, the newer of equals (as BestN); a step without one is never the best.
-        best_bleu, best = max(((_dev_bleu(self._manager.metrics(step) or {}), step) for step in steps),
-                              default=(-math.inf, None))
-        if best_bleu > -math.inf:
+        # The best by best_metric, the newer of equals (as BestN); a step without it is never the best.
+        best_rank, best = max(((_rank(self._manager.metrics(step) or {}, self._best_metric), step)
+                               for step in steps), default=(-math.inf, None))
+        if best_rank > -math.inf:
             keep.add(best)
         for step in steps:
             if step not in keep:
@@ -257,6 +272,17 @@ class Checkpoints:
                 self._unreadable.clear()
         raise CheckpointError(f"the checkpoints in {self.directory} changed {READER_ATTEMPTS} times while "
                               "they were read (a run saving very often); try again")
+
+    def restore_step(self, step: int, target: Any) -> tuple[Any, dict]:
+        """Checkpoint `step` as (state like `target`, meta); CheckpointError naming it when it is
+        not there or does not load."""
+        if step not in self.steps():
+            raise CheckpointError(f"no checkpoint step {step} in {self.directory} (its steps: {self.steps()})")
+        restored = self._restore_or_warn(step, target)
+        if restored is None:
+            raise CheckpointError(f"checkpoint {os.path.join(self.directory, str(step))} does not load: "
+                                  f"{self._unreadable[step]}")
+        return restored
 
     def _best_or_latest(self, target: Any) -> tuple[Any, dict]:
         best = self._manager.best_step()
@@ -316,7 +342,7 @@ class Checkpoints:
         if saved_shapes is not None and saved_shapes != param_shapes(target.params):
             raise CheckpointError(
                 f"checkpoint {directory} was made with another model shape or vocabulary: "
-                f"{_first_difference(saved_shapes, param_shapes(target.params))}; use a new --workdir")
+                f"{first_difference(saved_shapes, param_shapes(target.params))}; use a new --workdir")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         # A target without shardings (jax.eval_shape, as translate passes) loads onto this host's
         # first device, whatever device layout saved the checkpoint.
@@ -353,10 +379,10 @@ class Checkpoints:
         self._manager.close()
 
 
-def _open(directory: str, keep: int, read_only: bool) -> ocp.CheckpointManager:
+def _open(directory: str, keep: int, read_only: bool, best_metric: str) -> ocp.CheckpointManager:
     """The manager; CheckpointError if orbax cannot list the steps (a damaged metrics record)."""
     try:
-        return _manager(directory, keep, read_only)
+        return _manager(directory, keep, read_only, best_metric)
     except ValueError as error:  # orbax reads every step's metrics on opening
         raise CheckpointError(f"cannot open {directory}: {_one_line(error)}; move the damaged step aside "
                               "(or the directory, to start over) or use a new --workdir") from error
@@ -412,7 +438,7 @@ def _crc(value: np.ndarray | None) -> int | None:
     return None if value is None else zlib.crc32(np.ascontiguousarray(value).tobytes())
 
 
-def _first_difference(saved: dict, current: dict) -> str:
+def first_difference(saved: dict, current: dict) -> str:
     for name in sorted(set(saved) | set(current)):
         if saved.get(name) != current.get(name):
             return f"{name} is {saved.get(name)} in the checkpoint but {current.get(name)} in this model"

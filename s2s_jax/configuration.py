@@ -28,6 +28,9 @@ from s2s_jax import files, schedules
 from s2s_jax.attention import SCORES
 from s2s_jax.validate import is_int, is_number
 
+# eval.best_metric: the dev metrics a kept best checkpoint can be ranked by (dev_loss: lower is better).
+BEST_METRICS = ("dev_bleu", "dev_bleu_beam", "dev_chrf", "dev_loss")
+
 # Roles: what a resumed run may do with a key.
 SHAPE = "shape"  # fixes the parameter shapes or the vocabulary: a workdir cannot change it
 TRAJECTORY = "trajectory"  # changes the training trajectory: refused on resume
@@ -52,6 +55,9 @@ KEYS = {
     "checkpoint_every_steps": Key(int, ">= 1", FREE),
     "keep_checkpoints": Key(int, ">= 1", FREE),
     "on_nonfinite": Key(str, ("stop", "skip"), FREE),
+    # Warm start (issue 20): the parameters this run starts from; older workdirs started from scratch.
+    "init_from": Key(str, None, TRAJECTORY, older=""),
+    "init_from_step": Key(int, ">= 0", TRAJECTORY, older=0),
     "data.task": Key(str, ("files", "copy", "reverse", "sort"), SHAPE),
     "data.train_prefix": Key(str, None, TRAJECTORY),
     "data.dev_prefix": Key(str, None, TRAJECTORY),
@@ -98,6 +104,9 @@ KEYS = {
     "optimizer.b2": Key(float, "[0, 1)", TRAJECTORY),
     "optimizer.clip_norm": Key(float, ">= 0", TRAJECTORY),
     "optimizer.label_smoothing": Key(float, "[0, 1)", TRAJECTORY),
+    # Plateau decay on early_stopping.metric (issue 20); older workdirs had none.
+    "optimizer.plateau_factor": Key(float, "[0, 1)", TRAJECTORY, older=0.0),
+    "optimizer.plateau_patience": Key(int, ">= 1", TRAJECTORY, older=2),
     "teacher_forcing.schedule": Key(str, schedules.SCHEDULES, TRAJECTORY),
     "teacher_forcing.start": Key(float, "[0, 1]", TRAJECTORY),
     "teacher_forcing.end": Key(float, "[0, 1]", TRAJECTORY),
@@ -113,6 +122,14 @@ KEYS = {
     "eval.search": Key(str, ("greedy", "beam"), FREE),
     "eval.beam_size": Key(int, ">= 1", FREE),
     "eval.alpha": Key(float, ">= 0", FREE),
+    # Issue 20: older workdirs ranked checkpoints by greedy dev BLEU and scored the dev set only.
+    "eval.best_metric": Key(str, BEST_METRICS, FREE, older="dev_bleu"),
+    "eval.extra_sets": Key(str, None, FREE, older=""),
+    # Early stopping (issue 20); free on resume unless the plateau decay reads the metric
+    # (_depends_on_evaluation). Older workdirs never stopped early.
+    "early_stopping.metric": Key(str, ("off", "dev_bleu", "dev_loss"), FREE, older="off"),
+    "early_stopping.patience": Key(int, ">= 1", FREE, older=5),
+    "early_stopping.min_delta": Key(float, ">= 0", FREE, older=0.0),
     # Lays the same global batches out over other processes: the updates differ only in the order of
     # float sums. Further checked against each other by parallel.check_distributed.
     "distributed.coordinator_address": Key(str, None, FREE, older=""),
@@ -206,6 +223,33 @@ def check(config: ml_collections.ConfigDict) -> None:
     if interval and tf.k != schedules.AUTO_K and not _in_range(tf.k, interval):
         raise ConfigError(f"config: teacher_forcing.k={tf.k!r} {_requirement(float, interval)} (or be "
                           f"{schedules.AUTO_K}: sized to the run) for the {tf.schedule} schedule")
+    _check_evaluation_keys(config)
+
+
+def _check_evaluation_keys(config: ml_collections.ConfigDict) -> None:
+    """What the issue-20 keys need of each other: a beam metric needs beam evaluation, the plateau
+    decay a metric, init_from_step an init_from; eval.extra_sets must parse."""
+    if config.eval.best_metric == "dev_bleu_beam" and config.eval.search != "beam":
+        raise ConfigError("config: eval.best_metric='dev_bleu_beam' needs eval.search='beam'")
+    if config.optimizer.plateau_factor and config.early_stopping.metric == "off":
+        raise ConfigError(f"config: optimizer.plateau_factor={config.optimizer.plateau_factor!r} needs a "
+                          "dev metric: set early_stopping.metric to 'dev_bleu' or 'dev_loss'")
+    if config.init_from_step and not config.init_from:
+        raise ConfigError(f"config: init_from_step={config.init_from_step} needs init_from (a workdir)")
+    extra_sets(config.eval.extra_sets)
+
+
+def extra_sets(value: str) -> list[tuple[str, str]]:
+    """eval.extra_sets "name=prefix,name=prefix" as [(name, prefix)]; ConfigError naming the key
+    for an entry without "=", a name that is not an identifier, "dev", or given twice."""
+    pairs = []
+    for entry in filter(None, (part.strip() for part in value.split(","))):
+        name, equals, prefix = (text.strip() for text in entry.partition("="))
+        if not (equals and prefix and name.isidentifier()) or name == "dev" or name in dict(pairs):
+            raise ConfigError(f"config: eval.extra_sets={value!r}: {entry!r} must be name=prefix with a "
+                              "new name (letters, digits, _; not 'dev') and a file prefix")
+        pairs.append((name, prefix))
+    return pairs
 
 
 def _check_bucket_boundaries(data_cfg) -> None:
@@ -248,7 +292,29 @@ def _unused(config: ml_collections.ConfigDict) -> set[str]:
         unused.add("teacher_forcing.decay_steps")
     if tf.schedule not in K_RANGES:
         unused.add("teacher_forcing.k")
+    if not config.optimizer.plateau_factor:
+        unused.add("optimizer.plateau_patience")
+    if not config.init_from:
+        unused.add("init_from_step")
     return unused
+
+
+def _depends_on_evaluation(config: ml_collections.ConfigDict) -> bool:
+    """True when the trajectory is a function of the dev evaluations: the plateau decay lowers the
+    learning rate after evaluations whose metric did not improve."""
+    return config.optimizer.plateau_factor > 0
+
+
+# Keys that shape the evaluations the plateau decay reads (_depends_on_evaluation); extra sets,
+# best_metric and the beam search do not.
+_EVALUATION_KEYS = ("eval_every_steps", "early_stopping.metric", "early_stopping.min_delta", "eval.batch_size",
+                    "eval.max_decode_len", "eval.max_len_a", "eval.max_len_b")
+
+
+def shape_keys(config: ml_collections.ConfigDict) -> list[str]:
+    """The SHAPE keys this config uses: equal values give equal parameter shapes and vocabularies."""
+    unused = _unused(config)
+    return [key for key, row in KEYS.items() if row.role == SHAPE and key not in unused]
 
 
 def _is_free(key: str, config: ml_collections.ConfigDict) -> bool:
@@ -256,6 +322,8 @@ def _is_free(key: str, config: ml_collections.ConfigDict) -> bool:
     (in an old config.json) is not free."""
     if key == "num_train_steps":
         return not _depends_on_num_train_steps(config)
+    if key in _EVALUATION_KEYS and _depends_on_evaluation(config):
+        return False
     return key in KEYS and KEYS[key].role == FREE
 
 
@@ -274,7 +342,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     saved = _with_older_values(_read_config(path))
     unused = _unused(config)
     old, new = _flatten(saved), _flatten(to_json(config))
-    for key in [key for key, row in KEYS.items() if row.role == SHAPE and key not in unused]:
+    for key in shape_keys(config):
         if key not in old:
             raise ConfigError(f"{path}: has no {key}; this workdir was made by another version or "
                               "program; use a new --workdir")

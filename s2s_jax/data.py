@@ -472,7 +472,8 @@ def _read_split(cfg, prefix: str, limit: int) -> tuple[list[str], list[str], int
 # workdir/tokenizers/ holds these files; provenance.json records what the models were trained from:
 # {"format": 1, "train_src": {"path", "bytes", "sha256"}, "train_tgt": {...}, "src_lang", "tgt_lang",
 #  "max_train_pairs", "vocab_size", "spm_model_type", "spm_sample_size",
-#  "models": {"src.model": sha256, "tgt.model": sha256}}
+#  "models": {"src.model": sha256, "tgt.model": sha256}[, "init_from": {"workdir", "provenance"}: a
+#  warm start's reused tokenizers and the record of where they were trained]}
 _MODEL_FILES = ("src.model", "tgt.model")
 _PROVENANCE = "provenance.json"
 _PROVENANCE_FORMAT = 1
@@ -640,11 +641,16 @@ def _has_saved_tokenizers(workdir: str) -> bool:
     return any(os.path.exists(os.path.join(folder, name)) for name in (*_MODEL_FILES, _PROVENANCE))
 
 
-def _tokenizers(cfg, scan: _Scan, workdir: str) -> tuple[Tokenizer, Tokenizer, dict]:
-    """The tokenizers of workdir/tokenizers/ if made from the same data, else new ones trained in
-    memory on the scan's sample; with their provenance. Writes nothing (save_tokenizers does)."""
-    if scan.sample is None:
+def _tokenizers(cfg, scan: _Scan, workdir: str, reuse: tuple | None) -> tuple[Tokenizer, Tokenizer, dict]:
+    """The tokenizers of workdir/tokenizers/ if made from the same data, else those of `reuse`
+    (src, tgt, origin: a warm start's), else new ones trained in memory on the scan's sample; with
+    their provenance (a reused pair's records its origin). Writes nothing (save_tokenizers does)."""
+    if _has_saved_tokenizers(workdir):
         return _saved_tokenizers(os.path.join(workdir, "tokenizers"), scan.record)
+    if reuse is not None:
+        src_tok, tgt_tok, origin = reuse
+        models = {name: hashlib.sha256(tok.model_proto()).hexdigest() for name, tok in zip(_MODEL_FILES, (src_tok, tgt_tok))}
+        return src_tok, tgt_tok, {**scan.record, "models": models, "init_from": origin}
     tokenizers = []
     for lines, lang in zip(scan.sample, (cfg.src_lang, cfg.tgt_lang)):
         try:
@@ -690,10 +696,10 @@ def _corpus_errors():
         raise DataError(str(error)) from None
 
 
-def _load_files(cfg, workdir: str, writes: bool, sync: Callable[[], None]) -> Corpus:
-    scan = _scan(cfg, with_sample=not _has_saved_tokenizers(workdir))
+def _load_files(cfg, workdir: str, writes: bool, sync: Callable[[], None], reuse: tuple | None) -> Corpus:
+    scan = _scan(cfg, with_sample=not _has_saved_tokenizers(workdir) and reuse is None)
     dev_src, dev_tgt, dev_skipped = _read_split(cfg, cfg.dev_prefix, cfg.max_dev_pairs)
-    src_tok, tgt_tok, provenance = _tokenizers(cfg, scan, workdir)
+    src_tok, tgt_tok, provenance = _tokenizers(cfg, scan, workdir, reuse)
     folder = os.path.join(workdir, "corpus")
     key = dict(tokenizers=provenance, max_len=cfg.max_len)
     if writes:
@@ -744,7 +750,8 @@ def _load_synthetic(cfg) -> Corpus:
     return Corpus(tok, tok, src_ids, tgt_ids, dev_src, dev_tgt, tok.decode(dev_src), tok.decode(dev_tgt), stats)
 
 
-def load_corpus(cfg, workdir: str, *, writes: bool = True, sync: Callable[[], None] = lambda: None) -> Corpus:
+def load_corpus(cfg, workdir: str, *, writes: bool = True, sync: Callable[[], None] = lambda: None,
+                reuse: tuple | None = None) -> Corpus:
     """Builds the corpus for cfg (config.data): task "files" or a synthetic task.
 
     For "files": the training files are read as a stream; the tokenizers of workdir/tokenizers/
@@ -756,10 +763,11 @@ def load_corpus(cfg, workdir: str, *, writes: bool = True, sync: Callable[[], No
     a training file that changes meanwhile, or a corpus file that differs from its record, is a
     DataError. Several processes: the one with writes=True prepares it and checks the crc32 of
     its files; `sync()` (a barrier) is called before every process opens it and checks their
-    sizes. Synthetic tasks write nothing.
+    sizes. Synthetic tasks write nothing. reuse: (src, tgt, origin) tokenizers of a warm start,
+    used (and their origin recorded in the provenance) when the workdir has none yet.
     """
     if cfg.task == "files":
-        return _load_files(cfg, workdir, writes, sync)
+        return _load_files(cfg, workdir, writes, sync, reuse)
     if cfg.task in _SYNTHETIC_TARGETS:
         return _load_synthetic(cfg)
     raise ValueError(f"unknown data task {cfg.task!r}; expected 'files' or one of {sorted(_SYNTHETIC_TARGETS)}")

@@ -145,3 +145,29 @@ class Driver(NamedTuple):
                     raise ValueError(f"line {first_line + index}: its prefix of {len(forced[index])} pieces leaves "
                                      f"no room within the output limit of {cap} pieces; shorten the prefix "
                                      "or raise max_len")
+
+
+# score(batch) -> float32[rows]: each row's summed target log-probability (filler rows: anything).
+BatchScore = Callable[[data.Batch], np.ndarray]
+
+
+def score_pairs(score: BatchScore, src_tokenizer: Any, tgt_tokenizer: Any, sentences: Sequence[str],
+                targets: Sequence, *, boundaries: Sequence[int], max_source_len: int, rows: int,
+                on_long: str = "truncate", first_line: int = 1) -> list[tuple[float, int]]:
+    """Per (sentence, target) pair, in input order: (summed log-probability of the target's pieces
+    and EOS, their number). The sources follow decoding's rules (at most max_source_len pieces,
+    `on_long`); targets are texts or piece ids (`sources.target_ids`). Pairs are grouped by length
+    into batches of `rows` rows, so a pair's score does not depend on the others."""
+    sentences = sources.sentence_list(sentences)
+    if isinstance(targets, str) or len(targets) != len(sentences):
+        raise ValueError(f"{len(sentences)} sources but "
+                         f"{'one string' if isinstance(targets, str) else len(targets)} targets: give one per source")
+    src_ids = [sources.source_ids(src_tokenizer, s, first_line - 1 + i, max_source_len, on_long)
+               for i, s in enumerate(sentences)]
+    tgt_ids = [sources.target_ids(tgt_tokenizer, t, first_line - 1 + i) for i, t in enumerate(targets)]
+    log_probs = np.zeros(len(sentences), np.float64)
+    for batch in data.eval_batches(src_ids, tgt_ids, batch_size=rows, boundaries=boundaries):
+        scores = np.asarray(score(batch))
+        real = batch.index >= 0
+        log_probs[batch.index[real]] = scores[real]
+    return [(float(lp), len(ids) + 1) for lp, ids in zip(log_probs, tgt_ids)]

@@ -1,4 +1,5 @@
-"""The input side of translation: sentences and forced prefixes checked and turned into piece ids.
+"""The input side of translation and scoring: sentences, forced prefixes and given targets checked
+and turned into piece ids.
 Sources longer than the model was trained on are truncated with a warning (once per sentence
 inside `warn_long_once`) or refused, naming their line."""
 from __future__ import annotations
@@ -7,6 +8,8 @@ import contextlib
 import contextvars
 import logging
 from collections.abc import Iterable, Sequence
+
+from s2s_jax import EOS_ID
 
 logger = logging.getLogger(__name__)
 
@@ -77,4 +80,20 @@ def prefix_ids(tokenizer, prefixes: Sequence[str | None] | None, count: int) -> 
         if prefix is not None and not isinstance(prefix, str):
             raise TypeError(f"prefix {index + 1} is a {type(prefix).__name__}, not a string or None")
         ids.append(tokenizer.encode([prefix])[0] if prefix and prefix.strip() else [])
+    return ids
+
+
+def target_ids(tokenizer, target: str | Sequence[int], index: int) -> list[int]:
+    """Piece ids of target number `index` (0-based; EOS excluded): a text (blank: []), or ids up to
+    the first EOS (e.g. `Hypothesis.ids`); ValueError naming its line for ids outside the vocabulary."""
+    if isinstance(target, str):
+        return tokenizer.encode([target])[0] if target.strip() else []
+    ids = []
+    for t in target:
+        if int(t) == EOS_ID:
+            break
+        ids.append(int(t))
+    bad = [t for t in ids if not 0 <= t < tokenizer.vocab_size]
+    if bad:
+        raise ValueError(f"line {index + 1}: target ids {bad} outside the target vocabulary [0, {tokenizer.vocab_size})")
     return ids

@@ -52,11 +52,36 @@ def make_learning_rate(opt_cfg, num_train_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(opt_cfg, num_train_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Adam on the learning-rate schedule, after global-norm clipping (when clip_norm > 0)."""
+    """Adam on the learning-rate schedule, after global-norm clipping (when clip_norm > 0), its
+    updates scaled by the plateau decay's current scale when plateau_factor > 0."""
     learning_rate = make_learning_rate(opt_cfg, num_train_steps)
     clip = [optax.clip_by_global_norm(opt_cfg.clip_norm)] if opt_cfg.clip_norm > 0 else []
-    tx = optax.chain(*clip, optax.adam(learning_rate, b1=opt_cfg.b1, b2=opt_cfg.b2))
+    plateau = [_scale_by_plateau(opt_cfg.plateau_factor)] if opt_cfg.plateau_factor > 0 else []
+    tx = optax.chain(*clip, optax.adam(learning_rate, b1=opt_cfg.b1, b2=opt_cfg.b2), *plateau)
     return tx, learning_rate
+
+
+def _scale_by_plateau(factor: float) -> optax.GradientTransformation:
+    """Multiplies the updates by the scale of an `optax.contrib.reduce_on_plateau` state. The state
+    is not advanced here: the training loop advances it after each dev evaluation
+    (`stopping.Tracker`), with the dev metric instead of a training loss."""
+    return optax.GradientTransformation(
+        optax.contrib.reduce_on_plateau(factor=factor).init,
+        lambda updates, state, params=None: (optax.tree.scale(state.scale, updates), state))
+
+
+def _is_plateau(node) -> bool:
+    return isinstance(node, optax.contrib.ReduceLROnPlateauState)
+
+
+def plateau_states(opt_state) -> list:
+    """The reduce_on_plateau states inside an optimizer state (none when the decay is off)."""
+    return [node for node in jax.tree.leaves(opt_state, is_leaf=_is_plateau) if _is_plateau(node)]
+
+
+def replace_plateau(opt_state, update):
+    """opt_state with every reduce_on_plateau state replaced by update(state)."""
+    return jax.tree.map(lambda node: update(node) if _is_plateau(node) else node, opt_state, is_leaf=_is_plateau)
 
 
 def init_state(model: Seq2Seq, opt_cfg, num_train_steps: int, seed: int) -> TrainState:

@@ -53,7 +53,7 @@ import ml_collections
 import numpy as np
 
 from s2s_jax import (checkpoints, configuration, data, evaluation, files, logbook, parallel, schedules, steps,
-                     workdir_lock)
+                     stopping, trained, warm_start, workdir_lock)
 from s2s_jax.models import Seq2Seq, make_model
 
 logger = logging.getLogger(__name__)
@@ -123,14 +123,17 @@ class _Inputs(NamedTuple):
     mesh: jax.sharding.Mesh
     abstract_state: steps.TrainState  # shapes only
     param_count: int
+    eval_sets: list[evaluation.EvalSet]  # dev, then eval.extra_sets
+    warm: warm_start.Parent | None  # config.init_from's tokenizers and parameters
 
 
 def _check_inputs(config, workdir: str) -> _Inputs:
     """Reads and checks config, workdir, data and shapes; compiles and writes nothing."""
     for change in configuration.check_workdir(config, workdir):
         logger.info("config change (does not alter the trajectory): %s", change)
+    warm = warm_start.parent(config, workdir) if config.init_from and not trained.has_checkpoints(workdir) else None
     corpus = data.load_corpus(config.data, workdir, writes=jax.process_index() == 0,
-                              sync=lambda: parallel.barrier("corpus"))
+                              sync=lambda: parallel.barrier("corpus"), reuse=warm and warm.tokenizers)
     logger.info("data: %s", corpus.stats)
     for split in ("train", "dev"):
         if corpus.stats.get(f"{split}_empty_skipped"):
@@ -146,6 +149,7 @@ def _check_inputs(config, workdir: str) -> _Inputs:
                                     boundaries=config.data.bucket_boundaries, seed=config.seed)
     except ValueError as error:
         raise configuration.ConfigError(f"config: {error}") from error
+    eval_sets = evaluation.eval_sets(config.eval, config.data, corpus)
     model = make_model(config.model, corpus.src_tokenizer.vocab_size, corpus.tgt_tokenizer.vocab_size)
     abstract_state = jax.tree.map(  # shapes only, replicated on the mesh: orbax restores onto it
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
@@ -153,7 +157,7 @@ def _check_inputs(config, workdir: str) -> _Inputs:
     param_count = sum(x.size for x in jax.tree.leaves(abstract_state.params))
     logger.info("model: %s parameters; %d batches per epoch; batch shapes %s",
                 f"{param_count:,}", batches.batches_per_epoch, batches.shapes)
-    return _Inputs(corpus, batches, model, mesh, abstract_state, param_count)
+    return _Inputs(corpus, batches, model, mesh, abstract_state, param_count, eval_sets, warm)
 
 
 def _jit_train_step(config, model: Seq2Seq, mesh):
@@ -179,11 +183,14 @@ class _Loop:
     waits for the device, except at the steps where an action is due.
     """
 
-    def __init__(self, config, inputs: _Inputs, state, window: logbook.Window, store, log, stats):
+    def __init__(self, config, inputs: _Inputs, state, window: logbook.Window, store, log, stats,
+                 tracker: stopping.Tracker, origin: dict):
+        """origin: {"init_from": {"workdir", "step"}} of a warm-started run (kept in every checkpoint), or {}."""
         self.config, self.inputs, self.state, self.window = config, inputs, state, window
-        self.store, self.log, self.stats = store, log, stats
+        self.store, self.log, self.stats, self.tracker, self.origin = store, log, stats, tracker, origin
         self.train_step = _jit_train_step(config, inputs.model, inputs.mesh)
-        self.evaluator = evaluation.Evaluator(config.eval, config.data, inputs.corpus, inputs.model, inputs.mesh)
+        self.evaluator = evaluation.Evaluator(config.eval, config.data, inputs.corpus, inputs.model, inputs.mesh,
+                                              inputs.eval_sets)
         _, self.learning_rate = steps.make_optimizer(config.optimizer, config.num_train_steps)
         self.started = time.time()
         self._start_clock()
@@ -195,8 +202,11 @@ class _Loop:
                           steps=self.window.steps + self.window.skipped, compile_s=self.stats.seconds)
 
     def run(self) -> dict:
-        """Trains to the end; returns the last dev metrics (empty if no evaluation ran)."""
+        """Trains to the end, or until early stopping stops it; returns the last dev metrics
+        (empty if no evaluation ran)."""
         config, total = self.config, self.config.num_train_steps
+        if self.tracker.stopped:  # stopped early before it was killed: nothing more to train
+            return self.dev
         signals = _Signals()
         batches, mesh = self.inputs.batches, self.inputs.mesh
         rows = parallel.process_rows(batches.batch_size, mesh)  # this process reads only these rows
@@ -223,13 +233,16 @@ class _Loop:
                 pending = None
                 if log_due:
                     self._progress(done, float(step_metrics["tf_ratio"]))
-                dev_bleu = self._evaluate(done) if eval_due else None
+                dev = self._evaluate(done) if eval_due else None
                 if save_due:
-                    self._save(done, dev_bleu)
+                    self._save(done, dev)
                 if stop:
                     interrupted = Interrupted(stop, done, self.store.directory)
                     logger.warning("%s", interrupted.message)
                     raise interrupted
+                if self.tracker.stopped:
+                    logger.info("step %d: %s", done, self.tracker.stopped)
+                    break
         finally:
             signals.restore()
         return self.dev
@@ -277,30 +290,35 @@ class _Loop:
         tokens_per_s, seconds_per_step = logbook.window_rates(
             time.time() - clock["time"], self.stats.seconds - clock["compile_s"], window.tokens - clock["tokens"],
             window.steps + window.skipped - clock["steps"])
+        learning_rate = float(self.learning_rate(done - 1)) * stopping.plateau_scale(self.state.opt_state)
         row = dict(window.averages(self.config.optimizer.label_smoothing > 0), tf_ratio=tf_ratio,
-                   learning_rate=float(self.learning_rate(done - 1)), tokens_per_s=tokens_per_s,
+                   learning_rate=learning_rate, tokens_per_s=tokens_per_s,
                    elapsed_s=time.time() - self.started)
         self.log.write(done, row)
         logger.info("%s", logbook.progress_line(done, self.config.num_train_steps, row, seconds_per_step))
         self.window = logbook.Window()
         self._start_clock()
 
-    def _evaluate(self, done: int) -> float:
-        """Dev metrics, logged; returns dev BLEU. Its time (and compilations) is not training time."""
+    def _evaluate(self, done: int) -> dict:
+        """Dev (and extra sets') metrics, logged, then early stopping and the plateau decay
+        updated; returns the metrics. Its time (and compilations) is not training time."""
         started, compile_s = time.time(), self.stats.seconds
         self.dev = self.evaluator(self.state.params)
         self.log.write(done, self.dev)
         logger.info("eval step %d | %s", done, " | ".join(f"{k} {v:.3f}" for k, v in self.dev.items()))
+        opt_state = self.tracker.update(done, self.dev, self.state.opt_state,
+                                        put=lambda tree: parallel.replicate(tree, self.inputs.mesh))
+        self.state = self.state.replace(opt_state=opt_state)
         self.clock["time"] += time.time() - started
         self.clock["compile_s"] += self.stats.seconds - compile_s
-        return self.dev["dev_bleu"]
+        return self.dev
 
-    def _save(self, done: int, dev_bleu: float | None) -> None:
+    def _save(self, done: int, dev: dict | None) -> None:
         corpus = self.inputs.corpus
-        meta = dict(step=done, window=self.window.as_dict(),
+        meta = dict(step=done, window=self.window.as_dict(), early_stopping=self.tracker.as_dict(), **self.origin,
                     param_shapes=checkpoints.param_shapes(self.state.params),
                     src_vocab_size=corpus.src_tokenizer.vocab_size, tgt_vocab_size=corpus.tgt_tokenizer.vocab_size)
-        self.store.save(done, self.state, meta, dev_bleu)
+        self.store.save(done, self.state, meta, dev)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -312,18 +330,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return _train_in(config, workdir)
 
 
-def _check_all(config, workdir: str) -> tuple[_Inputs, checkpoints.Checkpoints, tuple | None]:
-    """Inputs, the open checkpoint store and the checkpoint to resume (None: no checkpoint yet).
-    A refused run removes the corpus folder it prepared: it leaves no trace in the workdir."""
+def _check_all(config, workdir: str) -> tuple[_Inputs, checkpoints.Checkpoints, tuple | None, object]:
+    """Inputs, the open checkpoint store, the checkpoint to resume (None: no checkpoint yet) and,
+    for a warm start without one, the parameters to start from (else None). A refused run removes
+    the corpus folder it prepared: it leaves no trace in the workdir."""
     corpus_dir = os.path.join(workdir, "corpus")
     created = jax.process_index() == 0 and not os.path.exists(corpus_dir)
     try:
         inputs = _check_inputs(config, workdir)
         logger.info("seed %d; config:\n%s", config.seed, config)
         tokenizers = checkpoints.tokenizers_fingerprint(inputs.corpus.src_tokenizer, inputs.corpus.tgt_tokenizer)
-        store = checkpoints.Checkpoints(workdir, config.keep_checkpoints, tokenizers=tokenizers)
+        store = checkpoints.Checkpoints(workdir, config.keep_checkpoints, tokenizers=tokenizers,
+                                        best_metric=config.eval.best_metric)
         try:  # CheckpointError: none loads, or made for another model shape, vocabulary or tokenizers
-            return inputs, store, store.restore_latest(inputs.abstract_state)
+            restored = store.restore_latest(inputs.abstract_state)
+            start = None
+            if restored is None and inputs.warm is not None:
+                start = warm_start.start_params(inputs.warm, inputs.abstract_state.params)
+            return inputs, store, restored, start
         except BaseException:
             store.close()
             raise
@@ -336,7 +360,7 @@ def _check_all(config, workdir: str) -> tuple[_Inputs, checkpoints.Checkpoints, 
 def _train_in(config, workdir: str) -> dict:
     stats = logbook.CompileStats()
     started = time.time()
-    inputs, store, restored = _check_all(config, workdir)
+    inputs, store, restored, start = _check_all(config, workdir)
     try:
         store.prune()  # what a kill after the last save left to delete
         # Every check has passed: from here on the run writes (process 0; all write checkpoints).
@@ -346,42 +370,70 @@ def _train_in(config, workdir: str) -> dict:
             configuration.save(config, workdir)
         if restored is None:
             fresh = steps.init_state(inputs.model, config.optimizer, config.num_train_steps, config.seed)
+            if start is not None:  # warm start: its parameters, a fresh optimizer and step
+                fresh = fresh.replace(params=start)
             state = parallel.replicate(fresh, inputs.mesh)
-            window = logbook.Window()
+            window, meta = logbook.Window(), {}
         else:  # on the mesh already
             state, meta = restored
             window = logbook.Window(**meta["window"])
             logger.info("resumed from %s at step %d", store.directory, int(state.step))
-        summary = _finished_summary(workdir, int(state.step), config.num_train_steps)
+        tracker = stopping.Tracker(config.early_stopping, config.optimizer, meta.get("early_stopping"))
+        origin = _origin(inputs.warm, meta)
+        done = int(state.step) >= config.num_train_steps or tracker.stopped is not None
+        summary = _finished_summary(workdir, int(state.step), done)
         if summary is not None:  # a finished run: nothing to redo
             if writer:
                 print(_final_line(summary, config), flush=True)
             return summary
         log = logbook.MetricsLog(workdir, int(state.step))
         try:
-            loop = _Loop(config, inputs, state, window, store, log, stats)
+            loop = _Loop(config, inputs, state, window, store, log, stats, tracker, origin)
             dev = loop.run() or loop.evaluator(loop.state.params)  # a finished run without a summary
         finally:
             log.close()
+        best_step = store.best_step()
     finally:
         store.close()
     summary = dict(dev, steps=int(loop.state.step), wall_s=time.time() - started,
                    compilations=stats.count, compile_s=stats.seconds,
                    train_step_shapes=len(inputs.batches.shapes), parameters=inputs.param_count,
-                   bleu_signature=loop.evaluator.signature)
+                   bleu_signature=loop.evaluator.signature,
+                   stopped=tracker.stopped or f"reached num_train_steps ({config.num_train_steps})",
+                   best_step=best_step, best_metric=config.eval.best_metric, early_stopping=tracker.as_dict(),
+                   **origin, **_kept_evaluations(workdir))
     if writer:
         files.write_json(os.path.join(workdir, "summary.json"), summary)
         print(_final_line(summary, config), flush=True)
     return summary
 
 
-def _finished_summary(workdir: str, step: int, num_train_steps: int) -> dict | None:
-    """summary.json when the restored `step` is at or past the end and the summary is of that step."""
+def _finished_summary(workdir: str, step: int, done: bool) -> dict | None:
+    """summary.json when the run is `done` (at the end, or stopped early) at the restored `step`
+    and the summary is of that step."""
     path = os.path.join(workdir, "summary.json")
-    if step < num_train_steps or not os.path.exists(path):
+    if not done or not os.path.exists(path):
         return None
     summary = files.read_json(path)
     return summary if summary.get("steps") == step else None
+
+
+def _origin(warm: warm_start.Parent | None, meta: dict) -> dict:
+    """{"init_from": {"workdir", "step"}} of a warm-started run: from the parent now, or from the
+    restored checkpoint's meta; {} for a run that started from scratch."""
+    if warm is not None:
+        return {"init_from": dict(workdir=os.path.abspath(warm.workdir), step=warm.step)}
+    return {"init_from": meta["init_from"]} if "init_from" in meta else {}
+
+
+def _kept_evaluations(workdir: str) -> dict:
+    """The `evaluations` that `python -m s2s_jax.evaluate` recorded in summary.json (kept when a
+    resumed run rewrites it)."""
+    path = os.path.join(workdir, "summary.json")
+    if not os.path.exists(path):
+        return {}
+    summary = files.read_json(path)
+    return {"evaluations": summary["evaluations"]} if isinstance(summary, dict) and "evaluations" in summary else {}
 
 
 def _final_line(summary: dict, config) -> str:
@@ -391,4 +443,13 @@ def _final_line(summary: dict, config) -> str:
             f"dev ppl {summary['dev_ppl']:.1f} | dev BLEU {summary['dev_bleu']:.2f} (greedy){beam} | "
             f"chrF {summary['dev_chrf']:.1f} | {logbook.duration(summary['wall_s'])} | "
             f"{summary['compilations']} compilations, {summary['compile_s']:.0f}s compiling | "
-            f"sacrebleu {summary['bleu_signature']}")
+            f"sacrebleu {summary['bleu_signature']}{_stop_and_best(summary)}")
+
+
+def _stop_and_best(summary: dict) -> str:
+    """ " | why it stopped | best checkpoint: step N by metric" (summaries of older versions: "")."""
+    if "stopped" not in summary:
+        return ""
+    best = (f"step {summary['best_step']} by {summary['best_metric']}" if summary["best_step"] is not None
+            else "none (no evaluated checkpoint)")
+    return f" | {summary['stopped']} | best checkpoint: {best}"

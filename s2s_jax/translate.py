@@ -17,6 +17,7 @@ Python:
     translator.hypotheses(sentences, n_best=3)                               # -> [[Hypothesis, ...], ...]
     translator.hypotheses(sentences, return_attention=True)                  # Hypothesis.attention [T, S]
     weights, src_pieces, out_pieces = translator.attention(sentence, output)  # [T, S], any output
+    translator.score(sentences, targets)        # -> [Score(log_prob, pieces)]: given translations
     Translator.from_workdirs(["runs/a", "runs/b"])                            # an ensemble
 
 Ensembles (`from_workdirs`) average the members' probabilities (`decoding.ensemble_step_fn`). The
@@ -50,10 +51,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from s2s_jax import (BOS_ID, EOS_ID, checkpoints, cli, configuration, data, export, inference, parallel,
-                     plotting, sources, steps)
+from s2s_jax import (BOS_ID, EOS_ID, checkpoints, cli, data, driver, export, inference, parallel, plotting,
+                     scoring, sources, trained)
 from s2s_jax.hypotheses import Hypothesis
-from s2s_jax.models import Seq2Seq, make_model
+from s2s_jax.models import Seq2Seq
 from s2s_jax.options import OPTIONS, SearchOptions
 
 logger = logging.getLogger(__name__)
@@ -84,37 +85,23 @@ class Translator:
                                                max_decode_len=config.eval.max_decode_len, mesh=mesh)
         self.boundaries = self.decoder.boundaries
         self.max_source_len = self.decoder.max_source_len
+        self.steps: tuple[int, ...] = ()  # the checkpoint step of each member (from_workdir(s))
 
     # ------------------------------------------------------------------------------ loading
     @classmethod
-    def from_workdir(cls, workdir: str) -> Translator:
-        """Loads config.json, the tokenizers and the best checkpoint (else the latest) of a workdir.
+    def from_workdir(cls, workdir: str, step: int = 0) -> Translator:
+        """Loads config.json, the tokenizers and the best checkpoint (by the workdir's
+        eval.best_metric; else the latest) of a workdir, or checkpoint `step`.
 
         Raises configuration.ConfigError if `workdir` has no config.json, data.DataError for a
         missing tokenizer and checkpoints.CheckpointError if it holds no checkpoint.
         """
-        if os.path.exists(workdir) and not os.path.isdir(workdir):
-            raise configuration.ConfigError(f"workdir {workdir} is not a directory: give a training workdir")
-        config = configuration.load(workdir)
-        if not _has_steps(os.path.join(workdir, "checkpoints")):
-            # Checked before opening the store, which would create empty directories.
-            raise checkpoints.CheckpointError(
-                f"no checkpoint in workdir {workdir} (looked in checkpoints/): train a model there first")
-        if config.data.task == "files":
-            src_tok, tgt_tok = (data.Tokenizer.load(os.path.join(workdir, "tokenizers", f"{side}.model"))
-                                for side in ("src", "tgt"))
-        else:
-            src_tok = tgt_tok = data.IdTokenizer(config.data.synthetic_vocab_size)
-        model = make_model(config.model, src_tok.vocab_size, tgt_tok.vocab_size)
-        # The train-state layout is what checkpoints hold; shapes only, nothing is initialised.
-        target = jax.eval_shape(lambda: steps.init_state(model, config.optimizer, config.num_train_steps, config.seed))
-        store = checkpoints.Checkpoints.reader(workdir, tokenizers=checkpoints.tokenizers_fingerprint(src_tok, tgt_tok))
-        try:
-            state, meta = store.restore_best_or_latest(target)
-        finally:
-            store.close()
-        logger.info("loaded %s step %s", workdir, meta.get("step"))
-        return cls(config, model, state.params, src_tok, tgt_tok, workdir)
+        loaded = trained.load(workdir, step)
+        logger.info("loaded %s step %s", workdir, loaded.step)
+        translator = cls(loaded.config, loaded.model, loaded.params, loaded.src_tokenizer, loaded.tgt_tokenizer,
+                         workdir)
+        translator.steps = (loaded.step,)
+        return translator
 
     @classmethod
     def from_workdirs(cls, workdirs: Sequence[str]) -> Translator:
@@ -135,8 +122,10 @@ class Translator:
                     "must share their source and target tokenizers")
         if len(loaded) == 1:
             return first
-        return cls(first.config, tuple(t.model for t in loaded), tuple(t.params for t in loaded),
-                   first.src_tokenizer, first.tgt_tokenizer, ",".join(workdirs))
+        ensemble = cls(first.config, tuple(t.model for t in loaded), tuple(t.params for t in loaded),
+                       first.src_tokenizer, first.tgt_tokenizer, ",".join(workdirs))
+        ensemble.steps = tuple(step for t in loaded for step in t.steps)
+        return ensemble
 
     def options(self, **overrides) -> SearchOptions:
         """Search options: the workdir's config.eval (beam size, alpha, length rule) under `overrides`
@@ -165,6 +154,27 @@ class Translator:
         (see `hypotheses.Hypothesis`). `first_line`: the first sentence's line number in messages."""
         return self.decoder(self.params, sentences, self.options(**options), prefixes, return_attention, first_line)
 
+    # ------------------------------------------------------------------------------ scoring
+    def score(self, sentences: Sequence[str], targets: Sequence, on_long: str = "truncate",
+              first_line: int = 1) -> list[scoring.Score]:
+        """Per (sentence, target) pair, in input order, the model's (an ensemble's: the mean
+        probability's) Score(log_prob, pieces) of the target given the sentence: the summed
+        log-probability of its pieces and EOS, teacher-forced. targets: texts, or piece ids (up
+        to the first EOS, e.g. `Hypothesis.ids`: a hypothesis's log_prob is then the raw score the
+        search gave it). Sources follow translation's rules (data.max_len, `on_long`). ValueError
+        naming the line for a target of ids outside the vocabulary or a count that differs."""
+        mesh, model, params = self.decoder.mesh, self.model, self.params
+
+        def score(batch):
+            batch = parallel.shard_batch(batch, mesh)
+            return scoring.score_batch(model, params, batch.src, batch.src_len, batch.tgt_in, batch.tgt_out)
+
+        rows = -(-inference.ROWS_PER_CALL // mesh.size) * mesh.size
+        pairs = driver.score_pairs(score, self.src_tokenizer, self.tgt_tokenizer, sentences, targets,
+                                   boundaries=self.boundaries, max_source_len=self.max_source_len, rows=rows,
+                                   on_long=on_long, first_line=first_line)
+        return [scoring.Score(log_prob, pieces) for log_prob, pieces in pairs]
+
     # ------------------------------------------------------------------------------ attention
     def attention(self, sentence: str, output: str | Sequence[int]):
         """Teacher-forced attention of the model reading `sentence` and writing `output`.
@@ -175,17 +185,7 @@ class Translator:
         ensemble's weights are the mean of its members'.
         """
         src = self._source_with_eos(sentence)
-        if isinstance(output, str):
-            out = self.tgt_tokenizer.encode([output])[0] if output.strip() else []
-        else:
-            out = []
-            for t in output:
-                if int(t) == EOS_ID:
-                    break
-                out.append(int(t))
-        bad = [t for t in out if not 0 <= t < self.tgt_tokenizer.vocab_size]
-        if bad:
-            raise ValueError(f"output ids {bad} outside the target vocabulary [0, {self.tgt_tokenizer.vocab_size})")
+        out = sources.target_ids(self.tgt_tokenizer, output, 0)
         tgt_in = [BOS_ID] + out                                     # T = len(out) + 1 decoder steps
         s_pad, t_pad = (data.padded_length(len(src), self.boundaries),
                         data.padded_length(len(tgt_in), self.boundaries))
@@ -224,10 +224,6 @@ def _tokenizer_key(translator: Translator) -> tuple:
     """What must be equal for two models to form an ensemble: both tokenizers."""
     return tuple(tok.model_proto() if isinstance(tok, data.Tokenizer) else tok.vocab_size
                  for tok in (translator.src_tokenizer, translator.tgt_tokenizer))
-
-
-def _has_steps(directory: str) -> bool:
-    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 def _pieces(tokenizer, ids: Sequence[int]) -> list[str]:

@@ -84,7 +84,7 @@ def test_keeps_the_last_steps_and_the_best(tmp_path, saves):
     try:
         for i, (step, bleu) in enumerate(saves):
             state = make_state(step)
-            store.save(step, state, meta(state), dev_bleu=bleu)
+            store.save(step, state, meta(state), dev=None if bleu is None else {"dev_bleu": bleu})
             assert store.good_step == step
             assert store.steps() == disk_steps(workdir) == expected_steps(saves[:i + 1])[0], saves[:i + 1]
     finally:
@@ -101,7 +101,7 @@ def test_prune_deletes_what_a_killed_run_left(tmp_path, saves):
     try:
         for step, bleu in saves:
             state = make_state(step)
-            everything.save(step, state, meta(state), dev_bleu=bleu)
+            everything.save(step, state, meta(state), dev=None if bleu is None else {"dev_bleu": bleu})
     finally:
         everything.close()
     assert disk_steps(workdir) == [step for step, _ in saves]
@@ -125,7 +125,7 @@ def test_random_saves_across_reopened_stores(tmp_path, seed):
         for step in range(1, 13):
             bleu = rng.choice([None, None, float(rng.randrange(4))])
             state = make_state(step)
-            store.save(step, state, meta(state), dev_bleu=bleu)
+            store.save(step, state, meta(state), dev=None if bleu is None else {"dev_bleu": bleu})
             saves.append((step, bleu))
             assert disk_steps(workdir) == expected_steps(saves)[0], saves
             if rng.random() < 0.3:
@@ -141,7 +141,7 @@ def test_random_saves_across_reopened_stores(tmp_path, seed):
 def test_restore_equals_saved_bit_for_bit(tmp_path, abstract):
     saved = make_state(3)
     store = checkpoints.Checkpoints(str(tmp_path), KEEP)
-    store.save(3, saved, meta(saved), dev_bleu=1.5)
+    store.save(3, saved, meta(saved), dev={"dev_bleu": 1.5})
     store.close()
     target = make_state(0)  # other values, same structure
     assert leaves(target) != leaves(saved)
@@ -168,7 +168,7 @@ def test_unreadable_best_step_falls_back_to_the_latest(tmp_path, caplog):
     workdir = str(tmp_path)
     store = checkpoints.Checkpoints(workdir, KEEP)
     for step, bleu in ((1, 9.0), (2, None), (3, None)):
-        store.save(step, make_state(step), meta(make_state(step)), dev_bleu=bleu)
+        store.save(step, make_state(step), meta(make_state(step)), dev=None if bleu is None else {"dev_bleu": bleu})
     store.close()
     _break_checksum(workdir, 1)
     store = checkpoints.Checkpoints(workdir, KEEP)
@@ -183,7 +183,7 @@ def test_unreadable_latest_step_is_moved_aside_when_reached_again(tmp_path, capl
     workdir = str(tmp_path)
     store = checkpoints.Checkpoints(workdir, KEEP)
     for step in (1, 2):
-        store.save(step, make_state(step), meta(make_state(step)), dev_bleu=float(step))
+        store.save(step, make_state(step), meta(make_state(step)), dev={"dev_bleu": float(step)})
     store.close()
     _break_checksum(workdir, 2)
     store = checkpoints.Checkpoints(workdir, KEEP)
@@ -192,7 +192,7 @@ def test_unreadable_latest_step_is_moved_aside_when_reached_again(tmp_path, capl
             state, _ = store.restore_latest(jax.eval_shape(lambda: make_state(0)))
         assert int(state.step) == 1 and store.good_step == 1
         assert "checksum mismatch in params/scale" in caplog.text
-        store.save(2, make_state(2), meta(make_state(2)), dev_bleu=2.0)  # training reached step 2 again
+        store.save(2, make_state(2), meta(make_state(2)), dev={"dev_bleu": 2.0})  # training reached step 2 again
     finally:
         store.close()
     aside = os.path.join(workdir, "checkpoints", "2.unreadable-0")

@@ -351,6 +351,42 @@ def test_corrupt_latest_checkpoint_is_skipped_with_a_warning(env, baseline, tmp_
     _assert_same_run(workdir, baseline)
 
 
+# Early stopping on dev loss with the plateau decay: evaluations every 20 steps; an improvement must
+# exceed 0.5 nats, so the run stops (at step 100) well before STEPS (BUILD_NOTES.md, issue 20).
+STOPPING = ["--config.eval_every_steps=20", "--config.early_stopping.metric=dev_loss",
+            "--config.early_stopping.patience=2", "--config.early_stopping.min_delta=0.5",
+            "--config.optimizer.plateau_factor=0.5", "--config.optimizer.plateau_patience=1"]
+
+
+def test_early_stopping_after_a_kill_stops_at_the_same_step(env, baseline, tmp_path):
+    """An uninterrupted run that stops early, against one killed after its first evaluation and
+    rerun: the same stop step, checkpoints (plateau state included), metrics and summary; the last
+    line says why it stopped and which step is best; a rerun of the stopped run trains nothing."""
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    result = _run(env, whole, STOPPING)
+    assert result.returncode == 0, result.output
+    summary = _summary(whole)
+    assert summary["stopped"].startswith("early stopping: dev_loss did not improve by more than 0.5 in 2 "
+                                         "evaluations"), summary
+    assert 20 < summary["steps"] < STEPS and summary["steps"] % 20 == 0
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"final | step {summary['steps']} |") and summary["stopped"] in last
+    assert f"best checkpoint: step {summary['best_step']} by dev_bleu" in last
+    rates = [row["learning_rate"] for row in _metrics(whole) if "learning_rate" in row and row["step"] > 40]
+    assert min(rates) < 3e-3 / 1.9  # the plateau decay halved the rate at least once
+
+    run = Watched(env, killed, STOPPING)
+    assert run.wait_for_line(r"eval step 20 ") is not None, run.output
+    time.sleep(0.05)
+    run.kill()
+    assert run.finish() == -signal.SIGKILL
+    result = _run(env, killed, STOPPING)
+    assert result.returncode == 0, result.output
+    _assert_same_run(killed, whole)
+    again = _run(env, killed, STOPPING)
+    assert again.returncode == 0 and "step 1/" not in again.output and summary["stopped"] in again.stdout
+
+
 def test_checksum_mismatch_is_skipped(tmp_path, caplog):
     """A checkpoint whose arrays load but do not match the checksums in its meta is not used."""
     import jax.numpy as jnp
