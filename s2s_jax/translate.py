@@ -218,13 +218,21 @@ class Translator:
     def plot_hypothesis(self, sentence: str, hypothesis: Hypothesis, path: str, title: str | None = None) -> None:
         """Writes the heat map of the attention the search recorded for `hypothesis` (from
         `hypotheses(..., return_attention=True)`) while translating `sentence`."""
-        if hypothesis.attention is None:
-            raise ValueError("the hypothesis has no attention: use hypotheses(..., return_attention=True)")
-        weights = hypothesis.attention                              # [T, S]
-        src = self._source_with_eos(sentence)
-        out = (hypothesis.ids + [EOS_ID])[:len(weights)]             # no EOS row if cut at the limit
-        plotting.plot_attention(weights, _pieces(self.src_tokenizer, src), _pieces(self.tgt_tokenizer, out),
-                                path, title=title)
+        src_pieces, out_pieces = attention_labels(self.src_tokenizer, self.tgt_tokenizer, self.max_source_len,
+                                                  sentence, hypothesis)
+        plotting.plot_attention(hypothesis.attention, src_pieces, out_pieces, path, title=title)
+
+
+def attention_labels(src_tokenizer, tgt_tokenizer, max_source_len: int, sentence: str,
+                     hypothesis: Hypothesis) -> tuple[list[str], list[str]]:
+    """The labels of `hypothesis.attention` [T, S] (from hypotheses(..., return_attention=True)
+    on `sentence`): the S source pieces the model read (truncated as decoded, EOS included) and the
+    T output pieces (its EOS included, unless cut at the output limit)."""
+    if hypothesis.attention is None:
+        raise ValueError("the hypothesis has no attention: use hypotheses(..., return_attention=True)")
+    src = sources.source_ids(src_tokenizer, sentence, 0, max_source_len, "truncate") + [EOS_ID]
+    out = (hypothesis.ids + [EOS_ID])[:len(hypothesis.attention)]  # no EOS row if cut at the limit
+    return _pieces(src_tokenizer, src), _pieces(tgt_tokenizer, out)
 
 
 def _tokenizer_key(translator: Translator) -> tuple:
