@@ -84,7 +84,8 @@ class WorkdirModel:
     def driver(self, options: SearchOptions, return_attention: bool):
         return self.translator.decoder.driver(self.translator.params, options, return_attention)
 
-    def warmup_options(self, search: str) -> SearchOptions:
+    def warmup_options(self, search: str, attention: bool) -> SearchOptions:
+        del attention  # every search can return attention
         return self.options({"search": search}, False)
 
     def info(self) -> dict:
@@ -104,7 +105,7 @@ class ExportModel:
         self.max_source_len = exported.manifest["max_source_len"]
 
     def options(self, given: dict, prefixed: bool) -> SearchOptions:
-        options = self.exported.options.updated(given)  # TypeError naming unknown options
+        options = self.exported.options._replace(n_best=1).updated(given)  # TypeError naming unknown options
         fixed = [name for name in given if name not in self.ADJUSTABLE
                  and given[name] is not None and given[name] != getattr(self.exported.options, name)]
         if fixed or prefixed:
@@ -121,9 +122,10 @@ class ExportModel:
     def driver(self, options: SearchOptions, return_attention: bool):
         return self.exported.driver(options.n_best, return_attention)
 
-    def warmup_options(self, search: str) -> SearchOptions:
-        if search != self.exported.options.search:
-            raise ValueError(f"--warmup={search}: the artifact was exported for search={self.exported.options.search}")
+    def warmup_options(self, search: str, attention: bool) -> SearchOptions | None:
+        """The exported options for n_best 1, or None if the artifact has no such search."""
+        if search != self.exported.options.search or attention and not self.exported.manifest["attention"]:
+            return None
         return self.exported.options._replace(n_best=1)
 
     def info(self) -> dict:
@@ -152,13 +154,15 @@ class _PieceCounts:
 def warm_up(model, specs: Sequence[str]) -> float:
     """Compiles the search of every spec ("greedy", "beam", "sample", "+attention" appended: with
     attention) for every source bucket by decoding one sentence per bucket through the decode
-    driver; returns the seconds it took."""
+    driver (an exported artifact: the specs it has); returns the seconds it took."""
     start = time.monotonic()
     for spec in specs:
         search, _, extra = spec.partition("+")
         if extra not in ("", "attention"):
             raise ValueError(f"--warmup: {spec!r} is not a search with an optional '+attention'")
-        options = model.warmup_options(search)
+        options = model.warmup_options(search, bool(extra))
+        if options is None:
+            continue
         driver = model.driver(options, bool(extra))
         counts = [str(min(length - 1, driver.max_source_len)) for length in driver.output_limits]
         driver._replace(src_tokenizer=_PieceCounts())(counts, options)
