@@ -194,6 +194,28 @@ def test_full_queue_gets_503_with_retry_after_and_a_late_answer_504(translator):
     assert model.calls == []
 
 
+def test_an_exported_artifact_is_served_with_its_fixed_options(tiny_workdir, tmp_path):
+    from s2s_jax import export
+    path = str(tmp_path / "tiny.s2s.zip")
+    export.export(tiny_workdir, path, n_best=[1], attention=False, beam_size=2)
+    exported = export.load(path)
+    model = serve.ExportModel(exported, path)
+    serve.warm_up(model, ["greedy", "beam", "beam+attention"])  # what it has: beam without attention
+    running = Running(model)
+    try:
+        sentences = ["4 5 6", "", "7 8 9 10 11"]
+        status, answer, _ = running.request("POST", "/v1/translate", {"sentences": sentences, "on_long": "error"})
+        assert status == 200 and answer == {"translations": exported.translate(sentences)}
+        status, answer, _ = running.request("POST", "/v1/translate", {"sentences": ["4 5"], "beam_size": 3})
+        assert status == 422 and answer["error"].startswith("beam_size: fixed when the artifact was exported")
+        status, answer, _ = running.request("POST", "/v1/translate", {"sentences": ["4 5"], "n_best": 2})
+        assert status == 422 and answer["error"] == "n_best must be one of the exported sizes [1], got 2"
+        status, info, _ = running.request("GET", "/v1/info")
+        assert info["kind"] == "export" and info["defaults"]["beam_size"] == 2 and info["config"]["n_best"] == [1]
+    finally:
+        running.stop()
+
+
 # ----------------------------------------------------------------------------- the batcher
 def test_a_failing_group_is_decoded_job_by_job_and_close_finishes_the_queue():
     def decode(sentences):
