@@ -6,10 +6,15 @@
 
 The command streams: it reads CHUNK_LINES (4096) lines, translates them, writes their output lines
 (in input order) and reads on, so memory stays constant; above one chunk it prints a progress line
-per chunk on stderr. --output is written as a temporary file unique to the run, next to it,
-renamed onto it when complete: a failed or stopped run leaves no file, and two runs writing the same
---output never mix (the last to finish wins). Every place it writes to is checked before decoding.
-SIGINT and SIGTERM stop it promptly (status 130, 143) with one line; errors are one line, status 1.
+per chunk on stderr. From a pipe or a terminal it also translates (and flushes) as soon as no
+further line is waiting, so a line typed or written into a pipe held open is answered at once:
+
+    python -m s2s_jax.translate --workdir=runs/demo --search=greedy      # type a line, read its translation
+
+--output is written as a temporary file unique to the run, next to it, renamed onto it when
+complete: a failed or stopped run leaves no file, and two runs writing the same --output never mix
+(the last to finish wins). Every place it writes to is checked before decoding. SIGINT and
+SIGTERM stop it promptly (status 130, 143) with one line; errors are one line, status 1.
 
 Python:
     translator = Translator.from_workdir("runs/demo")
@@ -41,10 +46,12 @@ import itertools
 import logging
 import os
 import signal
+import stat
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TextIO
 
 import jax
@@ -211,13 +218,21 @@ class Translator:
     def plot_hypothesis(self, sentence: str, hypothesis: Hypothesis, path: str, title: str | None = None) -> None:
         """Writes the heat map of the attention the search recorded for `hypothesis` (from
         `hypotheses(..., return_attention=True)`) while translating `sentence`."""
-        if hypothesis.attention is None:
-            raise ValueError("the hypothesis has no attention: use hypotheses(..., return_attention=True)")
-        weights = hypothesis.attention                              # [T, S]
-        src = self._source_with_eos(sentence)
-        out = (hypothesis.ids + [EOS_ID])[:len(weights)]             # no EOS row if cut at the limit
-        plotting.plot_attention(weights, _pieces(self.src_tokenizer, src), _pieces(self.tgt_tokenizer, out),
-                                path, title=title)
+        src_pieces, out_pieces = attention_labels(self.src_tokenizer, self.tgt_tokenizer, self.max_source_len,
+                                                  sentence, hypothesis)
+        plotting.plot_attention(hypothesis.attention, src_pieces, out_pieces, path, title=title)
+
+
+def attention_labels(src_tokenizer, tgt_tokenizer, max_source_len: int, sentence: str,
+                     hypothesis: Hypothesis) -> tuple[list[str], list[str]]:
+    """The labels of `hypothesis.attention` [T, S] (from hypotheses(..., return_attention=True)
+    on `sentence`): the S source pieces the model read (truncated as decoded, EOS included) and the
+    T output pieces (its EOS included, unless cut at the output limit)."""
+    if hypothesis.attention is None:
+        raise ValueError("the hypothesis has no attention: use hypotheses(..., return_attention=True)")
+    src = sources.source_ids(src_tokenizer, sentence, 0, max_source_len, "truncate") + [EOS_ID]
+    out = (hypothesis.ids + [EOS_ID])[:len(hypothesis.attention)]  # no EOS row if cut at the limit
+    return _pieces(src_tokenizer, src), _pieces(tgt_tokenizer, out)
 
 
 def _tokenizer_key(translator: Translator) -> tuple:
@@ -292,16 +307,36 @@ def _sources(path: str, prefix_path: str | None) -> Iterator[tuple[str, str | No
     return _with_prefixes(lines, _lines(prefix_path), prefix_path)
 
 
-_END = object()
+_END, _NOT_YET = object(), object()
 
 
-def _chunks(items: Iterator, size: int) -> Iterator[tuple[list, bool]]:
-    """(the next `size` items or fewer, whether they are the last); reads one item ahead."""
-    ahead = next(items, _END)
-    while ahead is not _END:
-        chunk = [ahead, *itertools.islice(items, size - 1)]
-        ahead = next(items, _END)
-        yield chunk, ahead is _END
+def _chunks(items: Iterator, size: int, arrived: Callable[[], int] | None = None) -> Iterator[tuple[list, bool]]:
+    """(the next items, whether no further item is waiting): a chunk ends after `size` items, at
+    the end, or when the next item has not arrived yet. arrived(): how many items a stream has
+    received so far (reading one more would wait for it); None: the items are a file's, all there."""
+    taken = 0
+
+    def waiting():
+        """The next item if it can be read without waiting, else _NOT_YET (or _END at the end)."""
+        nonlocal taken
+        if arrived is not None and arrived() <= taken:
+            return _NOT_YET
+        item = next(items, _END)
+        taken += item is not _END
+        return item
+
+    ahead = _NOT_YET
+    while True:
+        if ahead is _NOT_YET:  # wait for the next line
+            ahead = next(items, _END)
+            taken += ahead is not _END
+        if ahead is _END:
+            return
+        chunk, ahead = [ahead], waiting()
+        while len(chunk) < size and ahead is not _END and ahead is not _NOT_YET:
+            chunk.append(ahead)
+            ahead = waiting()
+        yield chunk, ahead is _END or ahead is _NOT_YET
 
 
 def _translate_chunk(translator: Translator, chunk: list[tuple[str, str | None]], first_line: int, out: TextIO,
@@ -322,17 +357,53 @@ def _translate_chunk(translator: Translator, chunk: list[tuple[str, str | None]]
 
 
 def _translate_stream(translator: Translator, pairs: Iterator[tuple[str, str | None]], out: TextIO, options: dict,
-                      attention_dir: str | None, progress: TextIO) -> None:
-    """Translates (line, prefix) pairs CHUNK_LINES at a time, writing each chunk's outputs in
-    input order before reading the next, and a progress line after each chunk when there is more
-    than one."""
-    start, done = time.monotonic(), 0
-    for number, (chunk, last) in enumerate(_chunks(pairs, CHUNK_LINES)):
+                      attention_dir: str | None, progress: TextIO, arrived: Callable[[], int] | None = None) -> None:
+    """Translates (line, prefix) pairs CHUNK_LINES at a time, or fewer when no further line is
+    waiting (`_chunks`; arrived: for a stream), writing each chunk's outputs in input order before
+    reading the next, and a progress line after each chunk when more lines wait, or when one was
+    printed before."""
+    start, done, printed = time.monotonic(), 0, False
+    for chunk, last in _chunks(pairs, CHUNK_LINES, arrived):
         _translate_chunk(translator, chunk, done + 1, out, options, attention_dir)
         done += len(chunk)
-        if number or not last:
+        if printed or not last:
             rate = done / max(time.monotonic() - start, 1e-9)
             print(f"translate: {done} lines done, {rate:.1f} sentences/s", file=progress, flush=True)
+            printed = True
+
+
+class _Arrivals:
+    """A stream (a pipe, a terminal) relayed by a thread into a pipe of its own, counting the lines
+    that have arrived, so that the reader knows whether one more can be read without waiting:
+    `path` reads the relayed stream, `lines` counts its complete lines (and a last one without
+    "\\n" once the stream ends), `error` is a read error that ended the stream early."""
+
+    def __init__(self, path: str):
+        source = os.open(path, os.O_RDONLY)
+        read_end, write_end = os.pipe()
+        self.path, self.lines, self.error = f"/dev/fd/{read_end}", 0, None
+        threading.Thread(target=self._relay, args=(source, write_end), daemon=True).start()
+
+    def _relay(self, source: int, write_end: int) -> None:
+        whole = True  # the stream so far ends with a complete line
+        with open(write_end, "wb") as sink:
+            try:
+                while block := os.read(source, 1 << 16):
+                    sink.write(block)
+                    sink.flush()  # the bytes are in the pipe before they are counted
+                    self.lines += block.count(b"\n")
+                    whole = block.endswith(b"\n")
+            except OSError as error:
+                self.error = error
+            self.lines += not whole
+
+
+def _is_stream(path: str) -> bool:
+    """Whether `path` is a pipe, a terminal or another stream rather than a regular file."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:  # missing: the reader names it
+        return False
 
 
 @contextlib.contextmanager
@@ -415,17 +486,25 @@ def _fail(message: str, status: int = 1) -> SystemExit:
 
 
 def _translate_main(f) -> None:
-    """The command's work: checks the output places, loads the model, translates the input."""
+    """The command's work: checks the output places, loads the model, translates the input (a
+    file: in chunks of CHUNK_LINES lines; a stream: each line as soon as no further line waits)."""
     if f.output:
         _make_parent(f.output)
     if f.attention_dir:
         _check_attention_dir(f.attention_dir)
+    path = f.input or "/dev/stdin"
     with _output(f.output) as out:  # opened before loading: an unwritable --output fails at once
-        pairs = _sources(f.input or "/dev/stdin", f.prefixes)
+        stream = _Arrivals(path) if _is_stream(path) else None
+        pairs = None if stream else _sources(path, f.prefixes)  # a file is opened now, to fail early
         translator = Translator.from_workdirs(f.workdir.split(","))
         options = cli.option_values(f, OPTION_FLAGS)
         translator.options(**options)  # bad options fail before any output, even on empty input
-        _translate_stream(translator, pairs, out, options, f.attention_dir, sys.stderr)
+        if stream:  # read once the model is there: its first line may be typed only now
+            pairs = _sources(stream.path, f.prefixes)
+        _translate_stream(translator, pairs, out, options, f.attention_dir, sys.stderr,
+                          stream and (lambda: stream.lines))
+        if stream and stream.error:
+            raise OSError(stream.error.errno, stream.error.strerror, path)
 
 
 def main(argv) -> None:

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -406,6 +407,19 @@ def test_cli_streams_chunks_in_input_order_with_progress(translator, sentences, 
     assert _stream(translator, tmp_path, b"")[0] == ""
 
 
+def test_chunks_of_a_stream_end_where_no_further_line_waits_and_a_file_goes_in_full_chunks():
+    bursts, arrived = [3, 1, 5], [0]
+
+    def lines():  # a burst arrives when the reader waits for its first line
+        for burst in bursts:
+            arrived[0] += burst
+            yield from range(arrived[0] - burst, arrived[0])
+
+    assert list(translate._chunks(lines(), 4, lambda: arrived[0])) == [
+        ([0, 1, 2], True), ([3], True), ([4, 5, 6, 7], False), ([8], True)]
+    assert list(translate._chunks(iter(range(9)), 4)) == [([0, 1, 2, 3], False), ([4, 5, 6, 7], False), ([8], True)]
+
+
 def test_cli_stream_errors_name_the_line_of_the_whole_input(translator, tmp_path, monkeypatch):
     monkeypatch.setattr(translate, "CHUNK_LINES", 3)
     good = ["4 5", "6 7 8", "", "9 10"]
@@ -524,24 +538,49 @@ def test_cli_unwritable_places_fail_before_decoding_in_one_line(tiny_workdir, tm
                     "cannot write /dev/full", "No space left")
 
 
+def _command(workdir: str, *flags: str) -> subprocess.Popen:
+    """`python -m s2s_jax.translate` reading a pipe held open by the test."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, "-m", "s2s_jax.translate", f"--workdir={workdir}", *flags],
+                            cwd=REPO, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def _send(process: subprocess.Popen, text: str) -> None:
+    process.stdin.write(text)
+    process.stdin.flush()
+
+
+def test_cli_answers_each_line_of_a_pipe_held_open_at_once(tiny_workdir):
+    """Interactive use: each line written into a pipe that stays open gets its translation back
+    while the pipe is still open (the command does not wait for a chunk or the end of input)."""
+    process = _command(tiny_workdir, "--search=greedy")
+    try:
+        for line in ("4 5 6", "7 8 9 10", "", "5 4"):
+            _send(process, line + "\n")
+            assert process.stdout.readline() == reverse(line) + "\n"  # blocks until it is written
+        _send(process, "6 7\n8 9\n")  # two lines at once: one chunk, both answered
+        assert [process.stdout.readline() for _ in range(2)] == ["7 6\n", "9 8\n"]
+        process.stdin.close()
+        assert process.wait(timeout=60) == 0 and process.stdout.read() == ""
+        assert "lines done" not in process.stderr.read()  # no progress line for lines typed one by one
+    finally:
+        process.kill()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_cli_signal_stops_promptly_in_one_line_leaving_no_file(tiny_workdir, tmp_path, signum):
-    """The signal arrives after the first chunk, while the command waits for more input."""
+    """The signal arrives after the first line was answered, while the command waits for more input."""
     out = tmp_path / "out.txt"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    process = subprocess.Popen([sys.executable, "-m", "s2s_jax.translate", f"--workdir={tiny_workdir}",
-                                f"--output={out}", "--search=greedy"], cwd=REPO, env=env, text=True,
-                               stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = _command(tiny_workdir, f"--output={out}", "--search=greedy")
     try:
-        process.stdin.write("4 5 6\n" * (translate.CHUNK_LINES + 1))  # a chunk and the line after it
-        process.stdin.flush()
-        stderr = []
-        for line in process.stderr:  # until the first chunk's progress line
-            stderr.append(line)
-            if " lines done" in line:
-                break
+        _send(process, "4 5 6\n")
+        deadline = time.monotonic() + 120
+        while not any(p.stat().st_size for p in tmp_path.iterdir()):  # its answer in the temporary file
+            assert time.monotonic() < deadline and process.poll() is None, process.stderr.read()
+            time.sleep(0.05)
         process.send_signal(signum)
-        stderr += process.stderr.readlines()
+        stderr = process.stderr.readlines()
         assert process.wait(timeout=60) == 128 + signum, "".join(stderr)
     finally:
         process.kill()
