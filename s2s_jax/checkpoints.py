@@ -5,7 +5,8 @@ a step stays while it is one of the `keep` newest or the one with the highest de
 of equals). A step saved without dev BLEU ranks below any step with it, so it never evicts the
 best step, and the best step outlives any number of newer ones.
 
-A checkpoint holds the train state (step, params, optimizer state) as a state dict, a JSON `meta`
+A checkpoint holds the train state (step, params, optimizer state, and the parameters' moving
+average when the run keeps one; a None field is not stored) as a state dict, a JSON `meta`
 record (step, logging window, vocabulary sizes, parameter shapes, the fingerprint of the tokenizers
 it was trained with, and a CRC32 of every floating-point array of the state; checkpoints of older
 versions also hold data_position and epoch, ignored) and orbax's `metrics` record ({"dev_bleu": x}
@@ -179,10 +180,10 @@ class Checkpoints:
         """Saves synchronously, with `dev_bleu` if the step was evaluated; then deletes the steps
         that are neither among the `keep` newest nor the best. On failure nothing is deleted."""
         self._check_writable("write")
-        state_dict = flax.serialization.to_state_dict(state)
+        state_dict = _stored(flax.serialization.to_state_dict(state))
         arrays = _float_arrays(state_dict)
-        bad = [name for name, value in arrays.items()
-               if name.startswith("params/") and value is not None and not np.isfinite(value).all()]
+        bad = [name for name, value in arrays.items() if name.startswith(("params/", "ema_params/"))
+               and value is not None and not np.isfinite(value).all()]
         if bad:
             raise CheckpointError(f"refusing to write checkpoint step {step} to {self.directory}: "
                                   f"non-finite values in {bad[0]}")
@@ -258,6 +259,20 @@ class Checkpoints:
         raise CheckpointError(f"the checkpoints in {self.directory} changed {READER_ATTEMPTS} times while "
                               "they were read (a run saving very often); try again")
 
+    def restore_step(self, step: int, target: Any) -> tuple[Any, dict]:
+        """Checkpoint `step` as (state like `target`, meta); CheckpointError in one line if it is not
+        listed or does not load (a reader: if the run deleted it meanwhile)."""
+        if step not in self.steps():
+            raise CheckpointError(f"no checkpoint step {step} in {self.directory} (steps: {self.steps()})")
+        try:
+            restored = self._restore_or_warn(step, target)
+        except _ListingChanged:
+            raise CheckpointError(f"checkpoint step {step} of {self.directory} was deleted by its run while it "
+                                  f"was read; choose among the steps it keeps (now {self.steps()})") from None
+        if restored is None:
+            raise CheckpointError(f"checkpoint step {step} of {self.directory} does not load: {self._unreadable[step]}")
+        return restored
+
     def _best_or_latest(self, target: Any) -> tuple[Any, dict]:
         best = self._manager.best_step()
         restored = None if best is None else self._restore_or_warn(best, target)
@@ -304,6 +319,8 @@ class Checkpoints:
     def _restore(self, step: int, target: Any) -> tuple[Any, dict]:
         directory = os.path.join(self.directory, str(step))
         template = flax.serialization.to_state_dict(target)
+        absent = {name: None for name, value in template.items() if value is None}  # e.g. no ema_params
+        template = _stored(template)
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         saved_tokenizers = meta.get("tokenizers")
         if None not in (saved_tokenizers, self._tokenizers) and saved_tokenizers != self._tokenizers:
@@ -325,7 +342,7 @@ class Checkpoints:
                                 if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None else x, abstract)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        state_dict, meta = restored["state"], restored["meta"]
+        state_dict, meta = dict(restored["state"], **absent), restored["meta"]
         expected = meta.get("checksums")
         if expected is not None:
             actual = {name: _crc(value) for name, value in _float_arrays(state_dict).items()}
@@ -360,6 +377,12 @@ def _open(directory: str, keep: int, read_only: bool) -> ocp.CheckpointManager:
     except ValueError as error:  # orbax reads every step's metrics on opening
         raise CheckpointError(f"cannot open {directory}: {_one_line(error)}; move the damaged step aside "
                               "(or the directory, to start over) or use a new --workdir") from error
+
+
+def _stored(state_dict: dict) -> dict:
+    """A train state's dict without its None fields (ema_params of a run without an average), so
+    that checkpoints with and without such a field, and of versions before it, have one layout."""
+    return {name: value for name, value in state_dict.items() if value is not None}
 
 
 def _one_line(error: Exception, limit: int = 200) -> str:

@@ -140,7 +140,7 @@ def _check_inputs(config, workdir: str) -> _Inputs:
         parallel.check_distributed(config.distributed)
         parallel.check_processes(config.distributed)
         mesh = parallel.make_mesh()
-        parallel.check_batch_size(config.data.batch_size, mesh, "data.batch_size")
+        parallel.check_batch_size(config.data.batch_size, mesh, "data.batch_size", config.optimizer.accumulate_steps)
         parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
         batches = data.TrainBatches(corpus.train_src, corpus.train_tgt, batch_size=config.data.batch_size,
                                     boundaries=config.data.bucket_boundaries, seed=config.seed)
@@ -164,7 +164,8 @@ def _jit_train_step(config, model: Seq2Seq, mesh):
                           tf_schedule=schedules.from_config(tf, config.num_train_steps),
                           fast_path_only=schedules.is_always_one(tf.schedule, tf.start),
                           label_smoothing=config.optimizer.label_smoothing,
-                          base_rng=jax.random.PRNGKey(config.seed), tf_mode=tf.mode, tf_passes=tf.passes),
+                          base_rng=jax.random.PRNGKey(config.seed), tf_mode=tf.mode, tf_passes=tf.passes,
+                          accumulate_steps=config.optimizer.accumulate_steps, ema_decay=config.optimizer.ema_decay),
         in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
         out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
         donate_argnums=0)
@@ -288,7 +289,7 @@ class _Loop:
     def _evaluate(self, done: int) -> float:
         """Dev metrics, logged; returns dev BLEU. Its time (and compilations) is not training time."""
         started, compile_s = time.time(), self.stats.seconds
-        self.dev = self.evaluator(self.state.params)
+        self.dev = self.evaluator(steps.inference_params(self.state))
         self.log.write(done, self.dev)
         logger.info("eval step %d | %s", done, " | ".join(f"{k} {v:.3f}" for k, v in self.dev.items()))
         self.clock["time"] += time.time() - started
@@ -360,7 +361,7 @@ def _train_in(config, workdir: str) -> dict:
         log = logbook.MetricsLog(workdir, int(state.step))
         try:
             loop = _Loop(config, inputs, state, window, store, log, stats)
-            dev = loop.run() or loop.evaluator(loop.state.params)  # a finished run without a summary
+            dev = loop.run() or loop.evaluator(steps.inference_params(loop.state))  # finished, no summary
         finally:
             log.close()
     finally:

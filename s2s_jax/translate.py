@@ -44,10 +44,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from s2s_jax import (BOS_ID, EOS_ID, checkpoints, cli, configuration, data, export, inference, parallel,
@@ -93,28 +94,15 @@ class Translator:
         Raises configuration.ConfigError if `workdir` has no config.json, data.DataError for a
         missing tokenizer and checkpoints.CheckpointError if it holds no checkpoint.
         """
-        if os.path.exists(workdir) and not os.path.isdir(workdir):
-            raise configuration.ConfigError(f"workdir {workdir} is not a directory: give a training workdir")
-        config = configuration.load(workdir)
-        if not _has_steps(os.path.join(workdir, "checkpoints")):
-            # Checked before opening the store, which would create empty directories.
-            raise checkpoints.CheckpointError(
-                f"no checkpoint in workdir {workdir} (looked in checkpoints/): train a model there first")
-        if config.data.task == "files":
-            src_tok, tgt_tok = (data.Tokenizer.load(os.path.join(workdir, "tokenizers", f"{side}.model"))
-                                for side in ("src", "tgt"))
-        else:
-            src_tok = tgt_tok = data.IdTokenizer(config.data.synthetic_vocab_size)
-        model = make_model(config.model, src_tok.vocab_size, tgt_tok.vocab_size)
-        # The train-state layout is what checkpoints hold; shapes only, nothing is initialised.
-        target = jax.eval_shape(lambda: steps.init_state(model, config.optimizer, config.num_train_steps, config.seed))
-        store = checkpoints.Checkpoints.reader(workdir, tokenizers=checkpoints.tokenizers_fingerprint(src_tok, tgt_tok))
+        run = open_workdir(workdir)
+        store = checkpoints.Checkpoints.reader(workdir, tokenizers=run.fingerprint)
         try:
-            state, meta = store.restore_best_or_latest(target)
+            state, meta = store.restore_best_or_latest(run.target)
         finally:
             store.close()
         logger.info("loaded %s step %s", workdir, meta.get("step"))
-        return cls(config, model, state.params, src_tok, tgt_tok, workdir)
+        return cls(run.config, run.model, steps.inference_params(state), run.src_tokenizer, run.tgt_tokenizer,
+                   workdir)
 
     @classmethod
     def from_workdirs(cls, workdirs: Sequence[str]) -> Translator:
@@ -218,6 +206,37 @@ class Translator:
         out = (hypothesis.ids + [EOS_ID])[:len(weights)]             # no EOS row if cut at the limit
         plotting.plot_attention(weights, _pieces(self.src_tokenizer, src), _pieces(self.tgt_tokenizer, out),
                                 path, title=title)
+
+
+class Workdir(NamedTuple):
+    """A training workdir's model, before any checkpoint is read."""
+    config: ml_collections.ConfigDict
+    src_tokenizer: data.Tokenizer | data.IdTokenizer
+    tgt_tokenizer: data.Tokenizer | data.IdTokenizer
+    model: Seq2Seq
+    target: steps.TrainState  # shapes only (jax.eval_shape): the train state its checkpoints hold
+    fingerprint: str  # checkpoints.tokenizers_fingerprint of the tokenizers
+
+
+def open_workdir(workdir: str) -> Workdir:
+    """config.json, the tokenizers and the model of a workdir that holds checkpoints; nothing is
+    initialised. configuration.ConfigError without config.json, data.DataError for a missing
+    tokenizer, checkpoints.CheckpointError without checkpoints."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise configuration.ConfigError(f"workdir {workdir} is not a directory: give a training workdir")
+    config = configuration.load(workdir)
+    if not _has_steps(os.path.join(workdir, "checkpoints")):
+        # Checked before opening the store, which would create empty directories.
+        raise checkpoints.CheckpointError(
+            f"no checkpoint in workdir {workdir} (looked in checkpoints/): train a model there first")
+    if config.data.task == "files":
+        src_tok, tgt_tok = (data.Tokenizer.load(os.path.join(workdir, "tokenizers", f"{side}.model"))
+                            for side in ("src", "tgt"))
+    else:
+        src_tok = tgt_tok = data.IdTokenizer(config.data.synthetic_vocab_size)
+    model = make_model(config.model, src_tok.vocab_size, tgt_tok.vocab_size)
+    target = jax.eval_shape(lambda: steps.init_state(model, config.optimizer, config.num_train_steps, config.seed))
+    return Workdir(config, src_tok, tgt_tok, model, target, checkpoints.tokenizers_fingerprint(src_tok, tgt_tok))
 
 
 def _tokenizer_key(translator: Translator) -> tuple:
