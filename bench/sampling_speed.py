@@ -59,7 +59,7 @@ def setup(cfg: dict, output_chunk: int, dropout: float):
     batch = data.Batch(src=jnp.asarray(rng.integers(4, V, (B, S)), jnp.int32),
                        src_len=jnp.full((B,), S, jnp.int32), tgt_in=jnp.asarray(tgt[:, :-1]),
                        tgt_out=jnp.asarray(tgt[:, 1:]), index=jnp.arange(B, dtype=jnp.int32))
-    return model, functools.partial(steps.init_state, config, model), batch
+    return model, functools.partial(steps.init_state, model, config.optimizer, config.num_train_steps, config.seed), batch
 
 
 def make_step(model, ratio: float, mode: str, passes: int):

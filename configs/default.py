@@ -134,6 +134,12 @@ def get_config() -> ml_collections.ConfigDict:
     opt.plateau_patience = 2
     # Label smoothing of the cross-entropy (0 = off).
     opt.label_smoothing = 0.0
+    # Decode (dev BLEU, best checkpoint, translate, export) with an exponential moving average of the
+    # parameters kept in the train state, this decay per step (0 = off; e.g. 0.999).
+    opt.ema_decay = 0.0
+    # Gradient accumulation: split each batch into this many micro-batches (one update; data.batch_size
+    # must divide by it times the device count). Same update, less activation memory.
+    opt.accumulate_steps = 1
 
     config.teacher_forcing = tf = ml_collections.ConfigDict()
     # Schedule of the ground-truth feeding ratio: constant | linear | exponential | inverse_sigmoid.

@@ -6,7 +6,8 @@ eval.best_metric: dev_bleu by default; dev_loss ranks lower first; the newer of 
 saved without that metric ranks below any step with it, so it never evicts the best step, and the
 best step outlives any number of newer ones.
 
-A checkpoint holds the train state (step, params, optimizer state) as a state dict, a JSON `meta`
+A checkpoint holds the train state (step, params, optimizer state, and the parameters' moving
+average when the run keeps one; a None field is not stored) as a state dict, a JSON `meta`
 record (step, logging window, early-stopping state, vocabulary sizes, parameter shapes, the
 fingerprint of the tokenizers it was trained with, and a CRC32 of every floating-point array of the
 state; checkpoints of older versions also hold data_position and epoch, ignored) and orbax's
@@ -194,10 +195,10 @@ class Checkpoints:
         the steps that are neither among the `keep` newest nor the best. On failure nothing is
         deleted."""
         self._check_writable("write")
-        state_dict = flax.serialization.to_state_dict(state)
+        state_dict = _stored(flax.serialization.to_state_dict(state))
         arrays = _float_arrays(state_dict)
-        bad = [name for name, value in arrays.items()
-               if name.startswith("params/") and value is not None and not np.isfinite(value).all()]
+        bad = [name for name, value in arrays.items() if name.startswith(("params/", "ema_params/"))
+               and value is not None and not np.isfinite(value).all()]
         if bad:
             raise CheckpointError(f"refusing to write checkpoint step {step} to {self.directory}: "
                                   f"non-finite values in {bad[0]}")
@@ -274,14 +275,17 @@ class Checkpoints:
                               "they were read (a run saving very often); try again")
 
     def restore_step(self, step: int, target: Any) -> tuple[Any, dict]:
-        """Checkpoint `step` as (state like `target`, meta); CheckpointError naming it when it is
-        not there or does not load."""
+        """Checkpoint `step` as (state like `target`, meta); CheckpointError in one line if it is not
+        listed or does not load (a reader: if the run deleted it meanwhile)."""
         if step not in self.steps():
-            raise CheckpointError(f"no checkpoint step {step} in {self.directory} (its steps: {self.steps()})")
-        restored = self._restore_or_warn(step, target)
+            raise CheckpointError(f"no checkpoint step {step} in {self.directory} (steps: {self.steps()})")
+        try:
+            restored = self._restore_or_warn(step, target)
+        except _ListingChanged:
+            raise CheckpointError(f"checkpoint step {step} of {self.directory} was deleted by its run while it "
+                                  f"was read; choose among the steps it keeps (now {self.steps()})") from None
         if restored is None:
-            raise CheckpointError(f"checkpoint {os.path.join(self.directory, str(step))} does not load: "
-                                  f"{self._unreadable[step]}")
+            raise CheckpointError(f"checkpoint step {step} of {self.directory} does not load: {self._unreadable[step]}")
         return restored
 
     def _best_or_latest(self, target: Any) -> tuple[Any, dict]:
@@ -330,6 +334,8 @@ class Checkpoints:
     def _restore(self, step: int, target: Any) -> tuple[Any, dict]:
         directory = os.path.join(self.directory, str(step))
         template = flax.serialization.to_state_dict(target)
+        absent = {name: None for name, value in template.items() if value is None}  # e.g. no ema_params
+        template = _stored(template)
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         saved_tokenizers = meta.get("tokenizers")
         if None not in (saved_tokenizers, self._tokenizers) and saved_tokenizers != self._tokenizers:
@@ -351,7 +357,7 @@ class Checkpoints:
                                 if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None else x, abstract)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        state_dict, meta = restored["state"], restored["meta"]
+        state_dict, meta = dict(restored["state"], **absent), restored["meta"]
         expected = meta.get("checksums")
         if expected is not None:
             actual = {name: _crc(value) for name, value in _float_arrays(state_dict).items()}
@@ -386,6 +392,12 @@ def _open(directory: str, keep: int, read_only: bool, best_metric: str) -> ocp.C
     except ValueError as error:  # orbax reads every step's metrics on opening
         raise CheckpointError(f"cannot open {directory}: {_one_line(error)}; move the damaged step aside "
                               "(or the directory, to start over) or use a new --workdir") from error
+
+
+def _stored(state_dict: dict) -> dict:
+    """A train state's dict without its None fields (ema_params of a run without an average), so
+    that checkpoints with and without such a field, and of versions before it, have one layout."""
+    return {name: value for name, value in state_dict.items() if value is not None}
 
 
 def _one_line(error: Exception, limit: int = 200) -> str:

@@ -107,6 +107,10 @@ KEYS = {
     # Plateau decay on early_stopping.metric (issue 20); older workdirs had none.
     "optimizer.plateau_factor": Key(float, "[0, 1)", TRAJECTORY, older=0.0),
     "optimizer.plateau_patience": Key(int, ">= 1", TRAJECTORY, older=2),
+    # The average is part of the checkpointed state (older workdirs have none); 1 would never move.
+    "optimizer.ema_decay": Key(float, "[0, 1)", TRAJECTORY, older=0.0),
+    # Further checked: data.batch_size divides by it (and by it times the devices, in training).
+    "optimizer.accumulate_steps": Key(int, ">= 1", TRAJECTORY, older=1),
     "teacher_forcing.schedule": Key(str, schedules.SCHEDULES, TRAJECTORY),
     "teacher_forcing.start": Key(float, "[0, 1]", TRAJECTORY),
     "teacher_forcing.end": Key(float, "[0, 1]", TRAJECTORY),
@@ -210,6 +214,9 @@ def check(config: ml_collections.ConfigDict) -> None:
         if problem:
             raise ConfigError(f"config: {key}={flat[key]!r} {problem}")
     _check_bucket_boundaries(config.data)
+    if config.data.batch_size % config.optimizer.accumulate_steps:
+        raise ConfigError(f"config: data.batch_size={config.data.batch_size} must be a multiple of "
+                          f"optimizer.accumulate_steps={config.optimizer.accumulate_steps} (rows per micro-batch)")
     if config.data.synthetic_min_len > config.data.synthetic_max_len:
         raise ConfigError(f"config: data.synthetic_min_len={config.data.synthetic_min_len} must be <= "
                           f"data.synthetic_max_len={config.data.synthetic_max_len}")

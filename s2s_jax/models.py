@@ -256,14 +256,15 @@ class Decoder(nn.Module):
         return self.logits(vectors, train), weights
 
     def scheduled_sampling(self, tgt_in: jax.Array, state: State, memory: attn.Memory,
-                           tf_ratio: jax.Array, rng: jax.Array, train: bool):
+                           tf_ratio: jax.Array, rng: jax.Array, train: bool, coins: jax.Array | None = None):
         """Scheduled sampling (Bengio et al. 2015): at each step t > 0 the input is the ground
         truth with probability `tf_ratio`, else the model's own argmax prediction of step t-1,
-        drawn per target token. Returns logits [B, T, V], weights [B, T, S], fed tokens [B, T]."""
+        drawn per target token (`gold_coins`, unless `coins` [B, T] are given). Returns logits
+        [B, T, V], weights [B, T, S], fed tokens [B, T]."""
         w = self.weights()
-        batch, length = tgt_in.shape
-        coin_rng, drop_rng = jax.random.split(rng)
-        use_gold = self.gold_coins(coin_rng, tf_ratio, (batch, length))
+        length = tgt_in.shape[1]
+        use_gold = self.gold_coins(rng, tf_ratio, tgt_in.shape) if coins is None else coins
+        drop_rng = jax.random.split(rng)[1]
         step_rngs = jax.random.split(drop_rng, (length, 2))
         state = jax.tree.map(lambda x: x[:, None], state)             # [B, 1, ...]
         previous = tgt_in[:, 0]
@@ -285,11 +286,13 @@ class Decoder(nn.Module):
     @staticmethod
     def gold_coins(rng: jax.Array, tf_ratio: jax.Array, shape: tuple[int, int]) -> jax.Array:
         """Per target token [B, T]: feed the ground truth? True with probability `tf_ratio`, and
-        always at position 0 (BOS)."""
-        return jax.random.bernoulli(rng, tf_ratio, shape).at[:, 0].set(True)
+        always at position 0 (BOS). Drawn from the first half of `rng` (the sequential mode's
+        dropout takes the second)."""
+        return jax.random.bernoulli(jax.random.split(rng)[0], tf_ratio, shape).at[:, 0].set(True)
 
     def parallel_sampling(self, tgt_in: jax.Array, state: State, memory: attn.Memory,
-                          tf_ratio: jax.Array, rng: jax.Array, passes: int) -> jax.Array:
+                          tf_ratio: jax.Array, rng: jax.Array, passes: int,
+                          coins: jax.Array | None = None) -> jax.Array:
         """Parallel scheduled sampling (Duckworth et al. 2019): the inputs [B, T] of the final,
         differentiated teacher-forced pass. Each of `passes` teacher-forced passes (no gradient;
         no dropout in the decoder, the encoder outputs are the final pass's) reads the previous
@@ -297,8 +300,8 @@ class Decoder(nn.Module):
         position; the next inputs are, per target token, the ground truth where
         `scheduled_sampling`'s coin (the same draw from the same `rng`) says so, else the
         prediction of the previous position. With `passes` >= T these are the tokens that
-        `scheduled_sampling` without dropout feeds."""
-        use_gold = self.gold_coins(jax.random.split(rng)[0], tf_ratio, tgt_in.shape)  # [B, T]
+        `scheduled_sampling` without dropout feeds. `coins` [B, T]: as in `scheduled_sampling`."""
+        use_gold = self.gold_coins(rng, tf_ratio, tgt_in.shape) if coins is None else coins  # [B, T]
         tokens = tgt_in
         for _ in range(passes):
             logits, _ = self.teacher_forced(tokens, state, memory, train=False)
@@ -361,7 +364,7 @@ class Seq2Seq(nn.Module):
 
     def __call__(self, src, src_len, tgt_in, *, train: bool = False, tf_ratio=1.0,
                  sampling_rng: jax.Array | None = None, fast_path_only: bool = False,
-                 return_vectors: bool = False, parallel_passes: int = 0):
+                 return_vectors: bool = False, parallel_passes: int = 0, gold_coins: jax.Array | None = None):
         """Training forward. Returns dict(logits [B, T, V], attention [B, T, S], fed_tokens [B, T]).
 
         `parallel_passes` (static): 0 = sequential scheduled sampling (`Decoder.scheduled_sampling`);
@@ -374,6 +377,8 @@ class Seq2Seq(nn.Module):
         `return_vectors` (static, teacher-forced path only): instead of logits, return the output
         projection's inputs (after dropout) as `vectors` [B, T, H] and its parameters as
         `projection` (w_out [H, V], b_out [V]), for s2s_jax.output_layer.
+        `gold_coins` [B, T]: scheduled sampling's draw (`Decoder.gold_coins`) given rather than drawn
+        from `sampling_rng` (gradient accumulation gives each micro-batch its rows of the batch's).
         """
         memory, state = self.encode(src, src_len, train)
         gold = isinstance(tf_ratio, (int, float)) and tf_ratio >= 1.0
@@ -386,11 +391,11 @@ class Seq2Seq(nn.Module):
                     raise ValueError("return_vectors needs the teacher-forced path (fast_path_only, "
                                      "tf_ratio >= 1 or parallel_passes > 0)")
                 # Run the decoder as one function of its parameters, so lax.cond can pick a path.
-                return self._decode_either(tgt_in, state, memory, ratio, sampling_rng, train)
+                return self._decode_either(tgt_in, state, memory, ratio, sampling_rng, train, gold_coins)
             # The passes draw nothing from the module's rng streams (rngs=False): the final pass's
             # dropout is that of plain teacher forcing.
             mix = lambda decoder, ratio, rng: decoder.parallel_sampling(  # noqa: E731
-                tgt_in, state, memory, ratio, rng, parallel_passes)
+                tgt_in, state, memory, ratio, rng, parallel_passes, gold_coins)
             tgt_in = nn.cond(ratio >= 1.0, lambda *_: tgt_in, mix, self.decoder, ratio, sampling_rng,
                              rngs=False)
         out, weights = self.decoder.teacher_forced(tgt_in, state, memory, train, return_vectors)
@@ -399,13 +404,13 @@ class Seq2Seq(nn.Module):
                         attention=weights, fed_tokens=tgt_in)
         return dict(logits=out, attention=weights, fed_tokens=tgt_in)
 
-    def _decode_either(self, tgt_in, state, memory, tf_ratio, rng, train):
+    def _decode_either(self, tgt_in, state, memory, tf_ratio, rng, train, coins):
         def fast(decoder, *_):
             logits, weights = decoder.teacher_forced(tgt_in, state, memory, train)
             return logits, weights, tgt_in
 
         def sampled(decoder, ratio, rng):
-            return decoder.scheduled_sampling(tgt_in, state, memory, ratio, rng, train)
+            return decoder.scheduled_sampling(tgt_in, state, memory, ratio, rng, train, coins)
 
         logits, weights, fed = nn.cond(tf_ratio >= 1.0, fast, sampled, self.decoder, tf_ratio, rng)
         return dict(logits=logits, attention=weights, fed_tokens=fed)

@@ -190,11 +190,14 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec("data"))
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, name: str) -> None:
-    if batch_size % mesh.size:
+def check_batch_size(batch_size: int, mesh: Mesh, name: str, micro_batches: int = 1) -> None:
+    """ValueError unless every device gets the same rows of each of `micro_batches` micro-batches
+    (optimizer.accumulate_steps)."""
+    if batch_size % (mesh.size * micro_batches):
         layout = (f" ({jax.process_count()} processes x {jax.local_device_count()} devices)"
                   if jax.process_count() > 1 else "")
-        raise ValueError(f"{name}={batch_size} must be a multiple of the {mesh.size} devices{layout}")
+        parts = f" x optimizer.accumulate_steps={micro_batches}" if micro_batches > 1 else ""
+        raise ValueError(f"{name}={batch_size} must be a multiple of the {mesh.size} devices{layout}{parts}")
 
 
 def process_rows(batch_size: int, mesh: Mesh) -> np.ndarray:

@@ -3,8 +3,15 @@
 `train_step(state, batch, *, model, ...)` and `eval_step(params, batch, *, model)` are module-level
 pure functions; static arguments are bound with functools.partial, as in the Flax examples. Both
 return sums plus a token count, never means, so windows of steps and sharded batches add up.
+
+Weight averaging: with `optimizer.ema_decay` > 0 the state also holds `ema_params`, an exponential
+moving average of the parameters updated inside the step; `inference_params(state)` is what dev
+evaluation, translation and export decode with. Gradient accumulation: `accumulate_steps` = k runs
+the batch as k micro-batches in a `lax.scan` and applies one update, equal to k = 1's up to the
+order of float sums.
 """
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +19,19 @@ import optax
 from flax.training import train_state
 
 from s2s_jax import PAD_ID, data, output_layer
-from s2s_jax.models import Seq2Seq
+from s2s_jax.models import Decoder, Seq2Seq
 from s2s_jax.ops import NEVER_TARGETS
 
 
 class TrainState(train_state.TrainState):
-    """Flax TrainState: step, params, opt_state (and the optax transformation)."""
+    """Flax TrainState: step, params, opt_state (and the optax transformation), and `ema_params`:
+    the moving average of params when optimizer.ema_decay > 0, else None."""
+    ema_params: Any = None
+
+
+def inference_params(state: TrainState):
+    """The weights to decode with: the moving average when the run keeps one, else the parameters."""
+    return state.params if state.ema_params is None else state.ema_params
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -85,12 +99,23 @@ def replace_plateau(opt_state, update):
 
 
 def init_state(model: Seq2Seq, opt_cfg, num_train_steps: int, seed: int) -> TrainState:
-    """Fresh parameters (from `seed`) and the optimizer state of `opt_cfg` (config.optimizer)."""
+    """Fresh parameters (from `seed`), the optimizer state of `opt_cfg` (config.optimizer) and, when
+    opt_cfg.ema_decay > 0, their moving average (a copy of the parameters)."""
     tx, _ = make_optimizer(opt_cfg, num_train_steps)
     dummy = jnp.ones((1, 1), jnp.int32)  # parameter shapes do not depend on the lengths
     params = model.init(jax.random.PRNGKey(seed), dummy, jnp.ones((1,), jnp.int32), dummy,
                         fast_path_only=True)["params"]
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    ema = jax.tree.map(jnp.copy, params) if opt_cfg.ema_decay > 0 else None
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, ema_params=ema)
+
+
+def ema_update(ema, params, decay: float, step: jax.Array):
+    """One step of the moving average: decay_t * ema + (1 - decay_t) * params, where decay_t =
+    min(decay, (1 + step) / (10 + step)) (TensorFlow's ExponentialMovingAverage with num_updates:
+    the early average follows the parameters instead of keeping their initial values)."""
+    step = jnp.asarray(step, jnp.float32)
+    decay_t = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda e, p: decay_t * e + (1.0 - decay_t) * p, ema, params)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -131,7 +156,8 @@ def teacher_forced_losses(model: Seq2Seq, variables: dict, batch: data.Batch, la
 # ----------------------------------------------------------------------------- steps
 def train_step(state: TrainState, batch: data.Batch, *, model: Seq2Seq, tf_schedule,
                fast_path_only: bool, label_smoothing: float, base_rng: jax.Array,
-               tf_mode: str = "sequential", tf_passes: int = 1):
+               tf_mode: str = "sequential", tf_passes: int = 1, accumulate_steps: int = 1,
+               ema_decay: float = 0.0):
     """One optimizer step on the smoothed loss. Returns (new_state, metrics), sums not means:
     loss_sum (plain NLL), smoothed_loss_sum, tokens, grad_norm, tf_ratio, finite.
 
@@ -139,41 +165,100 @@ def train_step(state: TrainState, batch: data.Batch, *, model: Seq2Seq, tf_sched
     "sequential" decodes step by step; "parallel" mixes the inputs in `tf_passes` teacher-forced
     passes, then computes the loss like teacher forcing (fused output layer included).
 
-    A non-finite loss, gradient or updated parameter leaves params and optimizer state unchanged,
-    except the step counters: state.step and the learning-rate schedule's count advance (the
-    schedule follows state.step: the rate logged for a step is the rate applied); Adam's moments
-    and bias-correction count stay. `metrics["finite"]` tells the loop, which stops or goes on as
-    configured.
+    `accumulate_steps` = k > 1: the gradient is summed over k micro-batches (`_accumulated`), each
+    normalised by the whole batch's target tokens, so the update is k = 1's on the same batch
+    (the same scheduled-sampling coins per row; dropout masks are drawn per micro-batch).
+    `ema_decay` > 0: state.ema_params moves towards the updated parameters (`ema_update`).
+
+    A non-finite loss, gradient or updated parameter leaves params, their average and the optimizer
+    state unchanged, except the step counters: state.step and the learning-rate schedule's count
+    advance (the schedule follows state.step: the rate logged for a step is the rate applied);
+    Adam's moments and bias-correction count stay. `metrics["finite"]` tells the loop, which stops
+    or goes on as configured.
     """
     step_rng = jax.random.fold_in(base_rng, state.step)
     dropout_rng, sampling_rng = jax.random.split(step_rng)
     tf_ratio = tf_schedule(state.step)
+    losses = functools.partial(_losses, model=model, tf_ratio=tf_ratio, fast_path_only=fast_path_only,
+                               label_smoothing=label_smoothing, tf_mode=tf_mode, tf_passes=tf_passes)
+    tokens = jnp.sum((batch.tgt_out != PAD_ID).astype(jnp.float32))
+    if accumulate_steps == 1:
+        grads, sums = _gradient(losses, state.params, tokens, batch, dropout_rng, sampling_rng, None)
+    else:
+        coins = None if fast_path_only else Decoder.gold_coins(sampling_rng, tf_ratio, batch.tgt_in.shape)
+        grads, sums = _accumulated(losses, state.params, tokens, batch, dropout_rng, sampling_rng, coins,
+                                   accumulate_steps)
+    nll_sum, smoothed_sum, tokens = sums
+    new_state, grad_norm, finite = _update(state, grads, jnp.isfinite(smoothed_sum), ema_decay)
+    return new_state, dict(loss_sum=nll_sum, smoothed_loss_sum=smoothed_sum, tokens=tokens,
+                           grad_norm=grad_norm, tf_ratio=tf_ratio, finite=finite)
 
-    def loss_fn(params):
-        if fast_path_only or tf_mode == "parallel":
-            sampling = {} if fast_path_only else dict(tf_ratio=tf_ratio, sampling_rng=sampling_rng,
-                                                      parallel_passes=tf_passes)
-            sums = teacher_forced_losses(model, {"params": params}, batch, label_smoothing, train=True,
-                                         rngs={"dropout": dropout_rng}, **sampling)
-        else:
-            out = model.apply({"params": params}, batch.src, batch.src_len, batch.tgt_in, train=True,
-                              tf_ratio=tf_ratio, sampling_rng=sampling_rng, rngs={"dropout": dropout_rng})
-            sums = cross_entropy(out["logits"], batch.tgt_out, label_smoothing)
-        nll_sum, smoothed_sum, tokens = sums
-        return smoothed_sum / jnp.maximum(tokens, 1.0), (nll_sum, smoothed_sum, tokens)
 
-    (_, (nll_sum, smoothed_sum, tokens)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+def _losses(params, batch: data.Batch, dropout_rng, sampling_rng, coins, *, model: Seq2Seq, tf_ratio,
+            fast_path_only: bool, label_smoothing: float, tf_mode: str, tf_passes: int):
+    """(nll_sum, smoothed_sum, tokens) of the training forward on `batch`; `coins` [B, T]: the
+    scheduled-sampling draw to use (None: drawn from `sampling_rng`)."""
+    if fast_path_only or tf_mode == "parallel":
+        sampling = {} if fast_path_only else dict(tf_ratio=tf_ratio, sampling_rng=sampling_rng,
+                                                  parallel_passes=tf_passes, gold_coins=coins)
+        return teacher_forced_losses(model, {"params": params}, batch, label_smoothing, train=True,
+                                     rngs={"dropout": dropout_rng}, **sampling)
+    out = model.apply({"params": params}, batch.src, batch.src_len, batch.tgt_in, train=True,
+                      tf_ratio=tf_ratio, sampling_rng=sampling_rng, gold_coins=coins,
+                      rngs={"dropout": dropout_rng})
+    return cross_entropy(out["logits"], batch.tgt_out, label_smoothing)
+
+
+def _gradient(losses, params, tokens: jax.Array, batch: data.Batch, dropout_rng, sampling_rng, coins):
+    """(gradient of smoothed_sum / tokens, the sums of `losses`) on `batch`; `tokens` counts the
+    target tokens of the whole batch (a micro-batch's gradient is its share of the batch's)."""
+    def objective(params):
+        sums = losses(params, batch, dropout_rng, sampling_rng, coins)
+        return sums[1] / jnp.maximum(tokens, 1.0), sums
+
+    (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return grads, sums
+
+
+def micro_batches(tree, k: int):
+    """Leaves [B, ...] -> [k, B / k, ...]. Micro-batch i holds rows i, k + i, 2k + i, ...: with
+    B / devices divisible by k, each device's block of rows splits into k without moving data."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), tree)
+
+
+def _accumulated(losses, params, tokens: jax.Array, batch: data.Batch, dropout_rng, sampling_rng, coins,
+                 k: int):
+    """`_gradient` summed over the k micro-batches of `batch` in a lax.scan (T5X's num_microbatches).
+    Each micro-batch gets its rows of the whole batch's coins [B, T] and keys folded with its index
+    (its dropout masks; its coins do not depend on them)."""
+    def body(grad_sum, xs):
+        index, part, part_coins = xs
+        grads, sums = _gradient(losses, params, tokens, part, jax.random.fold_in(dropout_rng, index),
+                                jax.random.fold_in(sampling_rng, index), part_coins)
+        return jax.tree.map(jnp.add, grad_sum, grads), sums
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    xs = (jnp.arange(k), micro_batches(batch, k), None if coins is None else micro_batches(coins, k))
+    grads, sums = jax.lax.scan(body, zeros, xs)                        # sums: each [k]
+    return grads, tuple(jnp.sum(s) for s in sums)
+
+
+def _update(state: TrainState, grads, loss_finite: jax.Array, ema_decay: float):
+    """(new state, gradient norm, finite): Adam's update and the moving average, both kept out when
+    the loss, the gradient or the updated parameters are not finite."""
     grad_norm = optax.tree.norm(grads)
     updated = state.apply_gradients(grads=grads)
     # Finite loss and gradient can still overflow the parameters (an absurd learning rate).
     params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(updated.params)]))
-    finite = jnp.isfinite(smoothed_sum) & jnp.isfinite(grad_norm) & params_finite
+    finite = loss_finite & jnp.isfinite(grad_norm) & params_finite
     keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-    new_state = updated.replace(params=jax.tree.map(keep, updated.params, state.params),
-                                opt_state=_schedule_at(jax.tree.map(keep, updated.opt_state, state.opt_state),
-                                                       updated.step))
-    return new_state, dict(loss_sum=nll_sum, smoothed_loss_sum=smoothed_sum, tokens=tokens,
-                           grad_norm=grad_norm, tf_ratio=tf_ratio, finite=finite)
+    params = jax.tree.map(keep, updated.params, state.params)
+    new_state = updated.replace(params=params, opt_state=_schedule_at(
+        jax.tree.map(keep, updated.opt_state, state.opt_state), updated.step))
+    if ema_decay > 0:
+        ema = ema_update(state.ema_params, params, ema_decay, updated.step)
+        new_state = new_state.replace(ema_params=jax.tree.map(keep, ema, state.ema_params))
+    return new_state, grad_norm, finite
 
 
 def _schedule_at(opt_state, step: jax.Array):

@@ -143,7 +143,7 @@ def _check_inputs(config, workdir: str) -> _Inputs:
         parallel.check_distributed(config.distributed)
         parallel.check_processes(config.distributed)
         mesh = parallel.make_mesh()
-        parallel.check_batch_size(config.data.batch_size, mesh, "data.batch_size")
+        parallel.check_batch_size(config.data.batch_size, mesh, "data.batch_size", config.optimizer.accumulate_steps)
         parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
         batches = data.TrainBatches(corpus.train_src, corpus.train_tgt, batch_size=config.data.batch_size,
                                     boundaries=config.data.bucket_boundaries, seed=config.seed)
@@ -168,7 +168,8 @@ def _jit_train_step(config, model: Seq2Seq, mesh):
                           tf_schedule=schedules.from_config(tf, config.num_train_steps),
                           fast_path_only=schedules.is_always_one(tf.schedule, tf.start),
                           label_smoothing=config.optimizer.label_smoothing,
-                          base_rng=jax.random.PRNGKey(config.seed), tf_mode=tf.mode, tf_passes=tf.passes),
+                          base_rng=jax.random.PRNGKey(config.seed), tf_mode=tf.mode, tf_passes=tf.passes,
+                          accumulate_steps=config.optimizer.accumulate_steps, ema_decay=config.optimizer.ema_decay),
         in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
         out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
         donate_argnums=0)
@@ -303,7 +304,7 @@ class _Loop:
         """Dev (and extra sets') metrics, logged, then early stopping and the plateau decay
         updated; returns the metrics. Its time (and compilations) is not training time."""
         started, compile_s = time.time(), self.stats.seconds
-        self.dev = self.evaluator(self.state.params)
+        self.dev = self.evaluator(steps.inference_params(self.state))
         self.log.write(done, self.dev)
         logger.info("eval step %d | %s", done, " | ".join(f"{k} {v:.3f}" for k, v in self.dev.items()))
         opt_state = self.tracker.update(done, self.dev, self.state.opt_state,
@@ -389,7 +390,7 @@ def _train_in(config, workdir: str) -> dict:
         log = logbook.MetricsLog(workdir, int(state.step))
         try:
             loop = _Loop(config, inputs, state, window, store, log, stats, tracker, origin)
-            dev = loop.run() or loop.evaluator(loop.state.params)  # a finished run without a summary
+            dev = loop.run() or loop.evaluator(steps.inference_params(loop.state))  # finished, no summary
         finally:
             log.close()
         best_step = store.best_step()

@@ -23,10 +23,13 @@ from s2s_jax.models import make_model
 from s2s_jax.translate import Translator
 from tests.conftest import REPO
 
+EMA_DECAY = 0.9
 ARGS = ["--config=configs/tiny.py", "--config.num_train_steps=20", "--config.log_every_steps=5",
         "--config.eval_every_steps=20", "--config.checkpoint_every_steps=20",
         "--config.data.synthetic_train_size=256", "--config.data.synthetic_dev_size=16",
-        "--config.eval.batch_size=16", "--config.data.bucket_boundaries=(12,)"]
+        "--config.eval.batch_size=16", "--config.data.bucket_boundaries=(12,)",
+        # The state holds a moving average; each device's rows split into 2 micro-batches.
+        f"--config.optimizer.ema_decay={EMA_DECAY}", "--config.optimizer.accumulate_steps=2"]
 TIMEOUT = 600  # per run; a loaded 2-core machine compiles slowly
 
 
@@ -135,9 +138,10 @@ def metrics(workdir) -> list[dict]:
 
 
 def final_params(workdir) -> dict:
-    """The last checkpoint's parameters, restored here (one process, one device: orbax needs the
-    target's sharding to restore a checkpoint saved on another topology)."""
+    """The last checkpoint's parameters and their moving average, restored here (one process, one
+    device: orbax needs the target's sharding to restore a checkpoint saved on another topology)."""
     config = tiny.get_config()
+    config.optimizer.ema_decay = EMA_DECAY
     model = make_model(config.model, config.data.synthetic_vocab_size, config.data.synthetic_vocab_size)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
@@ -148,7 +152,7 @@ def final_params(workdir) -> dict:
     finally:
         store.close()
     assert meta["step"] == 20
-    return jax.tree.map(np.asarray, state.params)
+    return jax.tree.map(np.asarray, (state.params, state.ema_params))
 
 
 @pytest.fixture(scope="module")

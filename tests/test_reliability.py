@@ -2,7 +2,7 @@
 checkpoint writes that fail (disk full, read-only workdir).
 
 Training runs are real `train.py` subprocesses on a shrunk configs/tiny.py (120 steps, a checkpoint
-every 20, evaluation every 60). They share one persistent JAX compilation cache, so only the first
+every 20, evaluation every 60, a moving average of the parameters, 2 micro-batches per step). They share one persistent JAX compilation cache, so only the first
 run compiles; each later one takes a few seconds. Every comparison is with one uninterrupted run
 (the `baseline` fixture) on the same machine: every kept checkpoint (the last ones and the best by
 dev BLEU; every leaf, bit for bit), metrics.jsonl and summary.json except timings.
@@ -38,6 +38,10 @@ ARGS = [
     "--config.data.synthetic_train_size=512",
     "--config.data.synthetic_dev_size=64",
     "--config.data.bucket_boundaries=(12,)",  # one batch shape: fewer compilations
+    # The state holds a moving average of the parameters, and each step accumulates 2 micro-batches:
+    # exact resume covers both (without them the state is that of tests/test_training.py's runs).
+    "--config.optimizer.ema_decay=0.9",
+    "--config.optimizer.accumulate_steps=2",
 ]
 TIMING = {"tokens_per_s", "elapsed_s", "wall_s", "compile_s", "compilations"}
 RUN_TIMEOUT = 240  # seconds, per subprocess; a warm run takes about 5-10 s

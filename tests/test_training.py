@@ -26,9 +26,10 @@ VOCAB = 20  # tiny config: synthetic_vocab_size (ids are the tokens)
 
 # ----------------------------------------------------------------------------- helpers
 def flat_state(state) -> dict:
-    """{'params/decoder/w_out': array, 'opt_state/1/0/mu/...': array, 'step': ...}."""
+    """{'params/decoder/w_out': array, 'opt_state/1/0/mu/...': array, 'step': ...}; no None fields
+    (ema_params of a state without a moving average)."""
     flat = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(state), sep="/")
-    return {k: np.asarray(v) for k, v in flat.items()}
+    return {k: np.asarray(v) for k, v in flat.items() if v is not None}
 
 
 def assert_states_identical(a, b, equal_nan=False):
