@@ -284,7 +284,8 @@ def test_dev_bleu_of_training_equals_translate_on_the_dev_file(tiny_workdir, tmp
     """The run's dev BLEU (summary.json) is what the translate command gives on the dev sources,
     with the workdir's options, scored by sacrebleu: the same number, to every digit."""
     import json
-    config = translate.configuration.load(tiny_workdir)
+    from s2s_jax import configuration
+    config = configuration.load(tiny_workdir)
     cfg = config.data
     src, tgt = data.synthetic_task(cfg.task, cfg.synthetic_dev_size, cfg.synthetic_vocab_size, cfg.synthetic_min_len,
                                    cfg.synthetic_max_len, cfg.synthetic_seed + 1)
