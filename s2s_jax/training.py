@@ -140,10 +140,12 @@ def _check_inputs(config, workdir: str) -> _Inputs:
         parallel.check_distributed(config.distributed)
         parallel.check_processes(config.distributed)
         mesh = parallel.make_mesh()
-        parallel.check_batch_size(config.data.batch_size, mesh, "data.batch_size")
+        if not config.data.max_tokens:  # else every bucket's rows are a multiple of the devices
+            parallel.check_batch_size(config.data.batch_size, mesh, "data.batch_size")
         parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
         batches = data.TrainBatches(corpus.train_src, corpus.train_tgt, batch_size=config.data.batch_size,
-                                    boundaries=config.data.bucket_boundaries, seed=config.seed)
+                                    boundaries=config.data.bucket_boundaries, seed=config.seed,
+                                    max_tokens=config.data.max_tokens, row_multiple=mesh.size)
     except ValueError as error:
         raise configuration.ConfigError(f"config: {error}") from error
     model = make_model(config.model, corpus.src_tokenizer.vocab_size, corpus.tgt_tokenizer.vocab_size)
@@ -199,14 +201,16 @@ class _Loop:
         config, total = self.config, self.config.num_train_steps
         signals = _Signals()
         batches, mesh = self.inputs.batches, self.inputs.mesh
-        rows = parallel.process_rows(batches.batch_size, mesh)  # this process reads only these rows
+        # This process reads only these rows of a batch of n rows (one n per bucket).
+        rows = functools.cache(lambda n: parallel.process_rows(n, mesh))
         pending = None  # (step, metrics) of the previous step, read after the next is dispatched
         # A signal to any process stops them all after the same step: each step every process
         # votes with the signal it received (0: none); the largest vote is read a step later.
         vote = 0
         try:
             for step in range(int(self.state.step), total):
-                batch = parallel.shard_rows(batches.batch(step, rows), batches.batch_size, mesh)
+                size = batches.size(step)
+                batch = parallel.shard_rows(batches.batch(step, rows(size)), size, mesh)
                 self.state, step_metrics = self.train_step(self.state, batch)
                 stop, vote = int(vote), parallel.largest_over_processes(signals.received or 0, mesh)
                 if pending is not None:
@@ -297,7 +301,8 @@ class _Loop:
 
     def _save(self, done: int, dev_bleu: float | None) -> None:
         corpus = self.inputs.corpus
-        meta = dict(step=done, window=self.window.as_dict(),
+        meta = dict(step=done, window=self.window.as_dict(), batch_rows=self.inputs.batches.bucket_rows,
+                    devices=self.inputs.mesh.size,
                     param_shapes=checkpoints.param_shapes(self.state.params),
                     src_vocab_size=corpus.src_tokenizer.vocab_size, tgt_vocab_size=corpus.tgt_tokenizer.vocab_size)
         self.store.save(done, self.state, meta, dev_bleu)
@@ -323,7 +328,10 @@ def _check_all(config, workdir: str) -> tuple[_Inputs, checkpoints.Checkpoints, 
         tokenizers = checkpoints.tokenizers_fingerprint(inputs.corpus.src_tokenizer, inputs.corpus.tgt_tokenizer)
         store = checkpoints.Checkpoints(workdir, config.keep_checkpoints, tokenizers=tokenizers)
         try:  # CheckpointError: none loads, or made for another model shape, vocabulary or tokenizers
-            return inputs, store, store.restore_latest(inputs.abstract_state)
+            restored = store.restore_latest(inputs.abstract_state)
+            if restored is not None:
+                _check_batch_rows(restored[1], inputs, config.data.max_tokens, store.directory)
+            return inputs, store, restored
         except BaseException:
             store.close()
             raise
@@ -331,6 +339,19 @@ def _check_all(config, workdir: str) -> tuple[_Inputs, checkpoints.Checkpoints, 
         if created:
             shutil.rmtree(corpus_dir, ignore_errors=True)
         raise
+
+
+def _check_batch_rows(meta: dict, inputs: _Inputs, max_tokens: int, directory: str) -> None:
+    """ConfigError unless the checkpoint (`meta`) was trained on batches of the rows this run
+    plans per bucket: with data.max_tokens they depend on the device count. Checkpoints of
+    older versions record none."""
+    if "batch_rows" not in meta or meta["batch_rows"] == inputs.batches.bucket_rows:
+        return
+    raise configuration.ConfigError(
+        f"{directory}: step {meta['step']} was trained on batches of {meta['batch_rows']} rows (buckets "
+        f"{inputs.batches.boundaries}) over {meta['devices']} devices; data.max_tokens={max_tokens} "
+        f"gives {inputs.batches.bucket_rows} over this run's {inputs.mesh.size} (rows are a multiple of the "
+        f"device count): resume on {meta['devices']} devices or use a new --workdir")
 
 
 def _train_in(config, workdir: str) -> dict:
