@@ -6,6 +6,9 @@ arrays read once outside the loop. Speed by design (docs/architecture.md, "Modul
   * padding never changes a carry (the carry is frozen past each sequence's length);
   * attention keys are projected once per batch (`Memory.keys`);
   * teacher forcing: states in the scan, one [B*T, H] x [H, V] output projection after it.
+Tied and shared embeddings: one parameter, `decoder/embedding` [V, E], is also the output
+projection (transposed, `tie_embeddings`) and the encoder's table (`share_embeddings`); the
+matrices it stands for are not declared.
 
 Public entry points (all through `model.apply(params, ..., method=...)`):
   `Seq2Seq.__call__`   teacher-forced / scheduled-sampling forward -> dict(logits, fed_tokens, attention)

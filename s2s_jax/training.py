@@ -16,6 +16,8 @@ Failure handling (see tests/test_reliability.py):
   from the workdir's is refused; the checkpoint is restored against `jax.eval_shape` of the state;
 - one run per workdir: a second run on a held workdir stops at once, naming the holder;
 - a run refused by a check leaves no trace: the corpus folder it prepared is removed again;
+- a checkpoint records the rows per bucket of its batches: with data.max_tokens they are a multiple
+  of the device count, and resuming on a count that plans other rows is refused;
 - checkpoints are bound to the tokenizers they were trained with; checkpoints that exist but do
   not load (or were trained with other tokenizers) are refused, never replaced by a fresh start;
 - a non-finite loss, gradient or updated parameter is detected inside the jitted step, which then
