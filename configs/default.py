@@ -61,8 +61,13 @@ def get_config() -> ml_collections.ConfigDict:
     data.max_len = 64
     # Padded lengths of the batch buckets (one jit shape each); the last must be >= max_len + 1.
     data.bucket_boundaries = (16, 24, 32, 48, 65)
-    # Sentences per batch.
+    # Sentences per batch (when max_tokens is 0).
     data.batch_size = 64
+    # Batches by tokens (0 = off): each bucket's batches hold max_tokens // boundary rows, rounded
+    # down to a multiple of the device count (one compiled shape per bucket; batch_size unused).
+    data.max_tokens = 0
+    # One sentencepiece model trained on both sides (vocab_size pieces in all), used for both.
+    data.joint_vocab = False
     # Empty lines in the training/dev files: "skip" (counted and logged) or "error".
     data.on_empty = "skip"
     # Use only the first N training pairs (0 = all).
@@ -83,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.synthetic_seed = 0
 
     config.model = model = ml_collections.ConfigDict()
-    # Embedding size (source and target embeddings are separate).
+    # Embedding size (source and target embeddings are separate unless share_embeddings).
     model.embed_dim = 256
     # Encoder LSTM size per direction.
     model.encoder_hidden = 256
@@ -112,6 +117,11 @@ def get_config() -> ml_collections.ConfigDict:
     model.dtype = "float32"
     # Tokens per chunk of the fused output projection + loss in training and dev loss (0 = plain logits).
     model.output_chunk = 512
+    # The decoder's input embedding is the output projection's matrix, transposed (Press & Wolf
+    # 2017); needs embed_dim == decoder_hidden.
+    model.tie_embeddings = False
+    # One embedding table for the encoder and the decoder; needs data.joint_vocab (one vocabulary).
+    model.share_embeddings = False
 
     config.optimizer = opt = ml_collections.ConfigDict()
     # Peak learning rate of Adam.

@@ -71,6 +71,9 @@ KEYS = {
     "data.max_len": Key(int, ">= 1", TRAJECTORY),
     "data.bucket_boundaries": Key(tuple, None, TRAJECTORY),
     "data.batch_size": Key(int, ">= 1", TRAJECTORY),
+    # 0 = off; else checked against the largest bucket boundary in check().
+    "data.max_tokens": Key(int, ">= 0", TRAJECTORY, older=0),
+    "data.joint_vocab": Key(bool, None, SHAPE, older=False),
     "data.on_empty": Key(str, ("skip", "error"), TRAJECTORY),
     "data.max_train_pairs": Key(int, ">= 0", TRAJECTORY),
     "data.max_dev_pairs": Key(int, ">= 0", TRAJECTORY),
@@ -96,6 +99,9 @@ KEYS = {
     "model.init_scale": Key(float, "[0, 1]", TRAJECTORY, older=0.0),
     "model.dtype": Key(str, ("float32", "bfloat16"), TRAJECTORY),
     "model.output_chunk": Key(int, ">= 0", TRAJECTORY, older=0),
+    # Sizes and vocabularies checked in _check_shared_embeddings.
+    "model.tie_embeddings": Key(bool, None, SHAPE, older=False),
+    "model.share_embeddings": Key(bool, None, SHAPE, older=False),
     # Adam moves each parameter by about the rate per step: above 10 a run can only diverge.
     "optimizer.learning_rate": Key(float, "(0, 10]", TRAJECTORY),
     "optimizer.warmup_steps": Key(int, ">= 0", TRAJECTORY),
@@ -214,9 +220,11 @@ def check(config: ml_collections.ConfigDict) -> None:
         if problem:
             raise ConfigError(f"config: {key}={flat[key]!r} {problem}")
     _check_bucket_boundaries(config.data)
-    if config.data.batch_size % config.optimizer.accumulate_steps:
+    if not config.data.max_tokens and config.data.batch_size % config.optimizer.accumulate_steps:
         raise ConfigError(f"config: data.batch_size={config.data.batch_size} must be a multiple of "
                           f"optimizer.accumulate_steps={config.optimizer.accumulate_steps} (rows per micro-batch)")
+    _check_max_tokens(config.data)
+    _check_shared_embeddings(config)
     if config.data.synthetic_min_len > config.data.synthetic_max_len:
         raise ConfigError(f"config: data.synthetic_min_len={config.data.synthetic_min_len} must be <= "
                           f"data.synthetic_max_len={config.data.synthetic_max_len}")
@@ -270,6 +278,30 @@ def _check_bucket_boundaries(data_cfg) -> None:
                           f"{data_cfg.max_len + 1} (room for EOS)")
 
 
+def _check_max_tokens(data_cfg) -> None:
+    """0, or room for at least one row of the largest bucket (the device count is checked when the
+    batches are planned: data.rows_per_bucket)."""
+    longest = data_cfg.bucket_boundaries[-1]
+    if 0 < data_cfg.max_tokens < longest:
+        raise ConfigError(f"config: data.max_tokens={data_cfg.max_tokens} must be 0 (off: data.batch_size "
+                          f"sentences) or at least the largest bucket boundary {longest} (each batch of a "
+                          "bucket holds max_tokens // boundary rows)")
+
+
+def _check_shared_embeddings(config: ml_collections.ConfigDict) -> None:
+    """A tied embedding is the output projection transposed: equal sizes; a shared one needs one
+    vocabulary for both sides (synthetic tasks have one)."""
+    model = config.model
+    if model.tie_embeddings and model.embed_dim != model.decoder_hidden:
+        raise ConfigError(f"config: model.tie_embeddings=True needs model.embed_dim ({model.embed_dim}) == "
+                          f"model.decoder_hidden ({model.decoder_hidden}): the decoder's input embedding "
+                          "[vocabulary, embed_dim] is the output projection [decoder_hidden, vocabulary] "
+                          "transposed")
+    if model.share_embeddings and config.data.task == "files" and not config.data.joint_vocab:
+        raise ConfigError("config: model.share_embeddings=True needs data.joint_vocab=True: one table serves "
+                          "the encoder and the decoder only when both sides share one vocabulary")
+
+
 def to_json(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
@@ -289,7 +321,9 @@ def _unused(config: ml_collections.ConfigDict) -> set[str]:
     else:
         unused |= {"data.train_prefix", "data.dev_prefix", "data.src_lang", "data.tgt_lang",
                    "data.vocab_size", "data.spm_model_type", "data.spm_sample_size", "data.on_empty",
-                   "data.max_train_pairs", "data.max_dev_pairs"}
+                   "data.max_train_pairs", "data.max_dev_pairs", "data.joint_vocab"}
+    if config.data.max_tokens:
+        unused.add("data.batch_size")
     if config.model.attention != "concat":
         unused.add("model.attention_dim")
     tf = config.teacher_forcing

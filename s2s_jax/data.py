@@ -347,23 +347,44 @@ def make_batch(src_ids: IdSeqs, tgt_ids: IdSeqs, indices: Sequence[int], batch_s
     return Batch(src, src_len, tgt_in, tgt_out, index)
 
 
+def rows_per_bucket(boundaries: Sequence[int], *, batch_size: int, max_tokens: int = 0,
+                    row_multiple: int = 1) -> list[int]:
+    """Rows of a training batch in each bucket: `batch_size` everywhere when `max_tokens` is 0,
+    else max_tokens // boundary rounded down to a multiple of `row_multiple` (the device count),
+    so that no batch holds more than max_tokens padded positions per side. ValueError (one line)
+    when a bucket would get no rows."""
+    if max_tokens == 0:
+        return [batch_size] * len(boundaries)
+    rows = [max_tokens // length // row_multiple * row_multiple for length in boundaries]
+    if not all(rows):
+        length = boundaries[rows.index(0)]
+        raise ValueError(f"data.max_tokens={max_tokens} leaves bucket {length} no rows: its rows are a "
+                         f"multiple of the {row_multiple} devices, so it needs at least {length} x "
+                         f"{row_multiple} = {length * row_multiple} tokens")
+    return rows
+
+
 class TrainBatches:
     """Endless, deterministic training batches: `batch(n)` is a pure function of the batch number.
 
-    Each pair goes to the bucket of the smallest boundary >= pair_length. Epoch e uses
-    rng = np.random.default_rng([seed, e]): pairs are shuffled within each bucket, each bucket
-    is cut into full batches (the remainder is dropped, different pairs each epoch), and the
-    order of all batches of the epoch is shuffled. Every epoch has the same number of batches.
+    Each pair goes to the bucket of the smallest boundary >= pair_length. Every batch of a bucket
+    has that bucket's number of rows (`rows_per_bucket`: batch_size sentences, or as many as fit
+    max_tokens). Epoch e uses rng = np.random.default_rng([seed, e]): pairs are shuffled within
+    each bucket, each bucket is cut into full batches (the remainder is dropped, different pairs
+    each epoch), and the order of all batches of the epoch is shuffled. Every epoch has the same
+    number of batches.
     """
 
-    def __init__(self, src_ids: IdSeqs, tgt_ids: IdSeqs, *, batch_size: int, boundaries: Sequence[int], seed: int):
+    def __init__(self, src_ids: IdSeqs, tgt_ids: IdSeqs, *, batch_size: int, boundaries: Sequence[int], seed: int,
+                 max_tokens: int = 0, row_multiple: int = 1):
         if len(src_ids) != len(tgt_ids):
             raise ValueError(f"{len(src_ids)} source but {len(tgt_ids)} target sequences")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.boundaries = _check_boundaries(boundaries)
-        self.src_ids, self.tgt_ids = src_ids, tgt_ids
-        self.batch_size, self.seed = batch_size, seed
+        self.src_ids, self.tgt_ids, self.seed = src_ids, tgt_ids, seed
+        self.bucket_rows = rows_per_bucket(self.boundaries, batch_size=batch_size, max_tokens=max_tokens,
+                                           row_multiple=row_multiple)
         lengths = np.maximum(sequence_lengths(src_ids), sequence_lengths(tgt_ids)) + 1  # pair_length
         buckets = np.searchsorted(self.boundaries, lengths)  # bucket_for; len(boundaries) if too long
         too_long = int(np.count_nonzero(buckets == len(self.boundaries)))
@@ -373,15 +394,16 @@ class TrainBatches:
                 "(length incl. EOS); filter them out first (filter_pairs)"
             )
         self._members = [np.flatnonzero(buckets == b) for b in range(len(self.boundaries))]
-        self._batches_per_bucket = [len(m) // batch_size for m in self._members]
+        self._batches_per_bucket = [len(m) // rows for m, rows in zip(self._members, self.bucket_rows)]
         self.batches_per_epoch = sum(self._batches_per_bucket)
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"no bucket holds a full batch of {batch_size}: bucket sizes "
-                f"{[len(m) for m in self._members]} for boundaries {self.boundaries}; "
-                "use more training pairs or a smaller batch_size"
+                f"no bucket holds a full batch: bucket sizes {[len(m) for m in self._members]} for "
+                f"boundaries {self.boundaries}, batches of {self.bucket_rows} rows; use more training pairs "
+                "or smaller batches"
             )
-        self.shapes = [(batch_size, L) for L, n in zip(self.boundaries, self._batches_per_bucket) if n]
+        self.shapes = [(rows, length) for length, rows, n
+                       in zip(self.boundaries, self.bucket_rows, self._batches_per_bucket) if n]
         self._plan_epoch: int | None = None
         self._plan: list[tuple[int, np.ndarray]] = []
 
@@ -390,20 +412,28 @@ class TrainBatches:
         if epoch != self._plan_epoch:
             rng = np.random.default_rng([self.seed, epoch])
             batches = []
-            for length, members, n in zip(self.boundaries, self._members, self._batches_per_bucket):
-                chosen = rng.permutation(members)[: n * self.batch_size]
-                batches.extend((length, chunk) for chunk in chosen.reshape(n, self.batch_size))
+            buckets = zip(self.boundaries, self._members, self._batches_per_bucket, self.bucket_rows)
+            for length, members, n, rows in buckets:
+                chosen = rng.permutation(members)[: n * rows]
+                batches.extend((length, chunk) for chunk in chosen.reshape(n, rows))  # [n, rows]
             self._plan = [batches[k] for k in rng.permutation(len(batches))]
             self._plan_epoch = epoch
         return self._plan
 
-    def batch(self, number: int, rows: np.ndarray | None = None) -> Batch:
-        """Batch number `number` (global counter; epoch = number // batches_per_epoch); only its
-        `rows` (ascending row numbers) if given: a process reads just the pairs it feeds."""
+    def _planned(self, number: int) -> tuple[int, np.ndarray]:
         if number < 0:
             raise ValueError(f"batch number must be >= 0, got {number}")
         epoch, k = divmod(number, self.batches_per_epoch)
-        length, indices = self._epoch_plan(epoch)[k]
+        return self._epoch_plan(epoch)[k]
+
+    def size(self, number: int) -> int:
+        """The number of rows of batch `number` (its bucket's)."""
+        return len(self._planned(number)[1])
+
+    def batch(self, number: int, rows: np.ndarray | None = None) -> Batch:
+        """Batch number `number` (global counter; epoch = number // batches_per_epoch); only its
+        `rows` (ascending row numbers) if given: a process reads just the pairs it feeds."""
+        length, indices = self._planned(number)
         if rows is not None:
             indices = indices[rows]
         return make_batch(self.src_ids, self.tgt_ids, indices, len(indices), length)
@@ -471,14 +501,17 @@ def _read_split(cfg, prefix: str, limit: int) -> tuple[list[str], list[str], int
 
 # workdir/tokenizers/ holds these files; provenance.json records what the models were trained from:
 # {"format": 1, "train_src": {"path", "bytes", "sha256"}, "train_tgt": {...}, "src_lang", "tgt_lang",
-#  "max_train_pairs", "vocab_size", "spm_model_type", "spm_sample_size",
+#  "max_train_pairs", "vocab_size", "spm_model_type", "spm_sample_size", "joint_vocab",
 #  "models": {"src.model": sha256, "tgt.model": sha256}[, "init_from": {"workdir", "provenance"}: a
-#  warm start's reused tokenizers and the record of where they were trained]}
+#  warm start's reused tokenizers and the record of where they were trained]}; with joint_vocab both
+#  files hold the one model.
 _MODEL_FILES = ("src.model", "tgt.model")
 _PROVENANCE = "provenance.json"
 _PROVENANCE_FORMAT = 1
-_PROVENANCE_KEYS = ("src_lang", "tgt_lang", "max_train_pairs", "vocab_size", "spm_model_type", "spm_sample_size")
-_LATER_KEYS = ("spm_sample_size",)  # absent from the records of older versions: not compared then
+_PROVENANCE_KEYS = ("src_lang", "tgt_lang", "max_train_pairs", "vocab_size", "spm_model_type", "spm_sample_size",
+                    "joint_vocab")
+# Absent from the records of older versions: not compared then (configuration refuses a changed joint_vocab).
+_LATER_KEYS = ("spm_sample_size", "joint_vocab")
 SAMPLE_SEED = 0  # of the sentencepiece training sample: tokenizers do not depend on the run's seed
 
 
@@ -641,6 +674,15 @@ def _has_saved_tokenizers(workdir: str) -> bool:
     return any(os.path.exists(os.path.join(folder, name)) for name in (*_MODEL_FILES, _PROVENANCE))
 
 
+def _train_tokenizer(cfg, lines: list[str], suffix: str) -> Tokenizer:
+    """A tokenizer trained on `lines` as config.data says; DataError naming the training file(s)."""
+    try:
+        return Tokenizer.train(lines, cfg.vocab_size, cfg.spm_model_type)
+    except ValueError as e:
+        raise _error(f"{cfg.train_prefix}.{suffix}", f"data.vocab_size={cfg.vocab_size} "
+                                                     f"(data.spm_model_type={cfg.spm_model_type}): {e}") from e
+
+
 def _tokenizers(cfg, scan: _Scan, workdir: str, reuse: tuple | None) -> tuple[Tokenizer, Tokenizer, dict]:
     """The tokenizers of workdir/tokenizers/ if made from the same data, else those of `reuse`
     (src, tgt, origin: a warm start's), else new ones trained in memory on the scan's sample; with
@@ -651,13 +693,12 @@ def _tokenizers(cfg, scan: _Scan, workdir: str, reuse: tuple | None) -> tuple[To
         src_tok, tgt_tok, origin = reuse
         models = {name: hashlib.sha256(tok.model_proto()).hexdigest() for name, tok in zip(_MODEL_FILES, (src_tok, tgt_tok))}
         return src_tok, tgt_tok, {**scan.record, "models": models, "init_from": origin}
-    tokenizers = []
-    for lines, lang in zip(scan.sample, (cfg.src_lang, cfg.tgt_lang)):
-        try:
-            tokenizers.append(Tokenizer.train(lines, cfg.vocab_size, cfg.spm_model_type))
-        except ValueError as e:
-            raise _error(f"{cfg.train_prefix}.{lang}", f"data.vocab_size={cfg.vocab_size} "
-                                                       f"(data.spm_model_type={cfg.spm_model_type}): {e}") from e
+    if cfg.joint_vocab:  # one model of both sides' lines, for both
+        joint = _train_tokenizer(cfg, scan.sample[0] + scan.sample[1], f"{{{cfg.src_lang},{cfg.tgt_lang}}}")
+        tokenizers = [joint, joint]
+    else:
+        tokenizers = [_train_tokenizer(cfg, lines, lang)
+                      for lines, lang in zip(scan.sample, (cfg.src_lang, cfg.tgt_lang))]
     models = {name: hashlib.sha256(tok.model_proto()).hexdigest() for name, tok in zip(_MODEL_FILES, tokenizers)}
     return tokenizers[0], tokenizers[1], {**scan.record, "models": models}
 

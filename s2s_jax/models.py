@@ -6,6 +6,9 @@ arrays read once outside the loop. Speed by design (docs/architecture.md, "Modul
   * padding never changes a carry (the carry is frozen past each sequence's length);
   * attention keys are projected once per batch (`Memory.keys`);
   * teacher forcing: states in the scan, one [B*T, H] x [H, V] output projection after it.
+Tied and shared embeddings: one parameter, `decoder/embedding` [V, E], is also the output
+projection (transposed, `tie_embeddings`) and the encoder's table (`share_embeddings`); the
+matrices it stands for are not declared.
 
 Public entry points (all through `model.apply(params, ..., method=...)`):
   `Seq2Seq.__call__`   teacher-forced / scheduled-sampling forward -> dict(logits, fed_tokens, attention)
@@ -105,13 +108,17 @@ class Encoder(nn.Module):
         return self.hidden * (2 if self.bidirectional else 1)
 
     @nn.compact
-    def __call__(self, src: jax.Array, src_len: jax.Array, train: bool = False):
+    def __call__(self, src: jax.Array, src_len: jax.Array, train: bool = False, embedding: jax.Array | None = None):
         """src [B, S] -> memory [B, S, output_dim], final hidden [B, output_dim] of the last layer.
 
         With `reverse_source` the LSTMs read each sentence backwards, and the outputs are put back
-        in source order, so attention weights always line up with the source tokens.
+        in source order, so attention weights always line up with the source tokens. `embedding`
+        [V, embed_dim]: a table owned elsewhere (the decoder's, shared); None: the encoder's own.
         """
-        x = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=initializers.matrix(self.init_scale))(src)
+        if embedding is None:
+            embedding = nn.Embed(self.vocab_size, self.embed_dim,
+                                 embedding_init=initializers.matrix(self.init_scale)).embedding
+        x = jnp.take(embedding, src, axis=0)                            # [B, S, embed_dim]
         x = dropout(x, self.dropout_rate, train)
         if self.reverse_source:
             x = reverse_padded(x, src_len)
@@ -144,6 +151,7 @@ class Decoder(nn.Module):
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
     init_scale: float = 0.1  # s2s_jax.initializers
+    tie_embeddings: bool = False  # the output projection is the input embedding, transposed
 
     @property
     def feeds(self) -> bool:
@@ -153,6 +161,8 @@ class Decoder(nn.Module):
         if self.attention in ("dot", "scaled_dot") and self.memory_dim != self.hidden:
             raise ValueError(f"attention={self.attention!r} needs decoder hidden ({self.hidden}) == "
                              f"encoder output size ({self.memory_dim}); use general or concat")
+        if self.tie_embeddings and self.embed_dim != self.hidden:
+            raise ValueError(f"tie_embeddings needs embed_dim ({self.embed_dim}) == decoder hidden ({self.hidden})")
         h4 = 4 * self.hidden
         matrix = initializers.matrix(self.init_scale)
         self.embedding = self.param("embedding", matrix, (self.vocab_size, self.embed_dim))
@@ -167,7 +177,9 @@ class Decoder(nn.Module):
             self.attention_params = attn.AttentionParams(
                 self.attention, self.hidden, self.memory_dim, self.attention_dim, self.init_scale)
             self.w_combine = self.param("w_combine", matrix, (self.memory_dim + self.hidden, self.hidden))
-        self.w_out = self.param("w_out", matrix, (self.hidden, self.vocab_size))
+        # [H, V]; tied: the embedding [V, E] transposed (E == H), so both share one gradient.
+        self.w_out = (self.embedding.T if self.tie_embeddings
+                      else self.param("w_out", matrix, (self.hidden, self.vocab_size)))
         self.b_out = self.param("b_out", nn.initializers.zeros, (self.vocab_size,))
         self.dropout = nn.Dropout(self.dropout_rate)  # embeddings and attentional vectors
 
@@ -312,7 +324,8 @@ class Decoder(nn.Module):
 
 
 class Seq2Seq(nn.Module):
-    """Encoder + attentional decoder with separate parameters."""
+    """Encoder + attentional decoder; the embeddings may be tied to the output projection and
+    shared between the two sides."""
     src_vocab_size: int
     tgt_vocab_size: int
     embed_dim: int = 256
@@ -332,15 +345,23 @@ class Seq2Seq(nn.Module):
     output_chunk: int = 0
     # Weight initialisation (s2s_jax.initializers): U(-s, s) for s > 0, Glorot / orthogonal for 0.
     init_scale: float = 0.1
+    # The decoder's input embedding is its output projection's matrix (needs embed_dim == decoder_hidden).
+    tie_embeddings: bool = False
+    # The encoder reads the decoder's embedding table (needs one vocabulary: src == tgt vocab size).
+    share_embeddings: bool = False
 
     def setup(self):
+        if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
+            raise ValueError(f"share_embeddings needs one vocabulary, but the source has {self.src_vocab_size} "
+                             f"pieces and the target {self.tgt_vocab_size} (train them with data.joint_vocab)")
         self.encoder = Encoder(self.src_vocab_size, self.embed_dim, self.encoder_hidden,
                                self.encoder_layers, self.bidirectional, self.reverse_source,
                                self.dropout_rate, self.dtype, self.init_scale)
         memory_dim = self.encoder_hidden * (2 if self.bidirectional else 1)
         self.decoder = Decoder(self.tgt_vocab_size, self.embed_dim, self.decoder_hidden, memory_dim,
                                self.decoder_layers, self.attention, self.attention_dim,
-                               self.input_feeding, self.dropout_rate, self.dtype, self.init_scale)
+                               self.input_feeding, self.dropout_rate, self.dtype, self.init_scale,
+                               self.tie_embeddings)
 
     def encode(self, src: jax.Array, src_len: jax.Array, train: bool = False, track_attention: bool = False):
         """src [B, S], src_len [B] -> (Memory with leaves [B, S, ...], decoder state with leaves [B, ...]).
@@ -349,7 +370,8 @@ class Seq2Seq(nn.Module):
         and `coverage`, their sum over the steps so far [B, S] (zero at padding, like the weights);
         `decode_step` keeps both up to date.
         """
-        values, final = self.encoder(src, src_len, train)
+        values, final = self.encoder(src, src_len, train,
+                                     embedding=self.decoder.embedding if self.share_embeddings else None)
         memory, state = self.decoder.memory(values, src_len), self.decoder.initial_state(final)
         if track_attention:
             zeros = jnp.zeros(memory.mask.shape, jnp.float32)  # [B, S]

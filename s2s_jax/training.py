@@ -16,6 +16,8 @@ Failure handling (see tests/test_reliability.py):
   from the workdir's is refused; the checkpoint is restored against `jax.eval_shape` of the state;
 - one run per workdir: a second run on a held workdir stops at once, naming the holder;
 - a run refused by a check leaves no trace: the corpus folder it prepared is removed again;
+- a checkpoint records the rows per bucket of its batches: with data.max_tokens they are a multiple
+  of the device count, and resuming on a count that plans other rows is refused;
 - checkpoints are bound to the tokenizers they were trained with; checkpoints that exist but do
   not load (or were trained with other tokenizers) are refused, never replaced by a fresh start;
 - a non-finite loss, gradient or updated parameter is detected inside the jitted step, which then
@@ -143,10 +145,13 @@ def _check_inputs(config, workdir: str) -> _Inputs:
         parallel.check_distributed(config.distributed)
         parallel.check_processes(config.distributed)
         mesh = parallel.make_mesh()
-        parallel.check_batch_size(config.data.batch_size, mesh, "data.batch_size", config.optimizer.accumulate_steps)
+        micro = config.optimizer.accumulate_steps
+        if not config.data.max_tokens:  # else every bucket's rows are a multiple of devices x micro-batches
+            parallel.check_batch_size(config.data.batch_size, mesh, "data.batch_size", micro)
         parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
         batches = data.TrainBatches(corpus.train_src, corpus.train_tgt, batch_size=config.data.batch_size,
-                                    boundaries=config.data.bucket_boundaries, seed=config.seed)
+                                    boundaries=config.data.bucket_boundaries, seed=config.seed,
+                                    max_tokens=config.data.max_tokens, row_multiple=mesh.size * micro)
     except ValueError as error:
         raise configuration.ConfigError(f"config: {error}") from error
     eval_sets = evaluation.eval_sets(config.eval, config.data, corpus)
@@ -210,14 +215,16 @@ class _Loop:
             return self.dev
         signals = _Signals()
         batches, mesh = self.inputs.batches, self.inputs.mesh
-        rows = parallel.process_rows(batches.batch_size, mesh)  # this process reads only these rows
+        # This process reads only these rows of a batch of n rows (one n per bucket).
+        rows = functools.cache(lambda n: parallel.process_rows(n, mesh))
         pending = None  # (step, metrics) of the previous step, read after the next is dispatched
         # A signal to any process stops them all after the same step: each step every process
         # votes with the signal it received (0: none); the largest vote is read a step later.
         vote = 0
         try:
             for step in range(int(self.state.step), total):
-                batch = parallel.shard_rows(batches.batch(step, rows), batches.batch_size, mesh)
+                size = batches.size(step)
+                batch = parallel.shard_rows(batches.batch(step, rows(size)), size, mesh)
                 self.state, step_metrics = self.train_step(self.state, batch)
                 stop, vote = int(vote), parallel.largest_over_processes(signals.received or 0, mesh)
                 if pending is not None:
@@ -317,6 +324,7 @@ class _Loop:
     def _save(self, done: int, dev: dict | None) -> None:
         corpus = self.inputs.corpus
         meta = dict(step=done, window=self.window.as_dict(), early_stopping=self.tracker.as_dict(), **self.origin,
+                    batch_rows=self.inputs.batches.bucket_rows, devices=self.inputs.mesh.size,
                     param_shapes=checkpoints.param_shapes(self.state.params),
                     src_vocab_size=corpus.src_tokenizer.vocab_size, tgt_vocab_size=corpus.tgt_tokenizer.vocab_size)
         self.store.save(done, self.state, meta, dev)
@@ -346,7 +354,9 @@ def _check_all(config, workdir: str) -> tuple[_Inputs, checkpoints.Checkpoints, 
         try:  # CheckpointError: none loads, or made for another model shape, vocabulary or tokenizers
             restored = store.restore_latest(inputs.abstract_state)
             start = None
-            if restored is None and inputs.warm is not None:
+            if restored is not None:
+                _check_batch_rows(restored[1], inputs, config.data.max_tokens, store.directory)
+            elif inputs.warm is not None:
                 start = warm_start.start_params(inputs.warm, inputs.abstract_state.params)
             return inputs, store, restored, start
         except BaseException:
@@ -356,6 +366,19 @@ def _check_all(config, workdir: str) -> tuple[_Inputs, checkpoints.Checkpoints, 
         if created:
             shutil.rmtree(corpus_dir, ignore_errors=True)
         raise
+
+
+def _check_batch_rows(meta: dict, inputs: _Inputs, max_tokens: int, directory: str) -> None:
+    """ConfigError unless the checkpoint (`meta`) was trained on batches of the rows this run
+    plans per bucket: with data.max_tokens they depend on the device count. Checkpoints of
+    older versions record none."""
+    if "batch_rows" not in meta or meta["batch_rows"] == inputs.batches.bucket_rows:
+        return
+    raise configuration.ConfigError(
+        f"{directory}: step {meta['step']} was trained on batches of {meta['batch_rows']} rows (buckets "
+        f"{inputs.batches.boundaries}) over {meta['devices']} devices; data.max_tokens={max_tokens} "
+        f"gives {inputs.batches.bucket_rows} over this run's {inputs.mesh.size} (rows are a multiple of the "
+        f"device count): resume on {meta['devices']} devices or use a new --workdir")
 
 
 def _train_in(config, workdir: str) -> dict:

@@ -271,6 +271,7 @@ def data_config(**overrides):
             vocab_size=500,
             spm_model_type="unigram",
             spm_sample_size=1_000_000,
+            joint_vocab=False,
             max_len=64,
             on_empty="skip",
             max_train_pairs=1500,
@@ -359,8 +360,9 @@ def test_provenance_records_training_files_and_settings(tmp_path):
     ({"vocab_size": 300}, "data.vocab_size: 200 → 300"),
     ({"max_train_pairs": 100}, "data.max_train_pairs: 0 → 100"),
     ({"spm_model_type": "bpe"}, "data.spm_model_type: 'unigram' → 'bpe'"),
+    ({"joint_vocab": True}, "data.joint_vocab: False → True"),
     ("train.en", "training file {folder}/train.en ("),
-], ids=["vocab_size", "max_train_pairs", "spm_model_type", "train_file"])
+], ids=["vocab_size", "max_train_pairs", "spm_model_type", "joint_vocab", "train_file"])
 def test_stale_tokenizers_are_refused_by_name(tmp_path, change, expected):
     cfg = small_corpus(tmp_path)
     workdir = tmp_path / "w"
