@@ -378,7 +378,7 @@ def _check_batch_rows(meta: dict, inputs: _Inputs, max_tokens: int, directory: s
         f"{directory}: step {meta['step']} was trained on batches of {meta['batch_rows']} rows (buckets "
         f"{inputs.batches.boundaries}) over {meta['devices']} devices; data.max_tokens={max_tokens} "
         f"gives {inputs.batches.bucket_rows} over this run's {inputs.mesh.size} (rows are a multiple of the "
-        f"device count): resume on {meta['devices']} devices or use a new --workdir")
+        f"device count times optimizer.accumulate_steps): resume on {meta['devices']} devices or use a new --workdir")
 
 
 def _train_in(config, workdir: str) -> dict:

@@ -29,7 +29,7 @@ EMA_DECAY = 0.9
 ARGS = ["--config=configs/tiny.py", "--config.num_train_steps=20", "--config.log_every_steps=5",
         "--config.eval_every_steps=20", "--config.checkpoint_every_steps=20",
         "--config.data.synthetic_train_size=256", "--config.data.synthetic_dev_size=16",
-        "--config.eval.batch_size=16", "--config.data.max_tokens=200",
+        "--config.eval.batch_size=16", "--config.data.max_tokens=220",
         # The state holds a moving average; each device's rows split into 2 micro-batches.
         f"--config.optimizer.ema_decay={EMA_DECAY}", "--config.optimizer.accumulate_steps=2"]
 TIMEOUT = 600  # per run; a loaded 2-core machine compiles slowly
@@ -179,7 +179,7 @@ def test_two_processes_train_as_one_process_with_two_devices(uninterrupted):
     # One writer: process 0 prints the progress and final lines; process 1 none of them.
     assert "step 20/20" in first and "final | step 20" in first
     assert "step 20/20" not in second and "final |" not in second
-    assert "batch shapes [(24, 8), (16, 12)]" in first  # data.max_tokens=200 over 2 devices
+    assert "batch shapes [(24, 8), (16, 12)]" in first  # data.max_tokens=220 over 2 devices x 2 micro-batches
     rows_one, rows_two = metrics(one), metrics(two)
     assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == [5, 10, 15, 20, 20]
     losses = [[r["train_loss"] for r in rows if "train_loss" in r] for rows in (rows_one, rows_two)]
@@ -235,8 +235,8 @@ def test_a_signal_to_one_process_stops_both_and_a_killed_one_stops_the_other(env
 
 
 def test_token_batches_bind_the_checkpoint_to_the_device_count(env, uninterrupted, tmp_path):
-    """max_tokens // bucket is rounded to a multiple of the devices: 2 devices give the buckets 8 and
-    12 rows 24 and 16, one device 25 and 16. Resuming on one device is refused in one line, and
+    """max_tokens // bucket is rounded to a multiple of the devices times the micro-batches (2): 2
+    devices give the buckets 8 and 12 rows 24 and 16, one device 26 and 18. Resuming on one device is refused in one line, and
     nothing of the workdir changes."""
     workdir = tmp_path / "w"
     shutil.copytree(uninterrupted["one"], workdir)
@@ -246,8 +246,8 @@ def test_token_batches_bind_the_checkpoint_to_the_device_count(env, uninterrupte
     assert result.returncode == 2, result.stdout + result.stderr
     errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
     assert errors == [f"error: {workdir}/checkpoints: step 20 was trained on batches of [24, 16] rows (buckets "
-                      "[8, 12]) over 2 devices; data.max_tokens=200 gives [25, 16] over this run's 1 (rows are a "
-                      "multiple of the device count): resume on 2 devices or use a new --workdir"], result.stdout
+                      "[8, 12]) over 2 devices; data.max_tokens=220 gives [26, 18] over this run's 1 (rows are a "
+                      "multiple of the device count times optimizer.accumulate_steps): resume on 2 devices or use a new --workdir"], result.stdout
     assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*") if "run.lock" not in p.name) == before
 
 

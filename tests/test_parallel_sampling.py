@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import tiny
+from configs import default, tiny
 from s2s_jax import BOS_ID, configuration, data, steps
 from s2s_jax.configuration import ConfigError
 from s2s_jax.models import Seq2Seq
@@ -148,8 +148,9 @@ def test_parallel_needs_rng():
 def _train_setup(output_chunk):
     model = Seq2Seq(SRC_V, TGT_V, embed_dim=6, encoder_hidden=4, decoder_hidden=8, dropout_rate=0.3,
                     output_chunk=output_chunk)
-    opt = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=0, decay="constant", b1=0.9,
-                                         b2=0.999, clip_norm=1.0, label_smoothing=0.1, ema_decay=0.0))
+    opt = default.get_config().optimizer
+    opt.update(learning_rate=1e-2, warmup_steps=0, decay="constant", b1=0.9, b2=0.999, clip_norm=1.0,
+               label_smoothing=0.1)
     config = ml_collections.ConfigDict(dict(seed=0, num_train_steps=10, optimizer=opt,
                                             data=dict(bucket_boundaries=(6,))))
     src, src_len, tgt_in = seq2seq_batch(seed=3)

@@ -348,8 +348,8 @@ def test_a_workdir_of_an_older_version_loads_and_resumes(tmp_path, caplog):
         saved = json.load(f)
     for key, row in configuration.KEYS.items():
         if row.older is not None:
-            group, name = key.split(".")
-            del saved[group][name]
+            *groups, name = key.split(".")
+            functools.reduce(dict.__getitem__, groups, saved).pop(name)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(saved, f)
 
@@ -364,9 +364,11 @@ def test_a_workdir_of_an_older_version_loads_and_resumes(tmp_path, caplog):
 
 # ----------------------------------------------------------------------------- optimizer
 def opt_config(decay, warmup=10, peak=1e-2, clip_norm=0.0):
-    from ml_collections import ConfigDict
-    return ConfigDict(dict(learning_rate=peak, warmup_steps=warmup, decay=decay, b1=0.9, b2=0.999,
-                           clip_norm=clip_norm, label_smoothing=0.0))
+    from configs import default
+    config = default.get_config().optimizer
+    config.update(learning_rate=peak, warmup_steps=warmup, decay=decay, b1=0.9, b2=0.999, clip_norm=clip_norm,
+                  label_smoothing=0.0)
+    return config
 
 
 @pytest.mark.parametrize("decay", ["constant", "cosine", "rsqrt", "wsd"])
