@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -20,6 +22,7 @@ def run_tiny(workdir, cache_dir):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_second_run_compiles_far_less(tmp_path):
     cache_dir = tmp_path / "cache"
     first = run_tiny(tmp_path / "first", cache_dir)

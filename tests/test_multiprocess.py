@@ -174,6 +174,7 @@ def uninterrupted(env, tmp_path_factory) -> dict:
     return dict(one=one, two=two, outputs=outputs)
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_process_with_two_devices(uninterrupted):
     one, two, (first, second) = uninterrupted["one"], uninterrupted["two"], uninterrupted["outputs"]
     # One writer: process 0 prints the progress and final lines; process 1 none of them.
@@ -194,6 +195,7 @@ def test_two_processes_train_as_one_process_with_two_devices(uninterrupted):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_distributed_dev_bleu_equals_one_process_decoding(uninterrupted):
     """Dev BLEU decoded over two processes is what one process with one device gets from the same
     checkpoint (beam search on a mesh: tests/test_sharded_decoding.py)."""
@@ -204,6 +206,7 @@ def test_distributed_dev_bleu_equals_one_process_decoding(uninterrupted):
     assert metrics(two)[-1]["dev_bleu"] == sacrebleu_score(hypotheses, dev.dev_tgt_text)[0]
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_process_stops_both_and_a_killed_one_stops_the_other(env, uninterrupted, tmp_path):
     """SIGTERM to process 1 only: both save the same checkpoint and exit 143. Resumed, process 1 is
     killed (SIGKILL) right after a save: process 0's next collective fails, and it exits at once
@@ -234,6 +237,7 @@ def test_a_signal_to_one_process_stops_both_and_a_killed_one_stops_the_other(env
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_token_batches_bind_the_checkpoint_to_the_device_count(env, uninterrupted, tmp_path):
     """max_tokens // bucket is rounded to a multiple of the devices times the micro-batches (2): 2
     devices give the buckets 8 and 12 rows 24 and 16, one device 26 and 18. Resuming on one device is refused in one line, and

@@ -11,6 +11,8 @@ import pytest
 
 from tests.test_multiprocess import env, finish, free_port, start_process, start_two_processes  # noqa: F401
 
+pytestmark = pytest.mark.slow  # real processes on localhost: the extended suite (.ci/run)
+
 INIT_TIMEOUT_S = 11  # past one progress line (parallel.PROGRESS_S = 10)
 BOUND_S = 120  # JAX's import and start on a loaded 2-core machine, well below a hang
 

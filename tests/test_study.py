@@ -44,6 +44,7 @@ def _results(out: str) -> dict:
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_tiny_study_end_to_end(study, tmp_path):
     out = str(tmp_path)
     returned = study.run_study("tiny", out, NAMES)
