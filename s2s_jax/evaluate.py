@@ -71,8 +71,11 @@ def main(argv) -> None:
     name = f.name or os.path.basename(f.prefix.rstrip("/")) or "test"
     workdirs = f.workdir.split(",")
     try:
-        if not name.isidentifier() or name == "dev":
-            raise ValueError(f"--name={name!r} must be letters, digits and _ (not 'dev'); give --name")
+        if name == "dev":
+            raise ValueError("the set's name would be 'dev', the training dev set's (dev_bleu, dev_loss, ...): "
+                             "name this one with --name, e.g. --name=dev2")
+        if not name.isidentifier():
+            raise ValueError(f"--name={name!r} must be letters, digits and _; give --name")
         if len(workdirs) == 1:
             with workdir_lock.hold(workdirs[0]):  # refused at once while a run trains there
                 pass
