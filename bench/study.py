@@ -346,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("s2s_jax").setLevel(logging.INFO)
     try:
         results = run_study(args.preset, args.out, args.only)
-    except (configuration.ConfigError, data.DataError, checkpoints.CheckpointError, training.NonFiniteError) as error:
+    except (configuration.ConfigError, data.DataError, checkpoints.CheckpointError, training.TrainingError) as error:
         raise SystemExit(f"study: {error}") from None
     print(f"wrote {args.out}/results.json, results.md, bleu_by_length.png, exposure_gap.png, attention/ "
           f"({len(results['variants'])} variants)", flush=True)
