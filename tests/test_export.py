@@ -115,6 +115,7 @@ def test_export_errors_name_the_problem(tiny_workdir, tmp_path):
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_sentencepiece_model_exports_and_translates_as_translator(text_workdir, tmp_path):
     """Real text: the sentencepiece models travel in the artifact; three buckets (n-best: see above)."""
     from s2s_jax import data, export

@@ -53,6 +53,7 @@ def train(workdirs: dict[int, str]) -> dict[int, tuple[dict, list[float]]]:
     return results
 
 
+@pytest.mark.slow
 def test_two_devices_match_one(tmp_path):
     results = train({1: str(tmp_path / "one"), 2: str(tmp_path / "two")})
     (one, losses_one), (two, losses_two) = results[1], results[2]

@@ -5,8 +5,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from s2s_jax import data, metrics
 from tests.conftest import REPO
+
+# Checks on the real-text session fixture (a model trained for ~80 s): the extended suite.
+pytestmark = pytest.mark.slow
 
 
 def summary(workdir: str) -> dict:

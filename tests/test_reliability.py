@@ -362,6 +362,7 @@ STOPPING = ["--config.eval_every_steps=20", "--config.early_stopping.metric=dev_
             "--config.optimizer.plateau_factor=0.5", "--config.optimizer.plateau_patience=1"]
 
 
+@pytest.mark.slow
 def test_early_stopping_after_a_kill_stops_at_the_same_step(env, baseline, tmp_path):
     """An uninterrupted run that stops early, against one killed after its first evaluation and
     rerun: the same stop step, checkpoints (plateau state included), metrics and summary; the last

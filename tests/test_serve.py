@@ -19,6 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+# The server on the real-text session fixture (a model trained for ~80 s): the extended suite.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("starlette", reason="the server's extra is missing: pip install -e '.[serve]'")
 import uvicorn  # noqa: E402
 
