@@ -63,6 +63,7 @@ def _triples(results):
     return [[[h.text, h.ids, h.score] for h in hyps] for hyps in results]
 
 
+@pytest.mark.slow
 def test_fresh_process_without_model_code_translates_as_translator(artifact, translator):
     loaded = json.loads(_run("-c", LOADER, artifact, stdin=json.dumps(SENTENCES)))
     assert loaded["heavy"] == []

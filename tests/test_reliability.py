@@ -262,6 +262,7 @@ def baseline(env, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- exact resume
+@pytest.mark.slow
 def test_sigkill_at_random_moments_resumes_exactly(env, baseline, tmp_path):
     """SIGKILL inside a checkpoint write, during evaluation, between steps and at a random time;
     each time the same command is rerun. The result equals the uninterrupted run."""
@@ -311,6 +312,7 @@ def test_sigkill_at_random_moments_resumes_exactly(env, baseline, tmp_path):
     _assert_same_run(workdir, baseline)
 
 
+@pytest.mark.slow
 def test_sigint_and_sigterm_save_a_checkpoint_and_resume_exactly(env, baseline, tmp_path):
     workdir = str(tmp_path / "w")
     for sig, progress in ((signal.SIGINT, 20), (signal.SIGTERM, 80)):
@@ -724,6 +726,7 @@ def _run_with_small_checkpoint_disk(env, workdir: str, size: int, scratch) -> su
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("disk", ["tmpfs", "patched"])
 def test_disk_full_during_checkpoint_write(env, wrapper, baseline, tmp_path, disk):
     """The disk is full at the third checkpoint write (step 60): one error line naming that step

@@ -35,6 +35,7 @@ def error_line(result) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_held_workdir_stops_at_once_naming_the_holder(env, tmp_path):
     workdir = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "train.py", *ARGS, "--config.num_train_steps=100000",
