@@ -20,7 +20,10 @@ PAIRS = [("4 5 6 7", "7 6 5 4"), ("10 11 12", "12 11 10"), ("9 8 7 6 5", "5 6 7 
 def test_every_command_is_a_console_script():
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
-    assert {"s2s-train", "s2s-translate", "s2s-export", "s2s-evaluate", "s2s-score"} <= set(scripts)
+    commands = {name[:-3] for name in os.listdir(os.path.join(REPO, "s2s_jax")) if name.endswith(".py")
+                and "def run() -> None" in open(os.path.join(REPO, "s2s_jax", name), encoding="utf-8").read()}
+    assert {"train_command", "translate", "export", "evaluate", "score", "average", "serve"} <= commands
+    assert {target.split(":")[0].split(".")[1] for target in scripts.values()} == commands
     for target in scripts.values():
         module, function = target.split(":")
         assert callable(getattr(importlib.import_module(module), function)), target
