@@ -170,8 +170,14 @@ def get_config() -> ml_collections.ConfigDict:
     tf.passes = 1
 
     config.eval = ev = ml_collections.ConfigDict()
-    # Sentences per dev-loss batch (dev BLEU decodes a fixed 32 rows per call: batch invariance).
+    # Sentences per dev-loss batch.
     ev.batch_size = 128
+    # Rows of every decoding call (dev BLEU, translate, evaluate, serve, export): a sentence's
+    # translation depends on the call's shape, never on the other sentences in it.
+    ev.decode_rows = 32
+    # Source buckets of decoding calls, () = data.bucket_boundaries. Fewer, wider buckets let a
+    # server decode concurrent requests in fewer calls (s2s_jax.serve --decode_buckets).
+    ev.decode_buckets = ()
     # Compiled output limit, in pieces: min(max_decode_len, 2 * source bucket length + 10).
     ev.max_decode_len = 128
     # Per-sentence output limit max_len_a * source pieces + max_len_b (fairseq's rule), within that.

@@ -1,5 +1,6 @@
-"""Command-line pieces shared by `python -m s2s_jax.translate` and `python -m s2s_jax.export`: the
-search option flags, built from `options.OPTIONS`, the --workdir flag, and absl's parsed flags.
+"""Command-line pieces shared by the commands that decode (translate, export, evaluate, score, serve):
+the search option flags, built from `options.OPTIONS`, the --workdir flag, the decoding-shape flags
+and absl's parsed flags.
 Flags are defined only when a command runs, so importing a module defines none."""
 from __future__ import annotations
 
@@ -26,6 +27,30 @@ def define_option_flags(names: Sequence[str]) -> None:
 def option_values(parsed, names: Sequence[str]) -> dict:
     """{name: value} of the option flags named that were given; parsed: absl's parsed flags."""
     return {name: parsed[name].value for name in names if parsed[name].value is not None}
+
+
+def define_decoding_flags() -> None:
+    """--decode_buckets and --decode_rows: the shapes of the decoding calls instead of the workdir's
+    config.eval.decode_buckets and decode_rows (configuration.with_decoding checks them)."""
+    from absl import flags
+    flags.DEFINE_list("decode_buckets", None, "Source buckets of the decoding calls, e.g. 65 (one bucket: "
+                      "concurrent sentences of any length share calls); default: the workdir's "
+                      "config.eval.decode_buckets, else its training buckets.")
+    flags.DEFINE_integer("decode_rows", None, "Rows of every decoding call; default: the workdir's "
+                         "config.eval.decode_rows.")
+
+
+def decoding_values(parsed) -> dict:
+    """{key: value} of the decoding-shape flags that were given; ValueError for a bucket that is not
+    an integer."""
+    values = {} if parsed.decode_rows is None else {"decode_rows": parsed.decode_rows}
+    if parsed.decode_buckets is not None:
+        try:
+            values["decode_buckets"] = tuple(int(b) for b in parsed.decode_buckets)
+        except ValueError:
+            raise ValueError(f"--decode_buckets={','.join(parsed.decode_buckets)}: give comma-separated "
+                             "integers, e.g. 32,65") from None
+    return values
 
 
 def define_workdir_flag(what: str) -> None:

@@ -39,7 +39,7 @@ FREE = "free"  # may change on resume
 
 class Key(NamedTuple):
     """One row of KEYS."""
-    kind: type  # int, float, bool, str, or tuple (data.bucket_boundaries, checked on its own)
+    kind: type  # int, float, bool, str, or tuple (bucket boundaries, checked by _check_buckets)
     allowed: str | tuple | None  # int, float: the range ("[lo, hi)", ">= lo", ...); str: the choices (None: any)
     role: str  # SHAPE, TRAJECTORY or FREE
     older: object = None  # its value in workdirs written before it existed; None: it always existed
@@ -126,6 +126,9 @@ KEYS = {
     "teacher_forcing.mode": Key(str, ("sequential", "parallel"), TRAJECTORY, older="sequential"),
     "teacher_forcing.passes": Key(int, ">= 1", TRAJECTORY, older=1),
     "eval.batch_size": Key(int, ">= 1", FREE),
+    # Decoding call shapes (issues 21, 22); older workdirs decoded 32 rows in the training buckets.
+    "eval.decode_rows": Key(int, ">= 1", FREE, older=32),
+    "eval.decode_buckets": Key(tuple, None, FREE, older=()),
     "eval.max_decode_len": Key(int, ">= 1", FREE),
     "eval.max_len_a": Key(float, ">= 0", FREE, older=2.0),
     "eval.max_len_b": Key(int, ">= 0", FREE, older=10),
@@ -203,7 +206,7 @@ def _problem(row: Key, value) -> str | None:
         return None if value in row.allowed else f"is not one of {row.allowed}"
     if row.kind is str:
         return None if isinstance(value, str) else "must be a string"
-    return None  # data.bucket_boundaries: _check_bucket_boundaries
+    return None  # bucket boundaries: _check_buckets
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -219,7 +222,9 @@ def check(config: ml_collections.ConfigDict) -> None:
         problem = _problem(row, flat[key])
         if problem:
             raise ConfigError(f"config: {key}={flat[key]!r} {problem}")
-    _check_bucket_boundaries(config.data)
+    _check_buckets("data.bucket_boundaries", config.data.bucket_boundaries, config.data.max_len)
+    if config.eval.decode_buckets:  # () = the training buckets
+        _check_buckets("eval.decode_buckets", config.eval.decode_buckets, config.data.max_len)
     if not config.data.max_tokens and config.data.batch_size % config.optimizer.accumulate_steps:
         raise ConfigError(f"config: data.batch_size={config.data.batch_size} must be a multiple of "
                           f"optimizer.accumulate_steps={config.optimizer.accumulate_steps} (rows per micro-batch)")
@@ -267,15 +272,13 @@ def extra_sets(value: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _check_bucket_boundaries(data_cfg) -> None:
+def _check_buckets(key: str, boundaries, max_len: int) -> None:
     """Non-empty, strictly increasing integers >= 2, the last with room for max_len tokens + EOS."""
-    boundaries = data_cfg.bucket_boundaries
     if not (isinstance(boundaries, (tuple, list)) and boundaries and all(is_int(b) for b in boundaries)
             and boundaries[0] >= 2 and all(a < b for a, b in itertools.pairwise(boundaries))
-            and boundaries[-1] >= data_cfg.max_len + 1):
-        raise ConfigError(f"config: data.bucket_boundaries={boundaries!r} must be a non-empty, strictly "
-                          "increasing sequence of integers >= 2 ending at >= data.max_len + 1 = "
-                          f"{data_cfg.max_len + 1} (room for EOS)")
+            and boundaries[-1] >= max_len + 1):
+        raise ConfigError(f"config: {key}={boundaries!r} must be a non-empty, strictly increasing sequence "
+                          f"of integers >= 2 ending at >= data.max_len + 1 = {max_len + 1} (room for EOS)")
 
 
 def _check_max_tokens(data_cfg) -> None:
@@ -449,6 +452,26 @@ def load(workdir: str) -> ml_collections.ConfigDict:
         check(config)
     except ConfigError as error:
         raise ConfigError(f"{path}: {str(error).removeprefix('config: ')}") from None
+    return config
+
+
+# The keys of a decoding call's shape that a command may set for itself (--decode_buckets, --decode_rows).
+DECODING_KEYS = ("decode_buckets", "decode_rows")
+
+
+def with_decoding(config: ml_collections.ConfigDict, decoding: dict | None) -> ml_collections.ConfigDict:
+    """A copy of a loaded config with some of its DECODING_KEYS (under eval) set; ConfigError naming
+    a bad one."""
+    if not decoding:
+        return config
+    unknown = sorted(set(decoding) - set(DECODING_KEYS))
+    if unknown:
+        raise ConfigError(f"config: {unknown[0]} is not a decoding key (those are {', '.join(DECODING_KEYS)})")
+    config = ml_collections.ConfigDict(to_json(config))
+    with config.ignore_type():
+        for key, value in decoding.items():
+            config.eval[key] = tuple(value) if key == "decode_buckets" else value
+    check(config)
     return config
 
 

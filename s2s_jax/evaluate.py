@@ -32,6 +32,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("name", None, "The set's name in metrics.jsonl and summary.json; default: the "
                         "prefix's file name (e.g. test).")
     cli.define_option_flags(FLAGS_USED)
+    cli.define_decoding_flags()
 
 
 def evaluate(translator: Translator, prefix: str, name: str, options: dict) -> dict:
@@ -79,7 +80,7 @@ def main(argv) -> None:
         if len(workdirs) == 1:
             with workdir_lock.hold(workdirs[0]):  # refused at once while a run trains there
                 pass
-        translator = Translator.from_workdirs(workdirs)
+        translator = Translator.from_workdirs(workdirs, cli.decoding_values(f))
         options = cli.option_values(f, FLAGS_USED)
         translator.options(**options)  # bad options fail before any decoding
         result = evaluate(translator, f.prefix, name, options)

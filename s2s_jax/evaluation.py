@@ -63,10 +63,8 @@ class Evaluator:
         self.loss_batches = {s.name: data.eval_batches(s.src_ids, s.tgt_ids, batch_size=eval_cfg.batch_size,
                                                        boundaries=data_cfg.bucket_boundaries) for s in self.sets}
         self.eval_step = jax.jit(functools.partial(steps.eval_step, model=model))
-        self.decoder = inference.CorpusDecoder(model, corpus.src_tokenizer, corpus.tgt_tokenizer,
-                                               boundaries=data_cfg.bucket_boundaries,
-                                               max_source_len=data_cfg.max_len,
-                                               max_decode_len=eval_cfg.max_decode_len, mesh=mesh)
+        self.decoder = inference.CorpusDecoder.from_config(model, corpus.src_tokenizer, corpus.tgt_tokenizer,
+                                                           eval_cfg, data_cfg, mesh)
         self.searches = ["greedy"] + (["beam"] if eval_cfg.search == "beam" else [])
         self.signature: str | None = None  # sacrebleu's, logged at the first evaluation
         # Sources longer than data.max_len: warned about once a run, per set.

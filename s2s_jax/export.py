@@ -69,27 +69,30 @@ def _function_path(length: int, n_best: int, attention: bool) -> str:
 
 # ---------------------------------------------------------------------------------- export
 def export(workdirs: str | Sequence[str], output: str, *, n_best: Sequence[int] | None = None,
-           attention: bool = True, platforms: Sequence[str] | None = None, **options) -> dict:
+           attention: bool = True, platforms: Sequence[str] | None = None, decoding: dict | None = None,
+           **options) -> dict:
     """Writes the artifact of a workdir's best (else latest) checkpoint, or of an ensemble of
     several workdirs, to the zip file `output`; returns its manifest.
 
     n_best: the n-best sizes to export (default 1 and the beam size); attention: also export the
     searches that return attention; options: `SearchOptions` fields fixed in the artifact (default:
     the workdir's config.eval, as `Translator`), search "beam" or "greedy"; platforms: jax.export
-    lowering platforms, some of PLATFORMS (default: this machine's). `output` is written under a
+    lowering platforms, some of PLATFORMS (default: this machine's); decoding: the call shapes
+    (`Translator.from_workdir`), fixed in the artifact. `output` is written under a
     temporary name and renamed once complete (see `_archive`).
     """
     check_platforms(platforms)
     with _archive(output) as archive:  # opened first: an unwritable output fails before the work
-        manifest = _export(archive, workdirs, n_best, attention, platforms, options)
+        manifest = _export(archive, workdirs, n_best, attention, platforms, decoding, options)
     return manifest
 
 
-def _export(archive: zipfile.ZipFile, workdirs, n_best, attention: bool, platforms, options: dict) -> dict:
+def _export(archive: zipfile.ZipFile, workdirs, n_best, attention: bool, platforms, decoding: dict | None,
+            options: dict) -> dict:
     """Exports into `archive` (see `export`); returns the manifest."""
     from s2s_jax.translate import Translator
 
-    translator = Translator.from_workdirs([workdirs] if isinstance(workdirs, str) else list(workdirs))
+    translator = Translator.from_workdirs([workdirs] if isinstance(workdirs, str) else list(workdirs), decoding)
     base = translator.options(**options)
     if base.search == "sample":
         raise ValueError("search='sample' is not exported (beam or greedy)")
@@ -293,7 +296,7 @@ def main(argv) -> None:
     f = cli.parsed_flags("export", argv)
     try:
         manifest = export(f.workdir.split(","), f.output, n_best=_n_best_flag(f.n_best), attention=f.attention,
-                          platforms=f.platforms, **cli.option_values(f, OPTION_FLAGS))
+                          platforms=f.platforms, decoding=cli.decoding_values(f), **cli.option_values(f, OPTION_FLAGS))
     except (ValueError, checkpoints.CheckpointError) as error:  # DataError, ConfigError are ValueErrors
         raise SystemExit(f"export: {error}") from None
     except OSError as error:  # disk full, unwritable places
@@ -323,6 +326,7 @@ def run() -> None:
     flags.DEFINE_bool("attention", True, "Also export the searches that return attention.")
     flags.DEFINE_list("platforms", None, "jax.export platforms, e.g. cpu,cuda; default: this machine's.")
     cli.define_option_flags(OPTION_FLAGS)
+    cli.define_decoding_flags()
     app.run(main)
 
 

@@ -5,9 +5,10 @@ The encoder runs once per batch; its memory and attention keys stay in `step_fn`
 shape [B, S, ...] and are never tiled per beam (docs/architecture.md, "Decode path").
 
 `CorpusDecoder` provides the driver's compiled callable and the fields it needs: the bucket
-boundaries, the longest source, the compiled output limit of each bucket (min(eval.max_decode_len,
-2 * bucket length + 10), or an explicit `max_len`) and the rows of every call (ROWS_PER_CALL;
-fewer only when beam x vocabulary would not fit the memory budget). On a mesh
+boundaries (eval.decode_buckets, else the training buckets), the longest source, the compiled
+output limit of each bucket (min(eval.max_decode_len, 2 * bucket length + 10), or an explicit
+`max_len`) and the rows of every call (eval.decode_rows; fewer only when beam x vocabulary would
+not fit the memory budget). On a mesh
 (`CorpusDecoder(mesh=...)`, one axis 'data'): each call's rows (a multiple of the mesh's devices)
 are split over its devices, the parameters are replicated on it, and the results come back
 replicated, so every process of a multi-process mesh reads them all.
@@ -40,8 +41,6 @@ from s2s_jax.hypotheses import Hypothesis
 from s2s_jax.models import Seq2Seq
 from s2s_jax.options import SEARCHES, Limits, SearchOptions
 
-# Rows of every decoding call (batch invariance: one shape per bucket and search).
-ROWS_PER_CALL = 32
 # Largest [rows, hypotheses, vocab] log-prob block decoded at once (float32: 512 MiB).
 MAX_STEP_ELEMENTS = 1 << 27
 # Coverage penalty: log(min(coverage, 1)) is floored at log(COVERAGE_FLOOR) (about -13.8), so a
@@ -155,20 +154,30 @@ class CorpusDecoder:
 
     boundaries: the source bucket boundaries; max_source_len: the longest source in pieces (EOS
     excluded), what the model was trained on (config.data.max_len); max_decode_len: the cap of the
-    buckets' compiled output limits (config.eval.max_decode_len). mesh: decode each call split over
-    its devices (every process of a multi-process mesh calls with the same sentences and params
+    buckets' compiled output limits (config.eval.max_decode_len); rows: the rows of every call
+    (batch invariance: one shape per bucket and search). mesh: decode each call split over its
+    devices (every process of a multi-process mesh calls with the same sentences and params
     replicated on the mesh); None: on the default device.
     """
 
     def __init__(self, model: Seq2Seq | tuple[Seq2Seq, ...], src_tokenizer, tgt_tokenizer, *,
-                 boundaries: Sequence[int], max_source_len: int, max_decode_len: int, mesh: Mesh | None = None):
+                 boundaries: Sequence[int], max_source_len: int, max_decode_len: int, rows: int,
+                 mesh: Mesh | None = None):
         self.model, self.src_tokenizer, self.tgt_tokenizer = model, src_tokenizer, tgt_tokenizer
         self.mesh = mesh
         self.decode_batch = decode_batch if mesh is None else sharded_decode_batch(mesh)
-        self.boundaries = [int(b) for b in boundaries]
+        self.boundaries, self.rows = [int(b) for b in boundaries], int(rows)
         self.max_source_len, self.max_decode_len = int(max_source_len), int(max_decode_len)
         # Hard cap on any output limit: 4x the longest training sentence, or the configured cap.
         self.max_output_len = max(self.max_decode_len, 4 * (self.max_source_len + 1))
+
+    @classmethod
+    def from_config(cls, model: Seq2Seq | tuple[Seq2Seq, ...], src_tokenizer, tgt_tokenizer, eval_cfg, data_cfg,
+                    mesh: Mesh | None = None) -> CorpusDecoder:
+        """The decoder of a run's config.eval and config.data: its decode buckets and rows."""
+        return cls(model, src_tokenizer, tgt_tokenizer, boundaries=eval_cfg.decode_buckets or data_cfg.bucket_boundaries,
+                   max_source_len=data_cfg.max_len, max_decode_len=eval_cfg.max_decode_len,
+                   rows=eval_cfg.decode_rows, mesh=mesh)
 
     def check(self, options: SearchOptions) -> None:
         """ValueError naming the first option this model cannot decode with."""
@@ -176,11 +185,13 @@ class CorpusDecoder:
         if options.coverage and any(m.attention == "none" for m in members(self.model, None)[0]):
             raise ValueError("coverage needs attention: a model has model.attention='none'")
 
-    def rows_per_call(self, options: SearchOptions) -> int:
-        """Rows of every decoding call for these options: ROWS_PER_CALL unless memory says fewer,
-        rounded up to a multiple of the mesh's devices."""
-        hypotheses = options.static()["beam_size"] * (options.n_best if options.search == "sample" else 1)
-        rows = max(1, min(ROWS_PER_CALL, MAX_STEP_ELEMENTS // (hypotheses * self.tgt_tokenizer.vocab_size)))
+    def rows_per_call(self, options: SearchOptions | None = None) -> int:
+        """Rows of every decoding (options None: scoring) call: `rows` unless memory says fewer for
+        the options' hypotheses x vocabulary, rounded up to a multiple of the mesh's devices."""
+        rows = self.rows
+        if options is not None:
+            hypotheses = options.static()["beam_size"] * (options.n_best if options.search == "sample" else 1)
+            rows = max(1, min(rows, MAX_STEP_ELEMENTS // (hypotheses * self.tgt_tokenizer.vocab_size)))
         devices = 1 if self.mesh is None else self.mesh.size
         return -(-rows // devices) * devices
 

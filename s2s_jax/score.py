@@ -31,6 +31,7 @@ def _define_flags() -> None:
     flags.DEFINE_enum("rank_by", "log_prob", list(RANKS), "--nbest: rank by the summed log-probability "
                       "(higher first) or the NLL per piece (lower first).")
     flags.DEFINE_string("output", None, "Where to write the output; default stdout.")
+    cli.define_decoding_flags()
 
 
 def _paired_lines(source: str, other: str, flag: str) -> tuple[list[str], list[str]]:
@@ -66,7 +67,7 @@ def main(argv) -> None:
         raise SystemExit("score: give one of --target (score it) or --nbest (rerank it)")
     try:
         sources, others = _paired_lines(f.source, f.target or f.nbest, "--target" if f.target else "--nbest")
-        translator = Translator.from_workdirs(f.workdir.split(","))
+        translator = Translator.from_workdirs(f.workdir.split(","), cli.decoding_values(f))
         lines = (score_lines(translator, sources, others) if f.target
                  else rerank_lines(translator, sources, others, f.rank_by))
         text = "".join(line + "\n" for line in lines)

@@ -46,7 +46,7 @@ try:
 except ImportError as missing:
     raise ImportError(f"s2s_jax.serve needs the optional extra 'serve' (pip install -e '.[serve]'): {missing}") from None
 
-from s2s_jax import UNK_ID, sources
+from s2s_jax import UNK_ID, cli, sources
 from s2s_jax.batcher import Batcher, Closed, QueueFull
 from s2s_jax.hypotheses import Hypothesis
 from s2s_jax.options import SearchOptions
@@ -132,15 +132,19 @@ class ExportModel:
         return {"model": self.path, "kind": "export", "config": self.exported.manifest}
 
 
-def load_model(workdirs: str | None, export_path: str | None):
-    """The model of --workdir (a workdir, or several: an ensemble) or --export."""
+def load_model(workdirs: str | None, export_path: str | None, decoding: dict | None = None):
+    """The model of --workdir (a workdir, or several: an ensemble; `decoding`: its call shapes,
+    `Translator.from_workdir`) or --export (whose call shapes were fixed when it was exported)."""
     if bool(workdirs) == bool(export_path):
         raise ValueError("give either --workdir (one or more, comma-separated) or --export")
+    if export_path and decoding:
+        raise ValueError("--decode_buckets / --decode_rows apply to --workdir; an exported artifact keeps "
+                         "the shapes it was exported with (export --decode_buckets)")
     if export_path:
         from s2s_jax import export
         return ExportModel(export.load(export_path), export_path)
     from s2s_jax.translate import Translator
-    return WorkdirModel(Translator.from_workdirs(workdirs.split(",")))
+    return WorkdirModel(Translator.from_workdirs(workdirs.split(","), decoding))
 
 
 class _PieceCounts:
@@ -352,6 +356,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port, named in the log).")
     flags.DEFINE_list("warmup", ["greedy", "beam", "beam+attention"], "Searches compiled for every source bucket "
                       "before listening ('+attention': the search that returns attention).")
+    cli.define_decoding_flags()
     for name, value in Limits()._asdict().items():
         define = flags.DEFINE_integer if isinstance(value, int) else flags.DEFINE_float
         define(name, value, _LIMIT_HELP[name], lower_bound=0 if name == "max_wait_ms" else 1)
@@ -375,12 +380,12 @@ def _log_to_stderr() -> None:
 
 
 def main(argv) -> None:
-    from s2s_jax import checkpoints, cli
+    from s2s_jax import checkpoints
     f = cli.parsed_flags("serve", argv)
     _log_to_stderr()
     limits = Limits(**{name: f[name].value for name in Limits._fields})
     try:
-        model = load_model(f.workdir, f.export)
+        model = load_model(f.workdir, f.export, cli.decoding_values(f))
         logger.info("warm-up: %s compiled in %.1f s", ",".join(f.warmup), warm_up(model, f.warmup))
     except (ValueError, checkpoints.CheckpointError) as error:  # DataError, ConfigError, ExportError: ValueErrors
         raise SystemExit(f"serve: {error}") from None

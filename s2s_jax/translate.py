@@ -28,12 +28,14 @@ Python:
 Ensembles (`from_workdirs`) average the members' probabilities (`decoding.ensemble_step_fn`). The
 members must share their source and target tokenizers (identical sentencepiece models, or the same
 synthetic vocabulary size); the first workdir's config gives the buckets and the default options.
+`from_workdir(s)(..., decoding={"decode_buckets": (65,), "decode_rows": 64})` sets the call shapes
+(config.eval.decode_buckets / decode_rows) instead of the workdir's.
 An ensemble's attention is the mean of its members'.
 
 Decoding is `inference.CorpusDecoder` through the decode driver (`s2s_jax.driver`), the same code
-that computes dev BLEU during training: sentences are grouped into the config's length buckets by
-source length, decoded inference.ROWS_PER_CALL rows per call (each call split over this process's
-devices), and returned in input order. Options (`s2s_jax.options`) default to the workdir's
+that computes dev BLEU during training: sentences are grouped into length buckets by source length
+(config.eval.decode_buckets, else the training buckets), decoded config.eval.decode_rows rows per
+call (each call split over this process's devices), and returned in input order. Options (`s2s_jax.options`) default to the workdir's
 `config.eval` (beam size, alpha, length rule), so `--search=greedy` reproduces the run's dev BLEU.
 A source may hold at most `config.data.max_len` pieces (plus EOS): longer sources are truncated
 with a warning (on_long="truncate") or rejected (on_long="error").
@@ -58,8 +60,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from s2s_jax import (BOS_ID, EOS_ID, checkpoints, cli, data, driver, export, inference, parallel, plotting,
-                     scoring, sources, trained)
+from s2s_jax import (BOS_ID, EOS_ID, checkpoints, cli, configuration, data, driver, export, inference, parallel,
+                     plotting, scoring, sources, trained)
 from s2s_jax.hypotheses import Hypothesis
 from s2s_jax.models import Seq2Seq
 from s2s_jax.options import OPTIONS, SearchOptions
@@ -86,39 +88,39 @@ class Translator:
         self.params = jax.device_put(params, parallel.replicated(mesh))
         self.src_tokenizer, self.tgt_tokenizer = src_tokenizer, tgt_tokenizer
         self.workdir = workdir
-        self.decoder = inference.CorpusDecoder(model, src_tokenizer, tgt_tokenizer,
-                                               boundaries=config.data.bucket_boundaries,
-                                               max_source_len=config.data.max_len,
-                                               max_decode_len=config.eval.max_decode_len, mesh=mesh)
+        self.decoder = inference.CorpusDecoder.from_config(model, src_tokenizer, tgt_tokenizer, config.eval,
+                                                           config.data, mesh)
         self.boundaries = self.decoder.boundaries
         self.max_source_len = self.decoder.max_source_len
         self.steps: tuple[int, ...] = ()  # the checkpoint step of each member (from_workdir(s))
 
     # ------------------------------------------------------------------------------ loading
     @classmethod
-    def from_workdir(cls, workdir: str, step: int = 0) -> Translator:
+    def from_workdir(cls, workdir: str, step: int = 0, decoding: dict | None = None) -> Translator:
         """Loads config.json, the tokenizers and the best checkpoint (by the workdir's
-        eval.best_metric; else the latest) of a workdir, or checkpoint `step`.
+        eval.best_metric; else the latest) of a workdir, or checkpoint `step`. decoding: call shapes
+        instead of the workdir's (configuration.DECODING_KEYS, e.g. {"decode_buckets": (65,)}).
 
         Raises configuration.ConfigError if `workdir` has no config.json, data.DataError for a
         missing tokenizer and checkpoints.CheckpointError if it holds no checkpoint.
         """
         loaded = trained.load(workdir, step)
         logger.info("loaded %s step %s", workdir, loaded.step)
-        translator = cls(loaded.config, loaded.model, loaded.params, loaded.src_tokenizer, loaded.tgt_tokenizer,
-                         workdir)
+        translator = cls(configuration.with_decoding(loaded.config, decoding), loaded.model, loaded.params,
+                         loaded.src_tokenizer, loaded.tgt_tokenizer, workdir)
         translator.steps = (loaded.step,)
         return translator
 
     @classmethod
-    def from_workdirs(cls, workdirs: Sequence[str]) -> Translator:
+    def from_workdirs(cls, workdirs: Sequence[str], decoding: dict | None = None) -> Translator:
         """An ensemble of the workdirs' models (one workdir: that model), decoded with the first
-        workdir's config and tokenizers. Raises ValueError unless all share their tokenizers."""
+        workdir's config (and `decoding`: see from_workdir) and tokenizers. Raises ValueError unless
+        all share their tokenizers."""
         if isinstance(workdirs, str) or not workdirs:
             raise ValueError(f"from_workdirs takes a non-empty list of workdirs, got {workdirs!r}")
         if not all(workdirs):
             raise ValueError(f"empty workdir (e.g. a stray comma) in {list(workdirs)}: name each workdir")
-        loaded = [cls.from_workdir(w) for w in workdirs]
+        loaded = [cls.from_workdir(w, decoding=decoding) for w in workdirs]
         first = loaded[0]
         for other in loaded[1:]:
             if _tokenizer_key(other) != _tokenizer_key(first):
@@ -176,7 +178,7 @@ class Translator:
             batch = parallel.shard_batch(batch, mesh)
             return scoring.score_batch(model, params, batch.src, batch.src_len, batch.tgt_in, batch.tgt_out)
 
-        rows = -(-inference.ROWS_PER_CALL // mesh.size) * mesh.size
+        rows = self.decoder.rows_per_call()
         pairs = driver.score_pairs(score, self.src_tokenizer, self.tgt_tokenizer, sentences, targets,
                                    boundaries=self.boundaries, max_source_len=self.max_source_len, rows=rows,
                                    on_long=on_long, first_line=first_line)
@@ -262,6 +264,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("prefixes", None, "Optional file of target prefixes, one line per input line (empty "
                         "= none): every hypothesis starts with its line's prefix.")
     cli.define_option_flags(OPTION_FLAGS)
+    cli.define_decoding_flags()
     flags.DEFINE_string("attention_dir", None, "Write one attention heat map per sentence here, "
                         "{line:05d}.png: the attention the search recorded for the best hypothesis "
                         "(none for empty lines).")
@@ -496,7 +499,7 @@ def _translate_main(f) -> None:
     with _output(f.output) as out:  # opened before loading: an unwritable --output fails at once
         stream = _Arrivals(path) if _is_stream(path) else None
         pairs = None if stream else _sources(path, f.prefixes)  # a file is opened now, to fail early
-        translator = Translator.from_workdirs(f.workdir.split(","))
+        translator = Translator.from_workdirs(f.workdir.split(","), cli.decoding_values(f))
         options = cli.option_values(f, OPTION_FLAGS)
         translator.options(**options)  # bad options fail before any output, even on empty input
         if stream:  # read once the model is there: its first line may be typed only now

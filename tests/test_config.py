@@ -145,6 +145,20 @@ def test_bad_bucket_boundaries(boundaries):
                                "(room for EOS)"))
 
 
+@pytest.mark.parametrize("buckets", [(12, 8), (1, 12), (8, 11), (8, "12")])
+def test_bad_decode_buckets(buckets):
+    """eval.decode_buckets follows data.bucket_boundaries' rule; () means the training buckets."""
+    config = tiny.get_config()
+    config.unlock()
+    with config.ignore_type():
+        config.eval.decode_buckets = buckets
+    _refused(config, re.escape(f"config: eval.decode_buckets={buckets!r} must be a non-empty, strictly "
+                               "increasing sequence of integers >= 2 ending at >= data.max_len + 1 = 12 "
+                               "(room for EOS)"))
+    config.eval.decode_buckets = (12,)
+    configuration.check(config)
+
+
 def test_synthetic_min_len_above_max_len():
     config = tiny.get_config()
     config.data.synthetic_min_len = 11

@@ -123,6 +123,31 @@ def test_concurrent_requests_share_calls_and_get_what_they_get_alone(server, tra
         assert status == 200 and answer == {"translations": translator.translate(body["sentences"], **options)}
 
 
+def test_one_decode_bucket_decodes_a_round_of_any_lengths_in_one_call(text_workdir, dev_sentences, monkeypatch):
+    """serve --decode_buckets=<the last boundary>: 8 concurrent requests of sentences from every
+    source bucket are one decoding call, and each answer equals that request translated alone with
+    the same call shapes."""
+    last = Translator.from_workdir(text_workdir).config.data.bucket_boundaries[-1]
+    model = Recording(serve.load_model(text_workdir, None, {"decode_buckets": [last]}).translator)
+    decoder, shapes = model.translator.decoder, []
+    decode_batch = decoder.decode_batch
+    monkeypatch.setattr(decoder, "decode_batch", lambda *a, **k: shapes.append(k["src"].shape) or decode_batch(*a, **k))
+    serve.warm_up(model, ["greedy"])
+    shapes.clear()
+    batching = Running(model, max_wait_ms=10_000, max_batch=16)
+    requests = [{"sentences": dev_sentences[2 * i:2 * i + 2], "search": "greedy"} for i in range(8)]
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda body: batching.request("POST", "/v1/translate", body), requests))
+    finally:
+        batching.stop()
+    assert model.calls[-1:] == [16] and shapes == [(32, last)]
+    for body, (status, answer, _) in zip(requests, answers):
+        assert status == 200 and answer == {"translations": model.translator.translate(body["sentences"], search="greedy")}
+    with pytest.raises(ValueError, match="an exported artifact keeps the shapes it was exported with"):
+        serve.load_model(None, "model.zip", {"decode_rows": 8})
+
+
 @pytest.mark.parametrize("body, status, message", [
     (b"{not json", 400, r"^the body is not JSON"),
     (b"[1, 2]", 422, r"^the body must be a JSON object"),

@@ -27,7 +27,7 @@ sentences = json.loads(sys.argv[2])
 sharded = translator.decoder  # on a mesh over both devices
 single = inference.CorpusDecoder(translator.model, translator.src_tokenizer, translator.tgt_tokenizer,
                                  boundaries=sharded.boundaries, max_source_len=sharded.max_source_len,
-                                 max_decode_len=sharded.max_decode_len)
+                                 max_decode_len=sharded.max_decode_len, rows=sharded.rows)
 
 def best(decoder, options):
     return [[hyps[0].text, hyps[0].score] for hyps in decoder(translator.params, sentences, options)]

@@ -316,6 +316,42 @@ def test_translation_does_not_depend_on_the_other_sentences_of_the_call(translat
         assert run([order[k:k + size] for k in range(0, len(order), size)]) == everything, size
 
 
+def test_decode_shapes_set_the_calls_and_keep_their_invariance(tiny_workdir, translator, sentences, monkeypatch):
+    """decoding={"decode_buckets", "decode_rows"}: every call is [rows, bucket] of those shapes, and a
+    sentence's tokens and scores still do not depend on the other sentences of its call."""
+    wide = Translator.from_workdir(tiny_workdir, decoding={"decode_buckets": (12,), "decode_rows": 8})
+    shapes = []
+    for decoder in (translator.decoder, wide.decoder):
+        batch_decode = decoder.decode_batch
+        monkeypatch.setattr(decoder, "decode_batch", lambda *a, _f=batch_decode, **k: shapes.append(k["src"].shape)
+                            or _f(*a, **k))
+    real = [s for s in sentences if s]
+
+    def best(model, groups):
+        return {i: (h[0].ids, h[0].score) for g in groups for i, h in zip(g, model.hypotheses([real[i] for i in g]))}
+
+    everything = best(wide, [list(range(len(real)))])
+    assert set(shapes) == {(8, 12)} and len(shapes) == -(-len(real) // 8)
+    assert best(wide, [[i] for i in range(len(real))]) == everything
+    assert [ids for ids, _ in everything.values()] == [hyps[0].ids for hyps in translator.hypotheses(real)]
+    assert {shape[0] for shape in shapes[len(real) + 5:]} == {32}  # the workdir's own: 32 rows, buckets 8 and 12
+    with pytest.raises(ValueError, match=r"config: eval.decode_buckets=\[8\] must be .* >= data.max_len \+ 1 = 12"):
+        Translator.from_workdir(tiny_workdir, decoding={"decode_buckets": (8,)})
+    with pytest.raises(ValueError, match="config: beam_size is not a decoding key"):
+        Translator.from_workdir(tiny_workdir, decoding={"beam_size": 3})
+
+
+def test_cli_decode_shape_flags(tiny_workdir, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("4 5 6 7\n9 8 7 6 5\n", encoding="utf-8")
+    result = _cli(f"--workdir={tiny_workdir}", f"--input={src}", "--decode_buckets=12", "--decode_rows=4")
+    assert result.returncode == 0 and result.stdout == "7 6 5 4\n5 6 7 8 9\n", result.stderr
+    _one_line_error(_cli(f"--workdir={tiny_workdir}", f"--input={src}", "--decode_buckets=8,x"),
+                    "--decode_buckets=8,x: give comma-separated integers")
+    _one_line_error(_cli(f"--workdir={tiny_workdir}", f"--input={src}", "--decode_buckets=6,8"),
+                    "eval.decode_buckets=", "6, 8", "must be a non-empty, strictly increasing")
+
+
 def test_sampling_returns_n_samples_reproducibly(translator, sentences):
     picks = [s for s in sentences if s][:4]
     first = translator.hypotheses(picks, search="sample", n_best=5, seed=3, temperature=1.5)
