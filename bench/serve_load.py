@@ -3,11 +3,13 @@ sentences (localhost, bounded in requests and time), against one client at a tim
 calling `Translator` directly; every answer is checked against the sentence translated alone.
 
     python bench/serve_load.py --workdir=runs/demo --out=bench/results/serve_load.json
+    python bench/serve_load.py --workdir=runs/demo --decode_buckets=65   # one call per worker round
 
 Starts `python -m s2s_jax.serve` on a free port (greedy compiled at start), then per level runs
 that many client threads, each with its own keep-alive connection, each sending one sentence and
 waiting for its answer before sending the next, until --requests answers (or --seconds) per level.
-Reports sentences/s, p50 / p99 latency, the ratio to one client, and the server's peak memory.
+Reports sentences/s, p50 / p99 latency, the ratios to one client, and the server's peak memory.
+--decode_buckets sets the server's (and the direct Translator's) call shapes (serve --decode_buckets).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=60.0, help="time per level (at most)")
     parser.add_argument("--search", default="greedy", choices=("greedy", "beam"))
     parser.add_argument("--max_wait_ms", type=float, default=5.0, help="the server's batching wait")
+    parser.add_argument("--decode_buckets", default="", help="the server's --decode_buckets (default: the workdir's)")
     parser.add_argument("--out", default=None, help="write the results here (JSON)")
     return parser.parse_args()
 
@@ -45,6 +48,8 @@ def start_server(args) -> tuple[subprocess.Popen, int]:
     """The server command on a free port, once it listens (its warm-up done)."""
     command = [sys.executable, "-m", "s2s_jax.serve", f"--workdir={args.workdir}", "--port=0",
                f"--warmup={args.search}", f"--max_wait_ms={args.max_wait_ms}", "--max_queue=4096"]
+    if args.decode_buckets:
+        command.append(f"--decode_buckets={args.decode_buckets}")
     process = subprocess.Popen(command, cwd=REPO, text=True, stderr=subprocess.PIPE)
     for line in process.stderr:
         if found := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line):
@@ -97,7 +102,8 @@ def row(name: str, latencies: list[float], seconds: float, identical: bool) -> d
 def direct(args, sentences: list[str]) -> tuple[dict, list[str]]:
     """Translator called directly, one sentence at a time: its row and the references."""
     from s2s_jax.translate import Translator
-    translator = Translator.from_workdir(args.workdir)
+    decoding = {"decode_buckets": [int(b) for b in args.decode_buckets.split(",")]} if args.decode_buckets else None
+    translator = Translator.from_workdir(args.workdir, decoding=decoding)
     translator.translate(sentences, search=args.search)  # compiles every bucket they use
     references, latencies = [], []
     start = time.monotonic()
@@ -137,16 +143,19 @@ def main() -> None:
     for entry in table[1:]:
         entry["speedup_vs_1"] = round(entry["sentences_per_s"] / single["sentences_per_s"], 2)
         entry["p99_vs_1_p50"] = round(entry["p99_ms"] / single["p50_ms"], 2)
+        entry["p99_vs_1_p99"] = round(entry["p99_ms"] / single["p99_ms"], 2)
     report = {"workdir": args.workdir, "search": args.search, "max_wait_ms": args.max_wait_ms,
+              "decode_buckets": args.decode_buckets or "the workdir's",
               "server_peak_mib": round(server_peak, 1), "server_exit_status": status,
               "bench_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
               "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
               "rows": table}
-    print(f"{'clients':>20} {'answers':>8} {'sent/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'x one':>6} {'p99/p50(1)':>10} identical")
+    print(f"{'clients':>20} {'answers':>8} {'sent/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'x one':>6} {'p99/p50(1)':>10} "
+          f"{'p99/p99(1)':>10} identical")
     for entry in table:
         print(f"{entry['clients']:>20} {entry['answers']:>8} {entry['sentences_per_s']:>8} {entry['p50_ms']:>8} "
               f"{entry['p99_ms']:>8} {entry.get('speedup_vs_1', ''):>6} {entry.get('p99_vs_1_p50', ''):>10} "
-              f"{entry['identical']}")
+              f"{entry.get('p99_vs_1_p99', ''):>10} {entry['identical']}")
     print(f"server peak memory {server_peak:.0f} MiB, exit status {status}; load {load_before} -> {os.getloadavg()}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
