@@ -23,6 +23,7 @@ import functools
 import json
 import os
 import statistics
+import sys
 import time
 
 import jax
@@ -30,11 +31,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from s2s_jax import data, schedules, steps
-from s2s_jax.models import Seq2Seq
-from reference_loops import CONFIGS
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # configs/ is not an installed package
+
+from configs import default  # noqa: E402
+from reference_loops import CONFIGS  # noqa: E402
+from s2s_jax import data, schedules, steps  # noqa: E402
+from s2s_jax.models import Seq2Seq  # noqa: E402
 
 # name: (teacher-forcing ratio or None for --ratio, train_step's tf_mode, tf_passes)
 VARIANTS = {
@@ -50,8 +53,8 @@ def setup(cfg: dict, output_chunk: int, dropout: float):
     B, S, T, E, H, V = (cfg[k] for k in "BSTEHV")
     model = Seq2Seq(V, V, embed_dim=E, encoder_hidden=H // 2, decoder_hidden=H, attention="general",
                     dropout_rate=dropout, output_chunk=output_chunk)
-    opt = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=1, decay="constant", b1=0.9,
-                                         b2=0.999, clip_norm=1.0, label_smoothing=0.0))
+    opt = default.get_config().optimizer  # every optimizer key, so the bench follows the config
+    opt.update(dict(learning_rate=1e-3, warmup_steps=1, decay="constant", clip_norm=1.0, label_smoothing=0.0))
     config = ml_collections.ConfigDict(dict(seed=0, num_train_steps=1000, optimizer=opt,
                                             data=dict(bucket_boundaries=(S,))))
     rng = np.random.default_rng(0)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from s2s_jax import attention as attn
-from s2s_jax import initializers
+from s2s_jax import initializers, output_layer
 from s2s_jax.ops import matmul
 
 State = dict[str, jax.Array]  # decoder state: h, c [B, K, L, H]; feed [B, K, H] (+ attention, coverage [B, K, S])
@@ -304,7 +304,7 @@ class Decoder(nn.Module):
 
     def parallel_sampling(self, tgt_in: jax.Array, state: State, memory: attn.Memory,
                           tf_ratio: jax.Array, rng: jax.Array, passes: int,
-                          coins: jax.Array | None = None) -> jax.Array:
+                          coins: jax.Array | None = None, chunk: int = 0) -> jax.Array:
         """Parallel scheduled sampling (Duckworth et al. 2019): the inputs [B, T] of the final,
         differentiated teacher-forced pass. Each of `passes` teacher-forced passes (no gradient;
         no dropout in the decoder, the encoder outputs are the final pass's) reads the previous
@@ -312,12 +312,19 @@ class Decoder(nn.Module):
         position; the next inputs are, per target token, the ground truth where
         `scheduled_sampling`'s coin (the same draw from the same `rng`) says so, else the
         prediction of the previous position. With `passes` >= T these are the tokens that
-        `scheduled_sampling` without dropout feeds. `coins` [B, T]: as in `scheduled_sampling`."""
+        `scheduled_sampling` without dropout feeds. `coins` [B, T]: as in `scheduled_sampling`.
+        `chunk` > 0: the argmax is taken `chunk` tokens at a time, never writing [B, T, V] logits
+        (`output_layer.argmax`)."""
         use_gold = self.gold_coins(rng, tf_ratio, tgt_in.shape) if coins is None else coins  # [B, T]
         tokens = tgt_in
         for _ in range(passes):
-            logits, _ = self.teacher_forced(tokens, state, memory, train=False)
-            predicted = jnp.argmax(jax.lax.stop_gradient(logits), -1).astype(tgt_in.dtype)  # [B, T]
+            vectors, _ = self.teacher_forced(tokens, state, memory, train=False, return_vectors=True)
+            vectors = jax.lax.stop_gradient(vectors)                                     # [B, T, H]
+            if chunk:
+                predicted = output_layer.argmax(vectors, self.w_out, self.b_out, chunk, self.dtype)
+            else:
+                predicted = jnp.argmax(self.logits(vectors, train=False), -1)
+            predicted = predicted.astype(tgt_in.dtype)                                   # [B, T]
             # Position t reads the prediction made at t - 1; position 0 is always gold.
             tokens = jnp.where(use_gold, tgt_in, jnp.roll(predicted, 1, axis=1))
         return tokens
@@ -417,7 +424,7 @@ class Seq2Seq(nn.Module):
             # The passes draw nothing from the module's rng streams (rngs=False): the final pass's
             # dropout is that of plain teacher forcing.
             mix = lambda decoder, ratio, rng: decoder.parallel_sampling(  # noqa: E731
-                tgt_in, state, memory, ratio, rng, parallel_passes, gold_coins)
+                tgt_in, state, memory, ratio, rng, parallel_passes, gold_coins, self.output_chunk)
             tgt_in = nn.cond(ratio >= 1.0, lambda *_: tgt_in, mix, self.decoder, ratio, sampling_rng,
                              rngs=False)
         out, weights = self.decoder.teacher_forced(tgt_in, state, memory, train, return_vectors)

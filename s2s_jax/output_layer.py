@@ -1,4 +1,5 @@
-"""Fused, chunked output layer: projection, log-softmax and cross-entropy without [N, V] logits.
+"""Fused, chunked output layer: projection, log-softmax and cross-entropy without [N, V] logits
+(and `argmax`, the projection's argmax per token, likewise chunked).
 
 `cross_entropy(vectors, w, b, targets, label_smoothing, chunk, dtype)` returns what
 `steps.cross_entropy(matmul(vectors, w) + b, targets, label_smoothing)` returns, (nll_sum,
@@ -44,6 +45,17 @@ def cross_entropy(vectors: jax.Array, w: jax.Array, b: jax.Array, targets: jax.A
     x = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, size, x.shape[-1])     # [C, chunk, H]
     y = jnp.pad(y, (0, pad), constant_values=PAD_ID).reshape(-1, size)    # [C, chunk]
     return _fused(float(label_smoothing), jnp.dtype(dtype), x, w, b, y)
+
+
+def argmax(vectors: jax.Array, w: jax.Array, b: jax.Array, chunk: int = 512, dtype: Any = jnp.float32) -> jax.Array:
+    """vectors [..., H] -> argmax of (vectors @ w + b) [...] (int32), `chunk` tokens at a time (a
+    `lax.scan`), so only [chunk, V] logits exist: parallel scheduled sampling's prediction pass."""
+    x = vectors.reshape(-1, vectors.shape[-1])                            # [N, H]
+    size = min(chunk, x.shape[0])
+    pad = -x.shape[0] % size
+    x = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, size, x.shape[-1])     # [C, chunk, H]
+    _, best = jax.lax.scan(lambda _, x_c: (None, jnp.argmax(matmul(x_c, w, dtype) + b, -1)), None, x)
+    return best.reshape(-1)[:vectors.size // vectors.shape[-1]].reshape(vectors.shape[:-1]).astype(jnp.int32)
 
 
 def _chunk_losses(x, w, b, y, label_smoothing, dtype):

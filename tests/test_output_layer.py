@@ -61,6 +61,17 @@ def test_fused_accepts_batch_shapes_and_chunks_larger_than_the_batch():
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_chunked_argmax_equals_the_argmax_of_the_logits(chunk):
+    rng = np.random.default_rng(3)
+    vectors = jnp.asarray(rng.normal(size=(3, 7, 16)), jnp.float32)
+    w, b = jnp.asarray(rng.normal(size=(16, 50)), jnp.float32), jnp.asarray(rng.normal(size=(50,)), jnp.float32)
+    best = output_layer.argmax(vectors, w, b, chunk)
+    assert best.shape == (3, 7) and best.dtype == jnp.int32
+    reference = (np.asarray(vectors, np.float64) @ np.asarray(w, np.float64) + np.asarray(b, np.float64)).argmax(-1)
+    np.testing.assert_array_equal(np.asarray(best), reference)
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_fused_gradients_match_finite_differences(label_smoothing):
     with jax.enable_x64(True):

@@ -66,6 +66,20 @@ def test_ratio_zero_feeds_the_teacher_forced_argmax_of_the_previous_position(att
     np.testing.assert_allclose(out["logits"], np.asarray(replay["logits"]), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [3, 512])
+def test_chunked_argmax_feeds_what_the_full_logits_feed(chunk):
+    """model.output_chunk > 0: the prediction passes take the argmax chunk by chunk (a chunk that
+    does not divide B x T, and one larger than it); the tokens fed are the same."""
+    model, params = make_seq2seq("general", 2)
+    chunked = model.clone(output_chunk=chunk)
+    src, src_len, tgt_in = seq2seq_batch(seed=2)
+    for passes in (1, 2):
+        plain = parallel(model, params, src, src_len, tgt_in, 0.3, jax.random.PRNGKey(5), passes)["fed_tokens"]
+        fed = parallel(chunked, params, src, src_len, tgt_in, 0.3, jax.random.PRNGKey(5), passes)["fed_tokens"]
+        np.testing.assert_array_equal(fed, plain)
+        assert np.any(fed != np.asarray(tgt_in)), "test is vacuous: nothing but gold fed"
+
+
 def test_second_pass_reads_the_first_pass_mix():
     model, params = make_seq2seq("general")
     src, src_len, tgt_in = seq2seq_batch(seed=2)
