@@ -1,9 +1,11 @@
-"""Command-line pieces shared by the commands that decode (translate, export, evaluate, score, serve):
-the search option flags, built from `options.OPTIONS`, the --workdir flag, the decoding-shape flags
+"""Command-line pieces shared by the commands (`python -m s2s_jax.translate`, `export`, `evaluate`,
+`score`, `serve`, and `train.py`): the search option flags, built from `options.OPTIONS`, the
+--workdir flag, the decoding-shape flags, the --compilation_cache flag and the caches it turns on,
 and absl's parsed flags.
 Flags are defined only when a command runs, so importing a module defines none."""
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from s2s_jax.options import BY_NAME
@@ -61,14 +63,44 @@ def define_workdir_flag(what: str) -> None:
                         f"comma-separated, {what} an ensemble (same tokenizers).", required=True)
 
 
+def define_compilation_cache_flag() -> None:
+    """--compilation_cache=DIR|off (see `use_compilation_cache`)."""
+    from absl import flags
+    flags.DEFINE_string(
+        "compilation_cache", None, "Directory of the compilation caches (JAX's persistent cache, and the "
+        "compiled functions themselves under executables/), or 'off'. Default: $JAX_COMPILATION_CACHE_DIR "
+        "if set, else $XDG_CACHE_HOME/s2s_jax/jax (~/.cache/s2s_jax/jax).")
+
+
+def use_compilation_cache(directory: str | None) -> None:
+    """Turns on both compilation caches (before anything is compiled): JAX's persistent cache in
+    `directory` (XLA's backend step) and `compiled`'s executables under `directory`/executables
+    (tracing and lowering too), so a rerun of the same shapes loads what an earlier run compiled.
+    None picks the default directory; "off" leaves both off."""
+    import jax
+
+    from s2s_jax import compiled
+    if directory == "off":
+        return
+    if directory is None:
+        cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(cache_home, "s2s_jax", "jax")
+    jax.config.update("jax_compilation_cache_dir", directory)
+    # Every shape is worth keeping, also the ones that compile in under JAX's default 1 s.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    compiled.configure(os.path.join(directory, "executables"))
+
+
 def parsed_flags(program: str, argv: Sequence[str], hint: str = ""):
-    """absl's parsed flags for the `program` command; SystemExit for positional arguments (`hint`
-    follows the message). Logging is kept to warnings and errors unless --verbosity is given
-    (orbax logs a lot at INFO)."""
+    """absl's parsed flags for the `program` command, with the compilation caches turned on as its
+    --compilation_cache says; SystemExit for positional arguments (`hint` follows the message).
+    Logging is kept to warnings and errors unless --verbosity is given (orbax logs a lot at INFO)."""
     from absl import flags
     from absl import logging as absl_logging
     if len(argv) > 1:
         raise SystemExit(f"{program}: unexpected arguments {argv[1:]}{hint}")
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
+    if "compilation_cache" in flags.FLAGS:  # every command that compiles (average does not)
+        use_compilation_cache(flags.FLAGS.compilation_cache)
     return flags.FLAGS

@@ -601,19 +601,20 @@ def ensemble_step_fn(step_fns: Sequence[StepFn]) -> StepFn:
     return step_fn
 
 
-def length_limits(source_lengths, max_len_a: float, max_len_b: float, max_len: int) -> jax.Array:
+def length_limits(source_lengths, max_len_a: float, max_len_b: float, max_len: int) -> jax.Array | np.ndarray:
     """Per-row output limits by fairseq's rule: floor(max_len_a * source_length + max_len_b),
     capped by the compiled `max_len` and at least 1. Returns int32[B] for the searches' `max_lens`.
 
     source_lengths: int[B], source tokens per row (no padding). Host values are computed in float64
-    as fairseq does (0.7 * 10 + 0 gives 7); traced ones (under jit) in float32.
+    as fairseq does (0.7 * 10 + 0 gives 7), with numpy (nothing to compile); traced ones (under
+    jit) in float32.
     """
     check_int("max_len", max_len, 1)
     if isinstance(source_lengths, jax.core.Tracer):
         limits = jnp.floor(max_len_a * source_lengths.astype(jnp.float32) + max_len_b)
-    else:
-        limits = np.floor(max_len_a * np.asarray(source_lengths, np.float64) + max_len_b)
-    return jnp.clip(limits, 1, max_len).astype(jnp.int32)
+        return jnp.clip(limits, 1, max_len).astype(jnp.int32)
+    limits = np.floor(max_len_a * np.asarray(source_lengths, np.float64) + max_len_b)
+    return np.clip(limits, 1, max_len).astype(np.int32)
 
 
 def beam_search(

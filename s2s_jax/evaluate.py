@@ -28,6 +28,7 @@ FLAGS_USED = [name for name in OPTION_FLAGS if name != "n_best"]  # the best hyp
 def _define_flags() -> None:
     from absl import flags
     cli.define_workdir_flag("evaluate")
+    cli.define_compilation_cache_flag()
     flags.DEFINE_string("prefix", None, "The set's files: PREFIX.<src_lang> and PREFIX.<tgt_lang>.", required=True)
     flags.DEFINE_string("name", None, "The set's name in metrics.jsonl and summary.json; default: the "
                         "prefix's file name (e.g. test).")

@@ -15,10 +15,9 @@ import functools
 import logging
 from typing import NamedTuple
 
-import jax
 import numpy as np
 
-from s2s_jax import configuration, data, inference, metrics, parallel, sources, steps
+from s2s_jax import compiled, configuration, data, inference, metrics, parallel, sources, steps
 from s2s_jax.models import Seq2Seq
 from s2s_jax.options import SearchOptions
 
@@ -62,7 +61,7 @@ class Evaluator:
         self.sets = sets or [dev_set(corpus)]
         self.loss_batches = {s.name: data.eval_batches(s.src_ids, s.tgt_ids, batch_size=eval_cfg.batch_size,
                                                        boundaries=data_cfg.bucket_boundaries) for s in self.sets}
-        self.eval_step = jax.jit(functools.partial(steps.eval_step, model=model))
+        self.eval_step = compiled.jit(functools.partial(steps.eval_step, model=model))
         self.decoder = inference.CorpusDecoder.from_config(model, corpus.src_tokenizer, corpus.tgt_tokenizer,
                                                            eval_cfg, data_cfg, mesh)
         self.searches = ["greedy"] + (["beam"] if eval_cfg.search == "beam" else [])

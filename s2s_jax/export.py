@@ -321,6 +321,7 @@ def run() -> None:
 
     from s2s_jax import cli
     cli.define_workdir_flag("export")
+    cli.define_compilation_cache_flag()
     flags.DEFINE_string("output", None, "The artifact to write (a zip file).", required=True)
     flags.DEFINE_list("n_best", None, "N-best sizes to export; default: 1 and the beam size.")
     flags.DEFINE_bool("attention", True, "Also export the searches that return attention.")

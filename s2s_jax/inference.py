@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from s2s_jax import decoding, parallel
+from s2s_jax import compiled, decoding, parallel
 from s2s_jax import attention as attn
 from s2s_jax.driver import CallInputs, Driver, output_limits
 from s2s_jax.hypotheses import Hypothesis
@@ -142,10 +142,14 @@ def decode_batch(model: Seq2Seq | tuple[Seq2Seq, ...], params, src: jax.Array, s
 
 
 @functools.cache
-def sharded_decode_batch(mesh: Mesh):
-    """`decode_batch` for rows split over `mesh` and params replicated on it; its outputs are
-    replicated (every process can read them). One jitted function, so one cache, per mesh."""
-    return jax.jit(decode_batch.__wrapped__, static_argnames=DECODE_STATIC, out_shardings=parallel.replicated(mesh))
+def cached_decode_batch(mesh: Mesh | None = None) -> compiled.Cached:
+    """`decode_batch` with its executables cached (`s2s_jax.compiled`; every argument by keyword).
+    mesh: rows split over it and params replicated on it, the outputs replicated (every process
+    can read them); None: on the default device. One cached function per mesh."""
+    if mesh is None:
+        return compiled.jit(decode_batch.__wrapped__, static_argnames=DECODE_STATIC)
+    return compiled.jit(decode_batch.__wrapped__, static_argnames=DECODE_STATIC,
+                        out_shardings=parallel.replicated(mesh))
 
 
 class CorpusDecoder:
@@ -165,7 +169,7 @@ class CorpusDecoder:
                  mesh: Mesh | None = None):
         self.model, self.src_tokenizer, self.tgt_tokenizer = model, src_tokenizer, tgt_tokenizer
         self.mesh = mesh
-        self.decode_batch = decode_batch if mesh is None else sharded_decode_batch(mesh)
+        self.decode_batch = cached_decode_batch(mesh)
         self.boundaries, self.rows = [int(b) for b in boundaries], int(rows)
         self.max_source_len, self.max_decode_len = int(max_source_len), int(max_decode_len)
         # Hard cap on any output limit: 4x the longest training sentence, or the configured cap.
@@ -208,7 +212,7 @@ class CorpusDecoder:
         def decode(inputs: CallInputs, max_len: int) -> tuple:
             if self.mesh is not None:  # rows (and their keys) split over the devices
                 inputs = parallel.shard_batch(inputs, self.mesh)
-            out = self.decode_batch(self.model, params, **inputs._asdict(), max_len=max_len,
+            out = self.decode_batch(model=self.model, params=params, **inputs._asdict(), max_len=max_len,
                                     return_attention=return_attention, **options.static())
             beams, attention = out if return_attention else (out, None)
             return (*beams, attention)

@@ -6,7 +6,7 @@ import os
 
 import jax
 
-from s2s_jax import files
+from s2s_jax import compiled, files
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +25,14 @@ _LISTENING = False
 
 
 def _listen(event: str, duration_s: float, **_) -> None:
-    if event in _COMPILE_EVENTS:
+    if event in _COMPILE_EVENTS or event == compiled.LOAD_EVENT:
         _COMPILED["seconds"] += duration_s
         _COMPILED["count"] += event == _COMPILE_EVENTS[-1]
 
 
 class CompileStats:
-    """XLA compilations (count) and tracing + lowering + compile seconds since this object was made."""
+    """XLA compilations (count) and tracing + lowering + compile seconds since this object was made,
+    plus the seconds spent loading executables from the cache of compiled functions (`compiled`)."""
 
     def __init__(self):
         global _LISTENING

@@ -24,6 +24,7 @@ RANKS = ("log_prob", "nll_per_piece")
 def _define_flags() -> None:
     from absl import flags
     cli.define_workdir_flag("score with")
+    cli.define_compilation_cache_flag()
     flags.DEFINE_string("source", None, "Source text, one sentence per line.", required=True)
     flags.DEFINE_string("target", None, "Targets to score, one per source line.")
     flags.DEFINE_string("nbest", None, "Tab-separated hypotheses per source line (translate --n_best=N) "

@@ -350,6 +350,9 @@ def _page() -> str:
 # ---------------------------------------------------------------------------------- command line
 def _define_flags() -> None:
     from absl import flags
+
+    from s2s_jax import cli
+    cli.define_compilation_cache_flag()
     flags.DEFINE_string("workdir", None, "Training workdir to serve; several, comma-separated, serve an ensemble.")
     flags.DEFINE_string("export", None, "An exported artifact (python -m s2s_jax.export) to serve instead.")
     flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")

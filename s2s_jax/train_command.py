@@ -16,10 +16,10 @@ workdir in use by another run, a checkpoint that cannot be written, a non-finite
 run with one `error: ...` line and exit status 2; SIGINT / SIGTERM save a checkpoint first and exit
 with 128 + the signal number.
 
-Compiled steps are kept in JAX's persistent compilation cache, so a rerun with the same shapes
-starts in seconds: $JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/s2s_jax/jax (under
-$XDG_CACHE_HOME if set); --compilation_cache=DIR picks another directory, --compilation_cache=off
-turns it off.
+Compiled steps are kept in JAX's persistent compilation cache and, as whole executables, under
+its executables/ folder (`s2s_jax.compiled`), so a rerun with the same shapes starts in seconds:
+$JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/s2s_jax/jax (under $XDG_CACHE_HOME if set);
+--compilation_cache=DIR picks another directory, --compilation_cache=off turns both off.
 
 Several processes (one per host, each with the same command line plus its own
 --config.distributed.process_id, and --config.distributed.num_processes and
@@ -45,16 +45,14 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from s2s_jax import checkpoints, configuration, data, parallel, training, workdir_lock
+from s2s_jax import checkpoints, cli, configuration, data, parallel, training, workdir_lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizers, metrics and plots.")
 config_flags.DEFINE_config_file(
     "config", None, "Training config file (a get_config() module), e.g. configs/demo.py; override its "
     "fields with --config.<group>.<key>=<value> (documented in configs/default.py).", lock_config=True)
-flags.DEFINE_string(
-    "compilation_cache", None, "Directory of JAX's persistent compilation cache, or 'off'. Default: "
-    "$JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/s2s_jax/jax (~/.cache/s2s_jax/jax).")
+cli.define_compilation_cache_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 USAGE_ERROR = 2  # bad flags, config, data or workdir: nothing was trained
@@ -114,22 +112,6 @@ def parse_flags(argv: list[str]) -> list[str]:
     return []  # unreachable
 
 
-def use_compilation_cache(directory: str | None) -> None:
-    """Turns on JAX's persistent compilation cache (before anything is compiled): a rerun of the
-    same shapes loads its executables instead of compiling them. None picks the default
-    directory; "off" leaves the cache off."""
-    if directory == "off":
-        return
-    if directory is None:
-        if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-            return  # JAX read it at import
-        cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        directory = os.path.join(cache_home, "s2s_jax", "jax")
-    jax.config.update("jax_compilation_cache_dir", directory)
-    # Every train_step shape is worth keeping, also the ones that compile in under JAX's default 1 s.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
-
-
 def join_processes(config) -> None:
     """Checks the config and joins the run's processes (config.distributed), which must have the
     same config; before any JAX computation. Process 0 logs progress; the others only warnings
@@ -166,7 +148,7 @@ def _peer_lost(error: BaseException, command: str) -> None:
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    use_compilation_cache(FLAGS.compilation_cache)
+    cli.use_compilation_cache(FLAGS.compilation_cache)
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
     logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S", force=True)

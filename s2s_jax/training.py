@@ -42,6 +42,7 @@ next collective fails (train.py exits with status 3) or JAX's heartbeat ends the
 (config.distributed.heartbeat_timeout_s).
 """
 import functools
+import json
 import logging
 import math
 import os
@@ -54,8 +55,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from s2s_jax import (checkpoints, configuration, data, evaluation, files, logbook, parallel, schedules, steps,
-                     stopping, trained, warm_start, workdir_lock)
+from s2s_jax import (checkpoints, compiled, configuration, data, evaluation, files, logbook, parallel, schedules,
+                     steps, stopping, trained, warm_start, workdir_lock)
 from s2s_jax.models import Seq2Seq, make_model
 
 logger = logging.getLogger(__name__)
@@ -165,10 +166,13 @@ def _check_inputs(config, workdir: str) -> _Inputs:
     return _Inputs(corpus, batches, model, mesh, abstract_state, param_count, eval_sets, warm)
 
 
-def _jit_train_step(config, model: Seq2Seq, mesh):
-    """train_step with the run's static arguments bound, jitted with shardings and donation."""
+def _jit_train_step(config, model: Seq2Seq, mesh) -> compiled.Cached:
+    """train_step with the run's static arguments bound, jitted with shardings and donation, its
+    executables cached (`s2s_jax.compiled`; the optimizer inside the train state is keyed by the
+    config it is made from)."""
     tf = config.teacher_forcing
-    return jax.jit(
+    optimizer = json.dumps(dict(optimizer=config.optimizer.to_dict(), steps=config.num_train_steps), sort_keys=True)
+    return compiled.jit(
         functools.partial(steps.train_step, model=model,
                           tf_schedule=schedules.from_config(tf, config.num_train_steps),
                           fast_path_only=schedules.is_always_one(tf.schedule, tf.start),
@@ -177,7 +181,7 @@ def _jit_train_step(config, model: Seq2Seq, mesh):
                           accumulate_steps=config.optimizer.accumulate_steps, ema_decay=config.optimizer.ema_decay),
         in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
         out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-        donate_argnums=0)
+        donate_argnums=0, context=optimizer)
 
 
 class _Loop:

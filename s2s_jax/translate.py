@@ -258,6 +258,7 @@ def _define_flags() -> None:
     """The command's flags; every search flag maps onto one `options.SearchOptions` field."""
     from absl import flags
     cli.define_workdir_flag("decode as")
+    cli.define_compilation_cache_flag()
     flags.DEFINE_string("input", None, "Source text, one sentence per line (strict UTF-8); default stdin.")
     flags.DEFINE_string("output", None, "Where to write one translation per line (its directory is created); "
                         "default stdout.")

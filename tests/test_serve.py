@@ -109,7 +109,7 @@ def test_concurrent_requests_share_calls_and_get_what_they_get_alone(server, tra
     batching = Running(model, max_wait_ms=10_000, max_batch=16)
     requests = [{"sentences": dev_sentences[2 * i:2 * i + 2], "search": "greedy",
                  **({"max_len_a": 1.0, "max_len_b": 4} if i % 2 else {})} for i in range(8)]
-    compiled = inference.sharded_decode_batch(translator.decoder.mesh)._cache_size()
+    compiled = inference.cached_decode_batch(translator.decoder.mesh).size()
     model.calls.clear()
     try:
         with ThreadPoolExecutor(8) as pool:
@@ -117,7 +117,7 @@ def test_concurrent_requests_share_calls_and_get_what_they_get_alone(server, tra
     finally:
         batching.stop()
     assert sorted(model.calls) == [8, 8]
-    assert inference.sharded_decode_batch(translator.decoder.mesh)._cache_size() == compiled
+    assert inference.cached_decode_batch(translator.decoder.mesh).size() == compiled
     for body, (status, answer, _) in zip(requests, answers):
         options = {k: v for k, v in body.items() if k != "sentences"}
         assert status == 200 and answer == {"translations": translator.translate(body["sentences"], **options)}
