@@ -451,7 +451,9 @@ def _allowed_tokens(masks: _Masks, step: jax.Array, alive_seq: jax.Array) -> jax
     """
     t = step + 1
     vocab_ids = masks.vocab_ids
-    allowed = ~masks.special & ~((vocab_ids == masks.eos_id) & (t < masks.min_len))  # [vocab]
+    allowed = ~masks.special  # [vocab]
+    if isinstance(masks.min_len, jax.core.Tracer) or masks.min_len > 0:  # off: no ops traced
+        allowed &= ~((vocab_ids == masks.eos_id) & (t < masks.min_len))
     if 0 < masks.no_repeat_ngram_size <= alive_seq.shape[2]:
         banned = _ngram_banned(alive_seq, step, masks.no_repeat_ngram_size, vocab_ids.shape[0])
         allowed &= ~banned  # [batch, beam, vocab]
