@@ -65,16 +65,15 @@ def step_fn_for(model: Seq2Seq | tuple[Seq2Seq, ...], params, src: jax.Array, sr
     for one, one_params in zip(*members(model, params), strict=True):
         memory, init_state = one.apply({"params": one_params}, src, src_len, track_attention=track_attention,
                                        method=Seq2Seq.encode)
-        weights = one.apply({"params": one_params}, method=Seq2Seq.decode_weights)  # once, outside the loop
-        step_fns.append(functools.partial(_decode_step, one, one_params, memory, weights))
+        step_fns.append(functools.partial(_decode_step, one, one_params, memory))
         init_states.append(init_state)
     if isinstance(model, tuple):
         return decoding.ensemble_step_fn(step_fns), tuple(init_states)
     return step_fns[0], init_states[0]
 
 
-def _decode_step(model: Seq2Seq, params, memory: attn.Memory, weights: dict, tokens, state):
-    return model.apply({"params": params}, memory, tokens, state, weights, method=Seq2Seq.decode_step)
+def _decode_step(model: Seq2Seq, params, memory: attn.Memory, tokens, state):
+    return model.apply({"params": params}, memory, tokens, state, method=Seq2Seq.decode_step)
 
 
 def tracked(state, key: str) -> jax.Array:

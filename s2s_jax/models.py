@@ -37,11 +37,7 @@ def lstm_bias_init(key, shape, dtype=jnp.float32):
 
 def lstm_cell(gates_in: jax.Array, h: jax.Array, c: jax.Array, w_h: jax.Array, dtype: Any):
     """One LSTM step; `gates_in` [..., 4H] already holds W_i x + b."""
-    return lstm_update(gates_in + matmul(h, w_h, dtype), c)
-
-
-def lstm_update(gates: jax.Array, c: jax.Array):
-    """The LSTM nonlinearity: all gates [..., 4H] (order i, f, g, o), cell c [..., H] -> (h, c)."""
+    gates = gates_in + matmul(h, w_h, dtype)
     i, f, g, o = jnp.split(gates, 4, axis=-1)
     c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
     return jax.nn.sigmoid(o) * jnp.tanh(c), c
@@ -193,16 +189,6 @@ class Decoder(nn.Module):
                     attention=self.attention_params() if self.attention != "none" else None,
                     w_combine=self.w_combine if self.attention != "none" else None)
 
-    def decode_weights(self) -> dict:
-        """`weights` plus, per layer, its input and recurrent matrices stacked for one gate matmul
-        (`fused`: layer 0 [E (+ H feed) + H, 4H] = [w_embed; w_feed; w_h0], layer l [2H, 4H] =
-        [w_i_l; w_h_l]), built once per decoding call outside the search loop. Derived arrays
-        only: the parameters (and checkpoints) are unchanged."""
-        first = [self.w_embed] + ([self.w_feed] if self.feeds else [])
-        inputs = [first] + [[w_i] for w_i in self.w_i]
-        fused = [jnp.concatenate(rows + [w_h], axis=0) for rows, w_h in zip(inputs, self.w_h)]
-        return dict(self.weights(), fused=fused)
-
     def initial_state(self, encoder_final: jax.Array) -> State:
         """Bridge: h = c = tanh(W [final forward; final backward]) for every layer; leaves [B, ...]."""
         batch = encoder_final.shape[0]
@@ -228,19 +214,18 @@ class Decoder(nn.Module):
         keep = jax.random.bernoulli(rng, 1.0 - self.dropout_rate, x.shape)
         return jnp.where(keep, x / (1.0 - self.dropout_rate), 0.0)
 
-    def cell(self, w: dict, gates_in: jax.Array | None, state: State, memory: attn.Memory,
-             inputs: jax.Array | None = None):
-        """One decoder step for every hypothesis -> (attentional vector [B, K, H], attention weights
-        [B, K, S], new state). A pure function of its arguments.
-
-        gates_in [B, K, 4H]: the first layer's input gates (embedding matmul + bias, hoisted out of
-        teacher forcing's scan); or, with `w` from `decode_weights`, None and `inputs` [B, K, E], the
-        embedded tokens: each layer's gates are then one matmul of [x (; feed); h] (`_gates`)."""
+    def cell(self, w: dict, gates_in: jax.Array, state: State, memory: attn.Memory):
+        """One decoder step for every hypothesis: gates_in [B, K, 4H] -> (attentional vector
+        [B, K, H], attention weights [B, K, S], new state). A pure function of its arguments."""
+        if self.feeds:
+            gates_in = gates_in + matmul(state["feed"], w["w_feed"], self.dtype)
         hs, cs = [], []
-        x = inputs
+        x = None
         for layer in range(self.num_layers):
-            gates = self._gates(w, layer, gates_in, x, state["feed"], state["h"][:, :, layer])
-            x, c = lstm_update(gates, state["c"][:, :, layer])          # [B, K, H] each
+            if layer > 0:
+                gates_in = matmul(x, w["w_i"][layer - 1], self.dtype) + w["bias"][layer]
+            x, c = lstm_cell(gates_in, state["h"][:, :, layer], state["c"][:, :, layer],
+                             w["w_h"][layer], self.dtype)
             hs.append(x)
             cs.append(c)
         if self.attention == "none":
@@ -252,19 +237,6 @@ class Decoder(nn.Module):
         if "attention" in state:  # tracked for the search (Seq2Seq.encode(track_attention=True))
             new_state.update(attention=weights, coverage=state["coverage"] + weights)  # [B, K, S]
         return vector, weights, new_state
-
-    def _gates(self, w: dict, layer: int, gates_in, x, feed, h) -> jax.Array:
-        """One layer's LSTM gates [B, K, 4H]: with `w["fused"]` one matmul of [x (; feed); h]
-        [B, K, in + H] (decoding); else, in teacher forcing's summation order, the first layer's
-        gates_in (+ feed W_feed) or x W_i + b, then + h W_h."""
-        if "fused" in w:
-            parts = [x, feed, h] if layer == 0 and self.feeds else [x, h]
-            return matmul(jnp.concatenate(parts, -1), w["fused"][layer], self.dtype) + w["bias"][layer]
-        if layer > 0:
-            gates_in = matmul(x, w["w_i"][layer - 1], self.dtype) + w["bias"][layer]
-        elif self.feeds:
-            gates_in = gates_in + matmul(feed, w["w_feed"], self.dtype)
-        return gates_in + matmul(h, w["w_h"][layer], self.dtype)
 
     def output_inputs(self, vectors: jax.Array, train: bool, rng: jax.Array | None = None) -> jax.Array:
         """Attentional vectors [..., H] as the output projection sees them (after dropout)."""
@@ -406,18 +378,11 @@ class Seq2Seq(nn.Module):
             state = dict(state, attention=zeros, coverage=zeros)
         return memory, state
 
-    def decode_weights(self) -> dict:
-        """The decoder's arrays a decoding step reads (`Decoder.decode_weights`), built once per call."""
-        return self.decoder.decode_weights()
-
-    def decode_step(self, memory: attn.Memory, tokens: jax.Array, state: State, weights: dict | None = None):
-        """tokens [B, K], state leaves [B, K, ...] -> (log_probs [B, K, V], new state).
-
-        weights: `decode_weights()`, built once outside the search loop (None: built here)."""
-        w = self.decode_weights() if weights is None else weights
-        inputs = jnp.take(self.decoder.embedding, tokens, axis=0)             # [B, K, E]
-        vector, _, state = self.decoder.cell(w, None, state, memory, inputs)  # [B, K, H]
-        return jax.nn.log_softmax(self.decoder.logits(vector, False)), state  # [B, K, V]
+    def decode_step(self, memory: attn.Memory, tokens: jax.Array, state: State):
+        """tokens [B, K], state leaves [B, K, ...] -> (log_probs [B, K, V], new state)."""
+        vector, _, state = self.decoder.cell(self.decoder.weights(), self.decoder.embed_gates(tokens, False),
+                                             state, memory)
+        return jax.nn.log_softmax(self.decoder.logits(vector, False)), state
 
     def __call__(self, src, src_len, tgt_in, *, train: bool = False, tf_ratio=1.0,
                  sampling_rng: jax.Array | None = None, fast_path_only: bool = False,
