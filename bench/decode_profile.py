@@ -4,17 +4,19 @@
     python bench/decode_profile.py --beams 5 --calls 5
 
 Method: `inference.decode_batch` is compiled ahead of time for one batch of bench/decode_speed.py's
-`--model` sources (batch 64, output limit 34), run once untimed, then `--calls` times under
-`jax.profiler` (a perfetto trace in a temporary directory). XLA:CPU's thunk executor records one
+`--model` sources (batch 64, output limit 34), run once untimed, `--calls` times timed, then
+`--calls` times under `jax.profiler` (a perfetto trace in a temporary directory). XLA:CPU's thunk executor records one
 trace event per executed HLO instruction (fusion, dot, sort, copy, while, ...), named by the
 instruction. Each instruction of the compiled module carries the Python call stack that emitted it
 (the module text's StackFrames); the first rule of `CATEGORIES` that names a function of that stack
 gives its category. A fusion counts whole for the category of its root instruction.
 
 Printed per search: each category's thunk time per decoder step (ms, and % of the steps' summed
-thunk time), the loop's wall time per step (the while thunk / steps) and the encoder's time per call.
-Thunks may overlap (the executor runs independent ones on both cores), so the summed thunk time can
-exceed the wall time; "executor gaps" is the wall time no thunk covered.
+thunk time), the loop's wall time per step (per call, first to last event of the loop body, over
+the steps), the encoder's thunk time per call and the untraced call's time. Thunks may overlap
+(the executor runs independent ones on both cores), so the summed thunk time can exceed the wall
+time; "executor gaps" is the wall time no thunk covered (dispatch, and the other processes on a
+loaded machine). The profiler's own cost per thunk inflates the categories of many small thunks.
 """
 import argparse
 import collections
@@ -43,11 +45,10 @@ CATEGORIES = (
     ("state / sequence gathers", ("_extend_hypotheses", "_take_extensions", "_gather_beams")),
     ("top-k (select)", ("select",)),
     ("search masks, log-prob clean-up", ("_model_log_probs", "_extensions", "_allowed_tokens", "_ngram_banned")),
-    ("attention (scores, softmax, context, combine)", ("attend", "scores", "Decoder.attentional",
-                                                       "Decoder.cell:w_combine")),
-    ("recurrence (gates, LSTM cell, state)", ("lstm_cell", "Decoder.cell", "Decoder.embed_gates", "Decoder.gates")),
+    ("attention (scores, softmax, context, combine)", ("attend", "scores", "Decoder.cell:w_combine")),
+    ("recurrence (gates, LSTM cell, state)", ("lstm_cell", "Decoder.cell", "Decoder.embed_gates")),
     # XLA fuses the projection's matmul with log-softmax's max and subtraction: one category.
-    ("output projection + log-softmax", ("Decoder.logits", "Seq2Seq.decode_step", "Decoder.log_probs")),
+    ("output projection + log-softmax", ("Decoder.logits", "Seq2Seq.decode_step")),
 )
 OTHER = "loop bookkeeping (carry, copies, cond, other)"
 
