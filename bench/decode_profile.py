@@ -54,7 +54,8 @@ OTHER = "loop bookkeeping (carry, copies, cond, other)"
 
 
 def stack_functions(hlo_text: str) -> dict[str, list[str]]:
-    """HLO instruction name -> the function names of its call stack, innermost first."""
+    """HLO instruction name -> its call stack, innermost first: each frame as "function" and as
+    "function:source line"."""
     sections = dict(re.findall(r"^(FileNames|FunctionNames|FileLocations|StackFrames)\n((?:\d+ .*\n)+)",
                                hlo_text, re.M))
     functions = dict(re.findall(r"^(\d+) \"(.*)\"$", sections.get("FunctionNames", ""), re.M))
@@ -74,8 +75,16 @@ def stack_functions(hlo_text: str) -> dict[str, list[str]]:
             frame = parent
         return names
 
-    return {name: stack(int(frame)) for name, frame in re.findall(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*stack_frame_id=(\d+)",
-                                                            hlo_text, re.M)}
+    stacks, operands = {}, {}
+    for name, rest in re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", hlo_text, re.M):
+        frame = re.search(r"stack_frame_id=(\d+)", rest)
+        if frame:
+            stacks[name] = stack(int(frame.group(1)))
+        else:  # made by an XLA pass without metadata: the stack of its first operand that has one
+            operands[name] = re.findall(r"%([\w.\-]+)", rest.split("metadata=")[0])
+    for name, names in operands.items():
+        stacks[name] = next((stacks[o] for o in names if o in stacks), [])
+    return stacks
 
 
 def matches(frame: str, member: str) -> bool:
