@@ -11,8 +11,8 @@ names and shapes, it decodes with this checkout's parameters and its outputs are
 this checkout's (identical sequences and scores, or how many rows differ); otherwise it decodes with
 its own initialisation from the same seed. Each variant compiles once per search; then `--repeats`
 rounds time one pass over all batches of every variant in turn (interleaved, so a change of load
-hits all alike; each round starts with the next variant). Printed: the fastest pass's output tokens/s per variant and its ratio to this
-checkout's; the load average goes with every figure.
+hits all alike; each round starts with the next variant). Printed: the fastest pass's output
+tokens/s per variant and its ratio to this checkout's; the load average goes with every figure.
 """
 import argparse
 import importlib

@@ -165,6 +165,19 @@ def matmul_ceilings(model, batch: int, repeats: int = 5) -> dict[str, float]:
     return ceilings
 
 
+def report_gflops(rows: list[dict], before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Prints each row's achieved GFLOP/s as a share of the dense matmuls measured before and after
+    the rows (the faster of the two counts); returns those ceilings."""
+    ceilings = {name: max(gflops, after[name]) for name, gflops in before.items()}
+    print("achieved matmul GFLOP/s (encoder once + per step gates, attention, projection) against dense "
+          "matmuls measured in this run:")
+    for row in rows:
+        shares = "  ".join(f"{100 * row['gflop_per_s'] / gflops:5.1f}% of {name} ({gflops:.0f})"
+                           for name, gflops in ceilings.items())
+        print(f"  beam {row['beam']:2d} batch {row['batch']:3d}: {row['gflop_per_s']:6.1f} GFLOP/s = {shares}")
+    return ceilings
+
+
 def measure(model, params, src_ids, source_len, max_len, beam: int, batch_size: int, n: int, alpha: float,
             repeats: int):
     work = batches(src_ids[:n], batch_size, source_len)
@@ -232,14 +245,7 @@ def main() -> None:
                   f"{row['sentences_per_s']:8.1f} {row['tokens_per_s']:8.0f} {row['ms_per_sentence']:8.2f} "
                   f"{row['mean_output_len']:7.1f} {row['gflop_per_s']:8.1f}", flush=True)
 
-    later = matmul_ceilings(model, max(batch_sizes))  # before and after the rows: the faster counts
-    ceilings = {name: max(gflops, later[name]) for name, gflops in ceilings.items()}
-    print("achieved matmul GFLOP/s (encoder once + per step gates, attention, projection) against dense "
-          "matmuls measured in this run:")
-    for row in rows:
-        shares = "  ".join(f"{100 * row['gflop_per_s'] / gflops:5.1f}% of {name} ({gflops:.0f})"
-                           for name, gflops in ceilings.items())
-        print(f"  beam {row['beam']:2d} batch {row['batch']:3d}: {row['gflop_per_s']:6.1f} GFLOP/s = {shares}")
+    ceilings = report_gflops(rows, ceilings, matmul_ceilings(model, max(batch_sizes)))
     ratios = {}
     smallest, largest = min(batch_sizes), max(batch_sizes)
     print(f"per-sentence cost, batch {smallest} / batch {largest} (> 1: batching pays):")
