@@ -6,7 +6,10 @@
 
 Per configuration: compile time (jit lower + XLA compile, ahead of time), then one untimed warm-up
 batch, then sentences/s and output tokens/s (best hypothesis, EOS counted) over the timed batches
-(the fastest of --repeats passes).
+(the fastest of --repeats passes), and the achieved GFLOP/s: the matmul FLOPs of each call
+(`call_flops`: the encoder once, then per step the LSTM gates, attention and output projection,
+for the longest best hypothesis's steps) over the time, against two dense float32 matmuls measured
+in the same run before and after the rows (`matmul_ceilings`).
 All sources are padded to one length so each configuration compiles exactly once.
 
 Without --workdir the model is NOT trained: embed 128, bidirectional LSTM encoder 128 per
@@ -110,6 +113,71 @@ def batches(src_ids, batch_size: int, source_len: int):
     return out
 
 
+def encoder_flops(model, rows: int, source_len: int) -> float:
+    """Matmul FLOPs of encoding `rows` sources of `source_len` positions: every (bi)LSTM layer's
+    input projection and recurrence, the bridge and the attention keys (2 FLOPs per multiply-add)."""
+    directions = 2 if model.bidirectional else 1
+    flops, width = 0.0, model.embed_dim
+    for _ in range(model.encoder_layers):
+        flops += directions * 2 * rows * source_len * (width + model.encoder_hidden) * 4 * model.encoder_hidden
+        width = directions * model.encoder_hidden
+    flops += 2 * rows * width * 2 * model.decoder_layers * model.decoder_hidden              # bridge
+    keys = {"general": model.decoder_hidden, "concat": model.attention_dim}.get(model.attention, 0)
+    return flops + 2 * rows * source_len * width * keys
+
+
+def step_flops(model, rows: int, source_len: int) -> float:
+    """Matmul FLOPs of one decoder step for `rows` hypotheses: the LSTM gates, attention (scores,
+    context, combine) and the output projection."""
+    hidden, memory = model.decoder_hidden, model.encoder_hidden * (2 if model.bidirectional else 1)
+    feeds = model.input_feeding and model.attention != "none"
+    flops = 2 * rows * (model.embed_dim + hidden * feeds + hidden) * 4 * hidden
+    flops += (model.decoder_layers - 1) * 2 * rows * 2 * hidden * 4 * hidden
+    if model.attention != "none":
+        score = model.attention_dim if model.attention == "concat" else hidden
+        flops += 2 * rows * source_len * (score + memory) + 2 * rows * (memory + hidden) * hidden
+        flops += 2 * rows * hidden * model.attention_dim if model.attention == "concat" else 0
+    return flops + 2 * rows * hidden * model.tgt_vocab_size
+
+
+def call_flops(model, batch: int, beam: int, source_len: int, steps: int) -> float:
+    """Matmul FLOPs of one decode call: the encoder once, then `steps` steps of batch x beam rows."""
+    return encoder_flops(model, batch, source_len) + steps * step_flops(model, batch * beam, source_len)
+
+
+def matmul_ceilings(model, batch: int, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of two dense float32 matmuls measured now: the output projection's shape at `batch`
+    rows ([batch, H] x [H, V]) and a large square one ([2048, 2048] x [2048, 2048]); the fastest of
+    `repeats` runs."""
+    shapes = {f"[{batch},{model.decoder_hidden}]x[{model.decoder_hidden},{model.tgt_vocab_size}]":
+              (batch, model.decoder_hidden, model.tgt_vocab_size), "[2048,2048]x[2048,2048]": (2048, 2048, 2048)}
+    ceilings = {}
+    for name, (m, k, n) in shapes.items():
+        a, b = jnp.ones((m, k), jnp.float32), jnp.full((k, n), 0.5, jnp.float32)
+        product = jax.jit(jnp.matmul)
+        jax.block_until_ready(product(a, b))
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(product(a, b))
+            best = min(best, time.perf_counter() - start)
+        ceilings[name] = 2 * m * k * n / best / 1e9
+    return ceilings
+
+
+def report_gflops(rows: list[dict], before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Prints each row's achieved GFLOP/s as a share of the dense matmuls measured before and after
+    the rows (the faster of the two counts); returns those ceilings."""
+    ceilings = {name: max(gflops, after[name]) for name, gflops in before.items()}
+    print("achieved matmul GFLOP/s (encoder once + per step gates, attention, projection) against dense "
+          "matmuls measured in this run:")
+    for row in rows:
+        shares = "  ".join(f"{100 * row['gflop_per_s'] / gflops:5.1f}% of {name} ({gflops:.0f})"
+                           for name, gflops in ceilings.items())
+        print(f"  beam {row['beam']:2d} batch {row['batch']:3d}: {row['gflop_per_s']:6.1f} GFLOP/s = {shares}")
+    return ceilings
+
+
 def measure(model, params, src_ids, source_len, max_len, beam: int, batch_size: int, n: int, alpha: float,
             repeats: int):
     work = batches(src_ids[:n], batch_size, source_len)
@@ -120,18 +188,21 @@ def measure(model, params, src_ids, source_len, max_len, beam: int, batch_size: 
     jax.block_until_ready(compiled(params, work[0][0], work[0][1]))  # warm-up, untimed
     times = []
     for _ in range(repeats):  # the fastest pass: other processes share the CPU cores
-        sentences = tokens = 0
+        sentences = tokens = flops = 0
         start = time.perf_counter()
         for src, src_len, real in work:
             lengths = np.asarray(compiled(params, src, src_len).lengths)   # [batch, 1], blocks
             sentences += real
             tokens += int(lengths[:real, 0].sum())
+            # The loop ran at least as many steps as the longest best hypothesis (filler rows too).
+            flops += call_flops(model, batch_size, beam, source_len, int(lengths[:, 0].max()))
         times.append(time.perf_counter() - start)
     seconds = min(times)
     return dict(beam=beam, batch=batch_size, sentences=sentences, output_tokens=tokens,
                 mean_output_len=tokens / sentences, compile_s=compile_s, decode_s=seconds,
                 sentences_per_s=sentences / seconds, tokens_per_s=tokens / seconds,
-                ms_per_sentence=1000 * seconds / sentences)
+                ms_per_sentence=1000 * seconds / sentences, matmul_gflop=flops / 1e9,
+                gflop_per_s=flops / seconds / 1e9)
 
 
 def main() -> None:
@@ -161,9 +232,10 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}; source length {source_len} (padded), output limit "
           f"{max_len}, alpha {args.alpha}")
 
+    ceilings = matmul_ceilings(model, max(batch_sizes))
     rows = []
     print(f"{'beam':>4} {'batch':>5} {'sents':>5} {'compile s':>9} {'decode s':>8} {'sent/s':>8} "
-          f"{'tok/s':>8} {'ms/sent':>8} {'out len':>7}")
+          f"{'tok/s':>8} {'ms/sent':>8} {'out len':>7} {'GFLOP/s':>8}")
     for beam in beams:
         for batch_size in batch_sizes:
             n = args.sentences_batch1 if batch_size == 1 else args.sentences
@@ -171,8 +243,9 @@ def main() -> None:
             rows.append(row)
             print(f"{beam:4d} {batch_size:5d} {row['sentences']:5d} {row['compile_s']:9.2f} {row['decode_s']:8.2f} "
                   f"{row['sentences_per_s']:8.1f} {row['tokens_per_s']:8.0f} {row['ms_per_sentence']:8.2f} "
-                  f"{row['mean_output_len']:7.1f}", flush=True)
+                  f"{row['mean_output_len']:7.1f} {row['gflop_per_s']:8.1f}", flush=True)
 
+    ceilings = report_gflops(rows, ceilings, matmul_ceilings(model, max(batch_sizes)))
     ratios = {}
     smallest, largest = min(batch_sizes), max(batch_sizes)
     print(f"per-sentence cost, batch {smallest} / batch {largest} (> 1: batching pays):")
@@ -195,7 +268,7 @@ def main() -> None:
                   mode="workdir" if args.workdir else "random-init", source_len=source_len, max_len=max_len,
                   alpha=args.alpha, repeats=args.repeats, rows=rows, per_sentence_cost_ratio_vs_smallest_batch=ratios,
                   joeynmt_tokens_per_s=JOEYNMT_TOKENS_PER_S if against_joeynmt else None,
-                  ratio_vs_joeynmt=against_joeynmt or None,
+                  ratio_vs_joeynmt=against_joeynmt or None, matmul_ceilings_gflop_per_s=ceilings,
                   total_s=total_s, device=jax.devices()[0].device_kind, backend=jax.default_backend(),
                   cpu_count=os.cpu_count(), load_average_1min=os.getloadavg()[0], jax_version=jax.__version__,
                   python=platform.python_version(), machine=platform.machine())

@@ -649,3 +649,42 @@ def test_integer_log_probs_and_unfillable_beams_are_refused():
     beam_search(vocab5, init, beam_size=5**2, max_len=2)  # every sequence fits: allowed
     with pytest.raises(ValueError, match=r"beam_size=26 .* 5 \*\* max_len = 25"):
         beam_search(vocab5, init, beam_size=5**2 + 1, max_len=2)
+
+
+# --------------------------------------------------------------------------------------------
+# The top-k in chunks (large vocabularies)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,k", [(8000, 1), (8000, 5), (4096, 8), (4000, 5), (4099, 3), (640, 5)])
+def test_top_k_in_chunks_equals_lax_top_k(n, k):
+    """Same values and indices as jax.lax.top_k, ties (lower index first) included: many equal
+    entries (few distinct values), distinct ones, and _EMPTY / NEG_INF blocks."""
+    rng = np.random.default_rng(n + k)
+    ties = rng.integers(0, 4, size=(3, 2, n)).astype(np.float32)
+    distinct = rng.normal(size=(3, 2, n)).astype(np.float32)
+    masked = np.where(rng.random((3, 2, n)) < 0.98, decoding._EMPTY, distinct).astype(np.float32)
+    masked[0, 0] = decoding._EMPTY  # a row of nothing but empty slots
+    masked[1, 1, : n // 2] = NEG_INF
+    top_k = jax.jit(decoding._top_k, static_argnums=1)
+    for x in (ties, distinct, masked):
+        want_values, want_ids = jax.lax.top_k(jnp.asarray(x), k)
+        got_values, got_ids = top_k(jnp.asarray(x), k)
+        np.testing.assert_array_equal(np.asarray(got_ids), np.asarray(want_ids))
+        np.testing.assert_array_equal(np.asarray(got_values), np.asarray(want_values))
+
+
+def test_chunk_width():
+    assert decoding._chunk_width(8000, 5) == 64
+    assert decoding._chunk_width(4000, 5) in (50, 80)
+    assert decoding._chunk_width(4099, 3) == 0  # prime: a plain top-k
+    assert decoding._chunk_width(640, 5) == 0   # 10 chunks: too few for k = 5
+
+
+def test_narrow_beam_on_a_large_vocabulary_equals_reference():
+    """A vocabulary large enough for the top-k in chunks: same ranking as the literal search."""
+    toy = Toy(1024, mod=3, seed=8, eos_bias=4.0, scale=3.0)
+    beams = beam_search(toy.step_fn, toy.init_state(H0), beam_size=3, max_len=5, alpha=0.6, n_best=2)
+    check_well_formed(beams, 5)
+    for b, h0 in enumerate(H0):
+        assert_same_ranking(as_list(beams, b), reference_beam(toy, h0, 3, 5, 2, 0.6, "bound"))
