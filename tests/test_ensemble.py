@@ -107,7 +107,7 @@ def test_ensemble_refuses_different_tokenizers(tiny_workdir, single, monkeypatch
     other = Translator(single.config, single.model, single.params, single.src_tokenizer,
                        data.IdTokenizer(30), "other_workdir")
     monkeypatch.setattr(Translator, "from_workdir", classmethod(
-        lambda cls, workdir: other if workdir == "other_workdir" else single))
+        lambda cls, workdir, decoding=None: other if workdir == "other_workdir" else single))
     with pytest.raises(ValueError) as error:
         Translator.from_workdirs([tiny_workdir, "other_workdir"])
     message = str(error.value)
