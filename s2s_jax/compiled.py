@@ -13,9 +13,9 @@ The key hashes what the executable depends on: the function (qualified name, and
 closures their bound values, arrays by content), the jit options (shardings with their devices,
 donation), the abstract signature of every argument (pytree structure, shapes, dtypes, weak types,
 shardings), the static arguments, `context` (what the function reads that its arguments do not
-show, e.g. the config of the optimizer inside a train state), jax and jaxlib versions, the
-backend's platform and its version, and a hash of the s2s_jax source, so changed code never loads
-stale executables. Static arguments are passed by keyword (their names in `static_argnames`).
+show, e.g. the config of the optimizer inside a train state), the jax, jaxlib, flax and optax
+versions, the backend's platform and its version, and a hash of the s2s_jax source, so changed
+code never loads stale executables. Static arguments are passed by keyword (their names in `static_argnames`).
 
 A corrupt or unreadable entry is a miss: one warning, then compiled and written again. Without a
 directory (library use, `--compilation_cache=off`), with several processes (an executable spans
@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.metadata
 import io
 import logging
 import os
@@ -38,7 +39,6 @@ import time
 import types
 
 import jax
-import jaxlib
 import numpy as np
 from jax._src import config as jax_config
 from jax.experimental import serialize_executable
@@ -139,7 +139,7 @@ def _key(fun, jit_kwargs: dict, context: str, signature) -> str:
         _name(fun), describe(fun), describe(jit_kwargs), context,
         _ADDRESS.sub("", str(treedef)),  # node types and their metadata (functions by name; `context` the rest)
         describe([(repr(aval), _describe_sharding(sharding)) for aval, sharding in leaves]),
-        describe(static), jax.__version__, jaxlib.__version__, backend.platform, backend.platform_version,
+        describe(static), library_versions(), backend.platform, backend.platform_version,
         str(jax.device_count()), source_hash(),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -185,6 +185,13 @@ def _describe_sharding(sharding) -> str:
     mesh = getattr(sharding, "mesh", None)
     devices = list(np.asarray(mesh.device_ids).flat) if mesh is not None else sorted(d.id for d in sharding.device_set)
     return f"{sharding!r} on {devices}"
+
+
+@functools.cache
+def library_versions() -> str:
+    """The versions of the libraries whose code the traced functions run (a new flax or optax can
+    compute otherwise with the same argument shapes)."""
+    return ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("jax", "jaxlib", "flax", "optax"))
 
 
 @functools.cache

@@ -125,8 +125,16 @@ def test_off_turns_both_caches_off():
     assert compiled.directory() is None and jax.config.jax_compilation_cache_dir == before
 
 
-def test_the_key_changes_with_the_source():
-    assert len(compiled.source_hash()) == 64
+def test_the_key_changes_with_the_source_and_the_libraries(cache_dir, monkeypatch):
+    """Another s2s_jax source or another jax / flax / optax version never loads this executable."""
+    assert len(compiled.source_hash()) == 64 and "flax" in compiled.library_versions()
+    x = jnp.ones(3, jnp.float32)
+    compiled.jit(_affine)(x, x)
+    monkeypatch.setattr(compiled, "source_hash", lambda: "edited source")
+    compiled.jit(_affine)(x, x)
+    monkeypatch.setattr(compiled, "library_versions", lambda: "jax 0, jaxlib 0, flax 0, optax 0")
+    compiled.jit(_affine)(x, x)
+    assert len(_entries(cache_dir)) == 3
     assert compiled.describe(functools.partial(_affine, scale=1.0)) != compiled.describe(
         functools.partial(_affine, scale=1.5))
 
