@@ -38,24 +38,24 @@ def cross_entropy(vectors: jax.Array, w: jax.Array, b: jax.Array, targets: jax.A
     PAD targets count for nothing. `chunk` (static) tokens per step of the scan; `dtype` is the
     matmul compute dtype (as `ops.matmul`).
     """
-    x = vectors.reshape(-1, vectors.shape[-1])                            # [N, H]
-    y = targets.reshape(-1)                                               # [N]
-    size = min(chunk, x.shape[0])
-    pad = -x.shape[0] % size
-    x = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, size, x.shape[-1])     # [C, chunk, H]
-    y = jnp.pad(y, (0, pad), constant_values=PAD_ID).reshape(-1, size)    # [C, chunk]
+    x = _chunks(vectors.reshape(-1, vectors.shape[-1]), chunk, 0)              # [C, chunk, H]
+    y = _chunks(targets.reshape(-1), chunk, PAD_ID)                          # [C, chunk]
     return _fused(float(label_smoothing), jnp.dtype(dtype), x, w, b, y)
 
 
 def argmax(vectors: jax.Array, w: jax.Array, b: jax.Array, chunk: int = 512, dtype: Any = jnp.float32) -> jax.Array:
     """vectors [..., H] -> argmax of (vectors @ w + b) [...] (int32), `chunk` tokens at a time (a
     `lax.scan`), so only [chunk, V] logits exist: parallel scheduled sampling's prediction pass."""
-    x = vectors.reshape(-1, vectors.shape[-1])                            # [N, H]
-    size = min(chunk, x.shape[0])
-    pad = -x.shape[0] % size
-    x = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, size, x.shape[-1])     # [C, chunk, H]
+    x = _chunks(vectors.reshape(-1, vectors.shape[-1]), chunk, 0)              # [C, chunk, H]
     _, best = jax.lax.scan(lambda _, x_c: (None, jnp.argmax(matmul(x_c, w, dtype) + b, -1)), None, x)
     return best.reshape(-1)[:vectors.size // vectors.shape[-1]].reshape(vectors.shape[:-1]).astype(jnp.int32)
+
+
+def _chunks(rows: jax.Array, chunk: int, fill) -> jax.Array:
+    """rows [N, ...] -> [C, min(chunk, N), ...], the last chunk padded with `fill`."""
+    size = min(chunk, rows.shape[0])
+    pad = [(0, -rows.shape[0] % size)] + [(0, 0)] * (rows.ndim - 1)
+    return jnp.pad(rows, pad, constant_values=fill).reshape(-1, size, *rows.shape[1:])
 
 
 def _chunk_losses(x, w, b, y, label_smoothing, dtype):
