@@ -47,7 +47,8 @@ def bench_ours(cfg: dict, num_steps: int, dtype: str, output_chunk: int) -> tupl
     model = Seq2Seq(V, V, embed_dim=E, encoder_hidden=H // 2, decoder_hidden=H, attention="general",
                     dropout_rate=0.0, dtype=jnp.dtype(dtype), output_chunk=output_chunk)
     opt = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=1, decay="constant", b1=0.9,
-                                         b2=0.999, clip_norm=0.0, label_smoothing=0.0))
+                                         b2=0.999, clip_norm=0.0, label_smoothing=0.0,
+                                         plateau_factor=0.0, ema_decay=0.0))
     config = ml_collections.ConfigDict(dict(seed=0, num_train_steps=1000, optimizer=opt,
                                             data=dict(bucket_boundaries=(S,))))
     state = steps.init_state(model, config.optimizer, config.num_train_steps, config.seed)
