@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from s2s_jax import attention as attn
-from s2s_jax import initializers, output_layer
+from s2s_jax import initializers, output_layer, recurrence
 from s2s_jax.ops import matmul
+from s2s_jax.recurrence import lstm_cell
 
 State = dict[str, jax.Array]  # decoder state: h, c [B, K, L, H]; feed [B, K, H] (+ attention, coverage [B, K, S])
 
@@ -33,14 +34,6 @@ def lstm_bias_init(key, shape, dtype=jnp.float32):
     """Zero bias with forget-gate bias 1 (gate order i, f, g, o)."""
     hidden = shape[0] // 4
     return jnp.zeros(shape, dtype).at[hidden:2 * hidden].set(1.0)
-
-
-def lstm_cell(gates_in: jax.Array, h: jax.Array, c: jax.Array, w_h: jax.Array, dtype: Any):
-    """One LSTM step; `gates_in` [..., 4H] already holds W_i x + b."""
-    gates = gates_in + matmul(h, w_h, dtype)
-    i, f, g, o = jnp.split(gates, 4, axis=-1)
-    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-    return jax.nn.sigmoid(o) * jnp.tanh(c), c
 
 
 def reverse_padded(x: jax.Array, lengths: jax.Array) -> jax.Array:
@@ -74,20 +67,9 @@ class LSTMLayer(nn.Module):
         w_i = self.param("w_i", initializers.matrix(self.init_scale), (inputs.shape[-1], 4 * self.hidden))
         w_h = self.param("w_h", initializers.recurrent(self.init_scale), (self.hidden, 4 * self.hidden))
         bias = self.param("bias", lstm_bias_init, (4 * self.hidden,))
-        gates_in = matmul(inputs, w_i, self.dtype) + bias              # [B, S, 4H] in one matmul
-        valid = attn.source_mask(lengths, inputs.shape[1])            # [B, S]
-
-        def step(carry, xs):
-            gates_t, valid_t = xs                                     # [B, 4H], [B]
-            h, c = lstm_cell(gates_t, *carry, w_h, self.dtype)
-            keep = valid_t[:, None]
-            carry = (jnp.where(keep, h, carry[0]), jnp.where(keep, c, carry[1]))
-            return carry, jnp.where(keep, h, 0.0)
-
-        zeros = jnp.zeros((inputs.shape[0], self.hidden), jnp.float32)
-        final, outputs = jax.lax.scan(step, (zeros, zeros),
-                                      (gates_in.swapaxes(0, 1), valid.swapaxes(0, 1)),
-                                      reverse=self.reverse)
+        gates_in = matmul(inputs.swapaxes(0, 1), w_i, self.dtype) + bias  # [S, B, 4H] in one matmul
+        valid = attn.source_mask(lengths, inputs.shape[1]).swapaxes(0, 1)  # [S, B]
+        outputs, final = recurrence.lstm_scan(gates_in, valid, w_h, self.reverse, self.dtype)
         return outputs.swapaxes(0, 1), final                          # [B, S, H]
 
 
