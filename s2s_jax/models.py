@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from s2s_jax import attention as attn
 from s2s_jax import initializers, output_layer, recurrence
 from s2s_jax.ops import matmul
-from s2s_jax.recurrence import lstm_update
+from s2s_jax.recurrence import lstm_cell
 
 State = dict[str, jax.Array]  # decoder state: h, c [B, K, L, H]; feed [B, K, H] (+ attention, coverage [B, K, S])
 
@@ -165,16 +165,11 @@ class Decoder(nn.Module):
         self.b_out = self.param("b_out", nn.initializers.zeros, (self.vocab_size,))
         self.dropout = nn.Dropout(self.dropout_rate)  # embeddings and attentional vectors
 
-    def weights(self, fuse_feed: bool = False) -> dict:
-        """All parameters as plain arrays, read once outside any scan. `fuse_feed` (static, with
-        input feeding): also `w_feed_h` = [w_feed; w_h0] [2H, 4H], so that `cell` computes the
-        first layer's feed and recurrent parts as one matmul of [feed; h] (training's scan)."""
-        w = dict(w_feed=self.w_feed, w_i=self.w_i, w_h=self.w_h, bias=self.bias,
-                 attention=self.attention_params() if self.attention != "none" else None,
-                 w_combine=self.w_combine if self.attention != "none" else None)
-        if fuse_feed and self.feeds:
-            w["w_feed_h"] = jnp.concatenate([self.w_feed, self.w_h[0]], 0)
-        return w
+    def weights(self) -> dict:
+        """All parameters as plain arrays, read once outside any scan."""
+        return dict(w_feed=self.w_feed, w_i=self.w_i, w_h=self.w_h, bias=self.bias,
+                    attention=self.attention_params() if self.attention != "none" else None,
+                    w_combine=self.w_combine if self.attention != "none" else None)
 
     def initial_state(self, encoder_final: jax.Array) -> State:
         """Bridge: h = c = tanh(W [final forward; final backward]) for every layer; leaves [B, ...]."""
@@ -204,20 +199,15 @@ class Decoder(nn.Module):
     def cell(self, w: dict, gates_in: jax.Array, state: State, memory: attn.Memory):
         """One decoder step for every hypothesis: gates_in [B, K, 4H] -> (attentional vector
         [B, K, H], attention weights [B, K, S], new state). A pure function of its arguments."""
-        fused = "w_feed_h" in w
-        if self.feeds and not fused:
+        if self.feeds:
             gates_in = gates_in + matmul(state["feed"], w["w_feed"], self.dtype)
         hs, cs = [], []
         x = None
         for layer in range(self.num_layers):
             if layer > 0:
                 gates_in = matmul(x, w["w_i"][layer - 1], self.dtype) + w["bias"][layer]
-            h = state["h"][:, :, layer]                               # [B, K, H]
-            if layer == 0 and fused:  # [feed; h] [B, K, 2H] x [2H, 4H]: one matmul
-                gates = gates_in + matmul(jnp.concatenate([state["feed"], h], -1), w["w_feed_h"], self.dtype)
-            else:
-                gates = gates_in + matmul(h, w["w_h"][layer], self.dtype)
-            x, c = lstm_update(gates, state["c"][:, :, layer])
+            x, c = lstm_cell(gates_in, state["h"][:, :, layer], state["c"][:, :, layer],
+                             w["w_h"][layer], self.dtype)
             hs.append(x)
             cs.append(c)
         if self.attention == "none":
@@ -245,7 +235,7 @@ class Decoder(nn.Module):
         """Ground truth at every step: the scan carries only the recurrence; one output
         projection [B*T, H] x [H, V] after it. Returns logits [B, T, V] (or, with
         `return_vectors`, the projection's inputs [B, T, H]) and weights [B, T, S]."""
-        w = self.weights(fuse_feed=True)
+        w = self.weights()
         gates = self.embed_gates(tgt_in, train)                       # [B, T, 4H], hoisted
         state = jax.tree.map(lambda x: x[:, None], state)             # [B, 1, ...]
 

@@ -1,6 +1,6 @@
 """The encoder's LSTM recurrence as one `lax.scan` with its own backward pass (issue 22 item 2).
 
-`lstm_cell` / `lstm_update` are the one LSTM step of the package (gate order i, f, g, o).
+`lstm_cell` is the one LSTM step of the package (gate order i, f, g, o).
 `lstm_scan(gates_in, valid, w_h, reverse, dtype)` returns what a plain scan of `lstm_cell` with
 a frozen carry past each row's length returns, and its gradients equal plain autodiff's up to the
 order of float sums. What it saves: autodiff adds the recurrent weight's gradient h_{t-1}^T dgates_t
@@ -24,18 +24,13 @@ from s2s_jax.ops import matmul
 def lstm_cell(gates_in: jax.Array, h: jax.Array, c: jax.Array, w_h: jax.Array, dtype: Any):
     """One LSTM step (the decoder's, differentiated by autodiff); `gates_in` [..., 4H] already
     holds W_i x + b. Returns (h, c) [..., H]."""
-    return lstm_update(gates_in + matmul(h, w_h, dtype), c)
-
-
-def lstm_update(gates: jax.Array, c: jax.Array):
-    """The LSTM's update from all its gate pre-activations [..., 4H] and cell c [..., H] -> (h, c)."""
-    h, c, _, _ = _activate(gates, c)
+    h, c, _, _ = _cell(gates_in, h, c, w_h, dtype)
     return h, c
 
 
-def _activate(gates, c):
-    """Gate pre-activations [..., 4H], c [..., H] -> (h_new, c_new [..., H], activations [..., 4H],
-    tanh(c_new) [..., H])."""
+def _cell(gates_in, h, c, w_h, dtype):
+    """One LSTM step: (h_new, c_new [..., H], activations [..., 4H], tanh(c_new) [..., H])."""
+    gates = gates_in + matmul(h, w_h, dtype)                              # [..., 4H]
     i, f, g, o = jnp.split(gates, 4, axis=-1)
     i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
     c_new = f * c + i * g
@@ -48,7 +43,7 @@ def _forward(gates_in, valid, w_h, reverse, dtype):
     def step(carry, xs):
         gates_t, valid_t = xs                                             # [B, 4H], [B]
         h, c = carry
-        h_new, c_new, acts, tanh_c = _activate(gates_t + matmul(h, w_h, dtype), c)  # [B, H], .., [B, 4H]
+        h_new, c_new, acts, tanh_c = _cell(gates_t, h, c, w_h, dtype)
         keep = valid_t[:, None]
         carry = (jnp.where(keep, h_new, h), jnp.where(keep, c_new, c))
         return carry, (jnp.where(keep, h_new, 0.0), (h, c, acts, tanh_c))

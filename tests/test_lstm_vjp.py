@@ -1,14 +1,9 @@
-"""The train step's own kernels against plain autodiff of the same maths (issue 22 item 2).
+"""The encoder's custom-VJP LSTM recurrence (s2s_jax.recurrence.lstm_scan) against plain autodiff.
 
-The encoder's custom-VJP LSTM recurrence (s2s_jax.recurrence.lstm_scan): reference, the scan it
-replaced, `plain_scan` (lstm_cell stepped by lax.scan, carry frozen past each row's length,
-differentiated by JAX), in float64. Rows of different lengths (one of them empty), both
-directions, and the whole encoder (bidirectional, several layers, reversed sources) with the
-plain scan patched in; a central finite-difference check on a tiny case.
-
-The decoder's training scan with the single [feed; h] matmul (`Decoder.weights(fuse_feed=True)`):
-its gradients against the separate w_feed and w_h matmuls, for every attention type, one and two
-layers, input feeding on and off (float32, tight tolerance).
+Reference: the scan it replaced, `plain_scan` (lstm_cell stepped by lax.scan, carry frozen past
+each row's length, differentiated by JAX), in float64. Rows of different lengths (one of them
+empty), both directions, and the whole encoder (bidirectional, several layers, reversed sources)
+with the plain scan patched in; a central finite-difference check on a tiny case.
 """
 import jax
 import jax.numpy as jnp
@@ -17,8 +12,7 @@ import pytest
 from jax.test_util import check_grads
 
 from s2s_jax import recurrence
-from s2s_jax.models import Decoder, Encoder
-from tests.test_models import MODELS, make_seq2seq, seq2seq_batch
+from s2s_jax.models import Encoder
 
 LENGTHS = (5, 2, 0, 4)  # S = 5: a full row, padded rows, an empty row
 
@@ -106,24 +100,3 @@ def test_encoder_gradients_match_plain_autodiff(monkeypatch, layers, bidirection
         plain = jax.grad(loss)(params)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("attention,decoder_layers,input_feeding", sorted({m[:3] for m in MODELS}))
-def test_fused_feed_matmul_gradients_match_separate_matmuls(monkeypatch, attention, decoder_layers, input_feeding):
-    """Teacher-forced logits and all parameters' gradients with [feed; h] x [w_feed; w_h0] equal
-    those with feed x w_feed + h x w_h0 (float32: the model's initial feed is float32; the two
-    differ only in the order of float sums)."""
-    model, params = make_seq2seq(attention, decoder_layers, input_feeding)
-    src, src_len, tgt_in = seq2seq_batch()
-    weight = jnp.asarray(np.random.default_rng(4).normal(size=tgt_in.shape + (model.tgt_vocab_size,)), jnp.float32)
-
-    def loss(params):
-        logits = model.apply({"params": params}, src, src_len, tgt_in, fast_path_only=True)["logits"]
-        return jnp.sum(logits * weight)
-
-    fused = jax.value_and_grad(loss)(params)
-    separate_weights = Decoder.weights
-    monkeypatch.setattr(Decoder, "weights", lambda self, fuse_feed=False: separate_weights(self))
-    separate = jax.value_and_grad(loss)(params)
-    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(separate)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
