@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from s2s_jax import attention as attn
 from s2s_jax import initializers, output_layer, recurrence
 from s2s_jax.ops import matmul
-from s2s_jax.recurrence import lstm_update
+from s2s_jax.recurrence import lstm_cell
 
 State = dict[str, jax.Array]  # decoder state: h, c [B, K, L, H]; feed [B, K, H] (+ attention, coverage [B, K, S])
 
@@ -166,17 +166,10 @@ class Decoder(nn.Module):
         self.dropout = nn.Dropout(self.dropout_rate)  # embeddings and attentional vectors
 
     def weights(self) -> dict:
-        """All parameters as plain arrays, read once outside any scan: the big matrices by the name
-        of their matmul site in `cell` (w_feed, w_h<l>, w_i<l> from layer 1, w_combine), `bias`
-        [L] and `attention`."""
-        w = dict(bias=self.bias, attention=self.attention_params() if self.attention != "none" else None)
-        w.update({f"w_h{layer}": m for layer, m in enumerate(self.w_h)})
-        w.update({f"w_i{layer + 1}": m for layer, m in enumerate(self.w_i)})
-        if self.feeds:
-            w["w_feed"] = self.w_feed
-        if self.attention != "none":
-            w["w_combine"] = self.w_combine
-        return w
+        """All parameters as plain arrays, read once outside any scan."""
+        return dict(w_feed=self.w_feed, w_i=self.w_i, w_h=self.w_h, bias=self.bias,
+                    attention=self.attention_params() if self.attention != "none" else None,
+                    w_combine=self.w_combine if self.attention != "none" else None)
 
     def initial_state(self, encoder_final: jax.Array) -> State:
         """Bridge: h = c = tanh(W [final forward; final backward]) for every layer; leaves [B, ...]."""
@@ -203,40 +196,29 @@ class Decoder(nn.Module):
         keep = jax.random.bernoulli(rng, 1.0 - self.dropout_rate, x.shape)
         return jnp.where(keep, x / (1.0 - self.dropout_rate), 0.0)
 
-    def cell(self, w: dict, gates_in: jax.Array, state: State, memory: attn.Memory, probes: dict | None = None):
+    def cell(self, w: dict, gates_in: jax.Array, state: State, memory: attn.Memory):
         """One decoder step for every hypothesis: gates_in [B, K, 4H] -> (attentional vector
-        [B, K, H], attention weights [B, K, S], new state, sites). A pure function of its arguments.
-
-        `sites` {name: [B, K, in]}: the input of each big matmul (w_feed, w_h<l>, w_i<l>,
-        w_combine), for `recurrence.scan_hoisted`; `probes` {name: [B, K, out]}, when given, is
-        added to each one's output (zeros whose cotangents are the outputs')."""
-        sites = {}
-
-        def site(name: str, x: jax.Array) -> jax.Array:
-            sites[name] = x
-            y = matmul(x, w[name], self.dtype)
-            return y if probes is None else y + probes[name]
-
+        [B, K, H], attention weights [B, K, S], new state). A pure function of its arguments."""
         if self.feeds:
-            gates_in = gates_in + site("w_feed", state["feed"])
+            gates_in = gates_in + matmul(state["feed"], w["w_feed"], self.dtype)
         hs, cs = [], []
         x = None
         for layer in range(self.num_layers):
             if layer > 0:
-                gates_in = site(f"w_i{layer}", x) + w["bias"][layer]
-            gates = gates_in + site(f"w_h{layer}", state["h"][:, :, layer])  # [B, K, 4H]
-            x, c = lstm_update(gates, state["c"][:, :, layer])
+                gates_in = matmul(x, w["w_i"][layer - 1], self.dtype) + w["bias"][layer]
+            x, c = lstm_cell(gates_in, state["h"][:, :, layer], state["c"][:, :, layer],
+                             w["w_h"][layer], self.dtype)
             hs.append(x)
             cs.append(c)
         if self.attention == "none":
             vector, weights = x, jnp.zeros(x.shape[:2] + memory.mask.shape[1:], jnp.float32)
         else:
             context, weights = attn.attend(self.attention, w["attention"], x, memory)  # [B, K, He]
-            vector = jnp.tanh(site("w_combine", jnp.concatenate([context, x], -1)))
+            vector = jnp.tanh(matmul(jnp.concatenate([context, x], -1), w["w_combine"], self.dtype))
         new_state = dict(h=jnp.stack(hs, 2), c=jnp.stack(cs, 2), feed=vector)  # [B, K, L, H]
         if "attention" in state:  # tracked for the search (Seq2Seq.encode(track_attention=True))
             new_state.update(attention=weights, coverage=state["coverage"] + weights)  # [B, K, S]
-        return vector, weights, new_state, sites
+        return vector, weights, new_state
 
     def output_inputs(self, vectors: jax.Array, train: bool, rng: jax.Array | None = None) -> jax.Array:
         """Attentional vectors [..., H] as the output projection sees them (after dropout)."""
@@ -253,18 +235,15 @@ class Decoder(nn.Module):
         """Ground truth at every step: the scan carries only the recurrence; one output
         projection [B*T, H] x [H, V] after it. Returns logits [B, T, V] (or, with
         `return_vectors`, the projection's inputs [B, T, H]) and weights [B, T, S]."""
+        w = self.weights()
         gates = self.embed_gates(tgt_in, train)                       # [B, T, 4H], hoisted
         state = jax.tree.map(lambda x: x[:, None], state)             # [B, 1, ...]
-        big, rest = _split_big(self.weights())
 
-        def step(big, rest, mask, state, gates_t, probes):
-            w, (values, keys) = dict(rest[0], **big), rest[1]
-            vector, weights, state, sites = self.cell(w, gates_t[:, None], state, attn.Memory(values, keys, mask),
-                                                      probes)
-            return state, (vector[:, 0], weights[:, 0]), sites
+        def step(state, gates_t):
+            vector, weights, state = self.cell(w, gates_t[:, None], state, memory)
+            return state, (vector[:, 0], weights[:, 0])
 
-        _, (vectors, weights) = recurrence.scan_hoisted(step, big, (rest, memory[:2]), memory.mask, state,
-                                                        gates.swapaxes(0, 1))
+        _, (vectors, weights) = jax.lax.scan(step, state, gates.swapaxes(0, 1))
         vectors, weights = vectors.swapaxes(0, 1), weights.swapaxes(0, 1)  # [B, T, H], [B, T, S]
         if return_vectors:
             return self.output_inputs(vectors, train), weights
@@ -289,7 +268,7 @@ class Decoder(nn.Module):
             gold_t, use_gold_t, (embed_rng, out_rng) = xs
             token = jnp.where(use_gold_t, gold_t, predicted)          # [B]
             gates_t = self.embed_gates(token, train, embed_rng)
-            vector, weights, state, _ = self.cell(w, gates_t[:, None], state, memory)
+            vector, weights, state = self.cell(w, gates_t[:, None], state, memory)
             logits_t = self.logits(vector[:, 0], train, out_rng)      # [B, V]
             predicted = jnp.argmax(logits_t, -1).astype(tgt_in.dtype)
             return (state, predicted), (logits_t, weights[:, 0], token)
@@ -331,12 +310,6 @@ class Decoder(nn.Module):
             # Position t reads the prediction made at t - 1; position 0 is always gold.
             tokens = jnp.where(use_gold, tgt_in, jnp.roll(predicted, 1, axis=1))
         return tokens
-
-
-def _split_big(w: dict) -> tuple[dict, dict]:
-    """Decoder weights -> (the big matrices {site name: [in, out]}, the rest)."""
-    big = {name: m for name, m in w.items() if name.startswith("w_")}
-    return big, {name: value for name, value in w.items() if name not in big}
 
 
 class Seq2Seq(nn.Module):
@@ -396,8 +369,8 @@ class Seq2Seq(nn.Module):
 
     def decode_step(self, memory: attn.Memory, tokens: jax.Array, state: State):
         """tokens [B, K], state leaves [B, K, ...] -> (log_probs [B, K, V], new state)."""
-        vector, _, state, _ = self.decoder.cell(self.decoder.weights(), self.decoder.embed_gates(tokens, False),
-                                                state, memory)
+        vector, _, state = self.decoder.cell(self.decoder.weights(), self.decoder.embed_gates(tokens, False),
+                                             state, memory)
         return jax.nn.log_softmax(self.decoder.logits(vector, False)), state
 
     def __call__(self, src, src_len, tgt_in, *, train: bool = False, tf_ratio=1.0,

@@ -1,6 +1,6 @@
 """The encoder's LSTM recurrence as one `lax.scan` with its own backward pass (issue 22 item 2).
 
-`lstm_cell` / `lstm_update` are the one LSTM step of the package (gate order i, f, g, o).
+`lstm_cell` is the one LSTM step of the package (gate order i, f, g, o).
 `lstm_scan(gates_in, valid, w_h, reverse, dtype)` returns what a plain scan of `lstm_cell` with
 a frozen carry past each row's length returns, and its gradients equal plain autodiff's up to the
 order of float sums. What it saves: autodiff adds the recurrent weight's gradient h_{t-1}^T dgates_t
@@ -24,18 +24,13 @@ from s2s_jax.ops import matmul
 def lstm_cell(gates_in: jax.Array, h: jax.Array, c: jax.Array, w_h: jax.Array, dtype: Any):
     """One LSTM step (the decoder's, differentiated by autodiff); `gates_in` [..., 4H] already
     holds W_i x + b. Returns (h, c) [..., H]."""
-    return lstm_update(gates_in + matmul(h, w_h, dtype), c)
-
-
-def lstm_update(gates: jax.Array, c: jax.Array):
-    """The LSTM's update from all its gate pre-activations [..., 4H] and cell c [..., H] -> (h, c)."""
-    h, c, _, _ = _activate(gates, c)
+    h, c, _, _ = _cell(gates_in, h, c, w_h, dtype)
     return h, c
 
 
-def _activate(gates, c):
-    """Gate pre-activations [..., 4H], c [..., H] -> (h_new, c_new [..., H], activations [..., 4H],
-    tanh(c_new) [..., H])."""
+def _cell(gates_in, h, c, w_h, dtype):
+    """One LSTM step: (h_new, c_new [..., H], activations [..., 4H], tanh(c_new) [..., H])."""
+    gates = gates_in + matmul(h, w_h, dtype)                              # [..., 4H]
     i, f, g, o = jnp.split(gates, 4, axis=-1)
     i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
     c_new = f * c + i * g
@@ -48,7 +43,7 @@ def _forward(gates_in, valid, w_h, reverse, dtype):
     def step(carry, xs):
         gates_t, valid_t = xs                                             # [B, 4H], [B]
         h, c = carry
-        h_new, c_new, acts, tanh_c = _activate(gates_t + matmul(h, w_h, dtype), c)  # [B, H], .., [B, 4H]
+        h_new, c_new, acts, tanh_c = _cell(gates_t, h, c, w_h, dtype)
         keep = valid_t[:, None]
         carry = (jnp.where(keep, h_new, h), jnp.where(keep, c_new, c))
         return carry, (jnp.where(keep, h_new, 0.0), (h, c, acts, tanh_c))
@@ -106,78 +101,3 @@ def _lstm_scan_bwd(reverse, dtype, residuals, cotangents):
 
 
 lstm_scan.defvjp(_lstm_scan_fwd, _lstm_scan_bwd)
-
-
-# ----------------------------------------------------------------------------- hoisted weight gradients
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def scan_hoisted(step, big: dict, rest, consts, carry, xs):
-    """`lax.scan` of `step` over xs (leading axis: time) whose big weights' gradients are one einsum
-    each after the backward scan instead of a [B, in] x [B, out] matmul added up at every step.
-
-    step(big, rest, consts, carry, x_t, probes) -> (carry, y_t, sites): `big` {name: [in, out]};
-    for each name, `sites[name]` [..., in] is the input of the step's one matmul with big[name],
-    and when `probes` is not None, probes[name] [..., out] (zeros) is added to that matmul's
-    output. `rest`: the other differentiable inputs (small weights, memory); `consts`: inputs with
-    no gradient (masks). Returns (final carry, ys) as lax.scan. Backward: the forward scan keeps
-    each step's `jax.vjp` (big held constant) and its sites; the backward scan runs the stored
-    vjps (the probes' cotangents are the matmul outputs' cotangents dy_t) and
-    d big[name] = sum_t sites_t^T dy_t, one einsum over all steps.
-    """
-    def body(carry, x_t):
-        carry, y_t, _ = step(big, rest, consts, carry, x_t, None)
-        return carry, y_t
-    return jax.lax.scan(body, carry, xs)
-
-
-def _scan_hoisted_fwd(step, big, rest, consts, carry, xs):
-    x0 = jax.tree.map(lambda x: x[0], xs)
-    sites = jax.eval_shape(lambda: step(big, rest, consts, carry, x0, None)[2])
-    probes = {name: jnp.zeros(site.shape[:-1] + big[name].shape[-1:], site.dtype) for name, site in sites.items()}
-    invariant = jax.tree.leaves((big, rest, consts))
-    layout = []  # the pullback's structure, found while the body is traced
-
-    def body(carry, x_t):
-        def f(rest, carry, x_t, probes):
-            carry, y_t, sites = step(big, rest, consts, carry, x_t, probes)
-            return (carry, y_t), sites
-        (carry, y_t), pullback, sites = jax.vjp(f, rest, carry, x_t, probes, has_aux=True)
-        stepwise, rebuild = _split_invariant(pullback, invariant)
-        layout.append(rebuild)
-        return carry, (y_t, stepwise, sites)
-
-    carry, (ys, stepwise, sites) = jax.lax.scan(body, carry, xs)
-    return (carry, ys), (big, rest, consts, stepwise, sites, jax.tree_util.Partial(layout[0]))
-
-
-def _split_invariant(pullback, invariant: list):
-    """A step's pullback -> (its leaves that change with the step, rebuild(invariant, stepwise)).
-    Leaves that are one of the scan's loop-invariant inputs (the weights, the memory) are not
-    stored once per step: the rebuild puts the inputs back."""
-    leaves, treedef = jax.tree.flatten(pullback)
-    shared = [next((i for i, v in enumerate(invariant) if v is leaf), None) for leaf in leaves]
-
-    def rebuild(invariant, stepwise):
-        stepwise = iter(stepwise)
-        return treedef.unflatten([next(stepwise) if i is None else invariant[i] for i in shared])
-    return [leaf for leaf, i in zip(leaves, shared) if i is None], rebuild
-
-
-def _scan_hoisted_bwd(step, residuals, cotangents):
-    big, rest, consts, stepwise, sites, rebuild = residuals
-    invariant = jax.tree.leaves((big, rest, consts))
-    d_carry, d_ys = cotangents
-
-    def body(acc, xs):
-        d_carry, d_rest = acc
-        stepwise_t, d_y = xs
-        d_rest_t, d_carry, d_x, d_probes = rebuild(invariant, stepwise_t)((d_carry, d_y))
-        return (d_carry, jax.tree.map(jnp.add, d_rest, d_rest_t)), (d_x, d_probes)
-
-    zeros = jax.tree.map(jnp.zeros_like, rest)
-    (d_carry, d_rest), (d_xs, d_probes) = jax.lax.scan(body, (d_carry, zeros), (stepwise, d_ys), reverse=True)
-    d_big = {name: jnp.einsum("...i,...o->io", sites[name], d_probes[name]).astype(big[name].dtype)
-             for name in big}                                             # [in, out], over all steps
-    return d_big, d_rest, None, d_carry, d_xs
-
-
-scan_hoisted.defvjp(_scan_hoisted_fwd, _scan_hoisted_bwd)

@@ -1,15 +1,9 @@
-"""The train step's own kernels against plain autodiff of the same maths (issue 22 item 2).
+"""The encoder's custom-VJP LSTM recurrence (s2s_jax.recurrence.lstm_scan) against plain autodiff.
 
-The encoder's custom-VJP LSTM recurrence (s2s_jax.recurrence.lstm_scan): reference, the scan it
-replaced, `plain_scan` (lstm_cell stepped by lax.scan, carry frozen past each row's length,
-differentiated by JAX), in float64. Rows of different lengths (one of them empty), both
-directions, and the whole encoder (bidirectional, several layers, reversed sources) with the
-plain scan patched in; a central finite-difference check on a tiny case.
-
-`recurrence.scan_hoisted` (the decoder's training scan, big weights' gradients hoisted out of the
-backward scan): on a toy recurrence against autodiff of the same scan in float64 and by finite
-differences; on the decoder, for every attention type, one and two layers, input feeding on and
-off, against autodiff with the plain scan patched in (float32, tight tolerance).
+Reference: the scan it replaced, `plain_scan` (lstm_cell stepped by lax.scan, carry frozen past
+each row's length, differentiated by JAX), in float64. Rows of different lengths (one of them
+empty), both directions, and the whole encoder (bidirectional, several layers, reversed sources)
+with the plain scan patched in; a central finite-difference check on a tiny case.
 """
 import jax
 import jax.numpy as jnp
@@ -19,7 +13,6 @@ from jax.test_util import check_grads
 
 from s2s_jax import recurrence
 from s2s_jax.models import Encoder
-from tests.test_models import MODELS, make_seq2seq, seq2seq_batch
 
 LENGTHS = (5, 2, 0, 4)  # S = 5: a full row, padded rows, an empty row
 
@@ -107,72 +100,3 @@ def test_encoder_gradients_match_plain_autodiff(monkeypatch, layers, bidirection
         plain = jax.grad(loss)(params)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
-
-
-def toy_step(big, rest, mask, carry, x_t, probes):
-    """A small recurrence with two big matrices (one used on the carry, one on an intermediate),
-    a small weight, a mask and an output: the contract of recurrence.scan_hoisted."""
-    def site(name, x):
-        y = x @ big[name]
-        return y if probes is None else y + probes[name]
-
-    hidden = jnp.tanh(x_t + site("w_h", carry) * rest["scale"])             # [B, H]
-    out = jnp.where(mask[:, None], jnp.tanh(site("w_o", hidden)), 0.0)      # [B, H]
-    return jnp.where(mask[:, None], out, carry), out.sum(-1), dict(w_h=carry, w_o=hidden)
-
-
-def toy_inputs(seed=5, steps=4, batch=3, hidden=3):
-    rng = np.random.default_rng(seed)
-    big = {name: jnp.asarray(0.5 * rng.normal(size=(hidden, hidden))) for name in ("w_h", "w_o")}
-    rest = dict(scale=jnp.asarray(rng.normal(size=(hidden,))))
-    mask = jnp.asarray([True, False, True])
-    carry = jnp.asarray(rng.normal(size=(batch, hidden)))
-    xs = jnp.asarray(rng.normal(size=(steps, batch, hidden)))
-    weights = jnp.asarray(rng.normal(size=(steps, batch))), jnp.asarray(rng.normal(size=(batch, hidden)))
-    return big, rest, mask, carry, xs, weights
-
-
-def toy_objective(scan, mask, weights):
-    def f(big, rest, carry, xs):
-        final, ys = scan(toy_step, big, rest, mask, carry, xs)
-        return jnp.sum(ys * weights[0]) + jnp.sum(final * weights[1])
-    return f
-
-
-def test_scan_hoisted_matches_plain_autodiff_float64():
-    """Gradients w.r.t. the big matrices (hoisted), the rest, the initial carry and the inputs equal
-    autodiff of the same scan (scan_hoisted's own undecorated function)."""
-    with jax.enable_x64(True):
-        big, rest, mask, carry, xs, weights = toy_inputs()
-        ours, plain = (jax.value_and_grad(toy_objective(scan, mask, weights), argnums=(0, 1, 2, 3))(big, rest, carry, xs)
-                       for scan in (recurrence.scan_hoisted, recurrence.scan_hoisted.fun))
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
-
-
-def test_scan_hoisted_gradient_matches_finite_differences():
-    with jax.enable_x64(True):
-        big, rest, mask, carry, xs, weights = toy_inputs(seed=6, steps=3)
-        check_grads(toy_objective(recurrence.scan_hoisted, mask, weights), (big, rest, carry, xs), order=1,
-                    modes=["rev"], eps=1e-6)
-
-
-@pytest.mark.parametrize("attention,decoder_layers,input_feeding", sorted({m[:3] for m in MODELS}))
-def test_decoder_hoisted_gradients_match_plain_autodiff(monkeypatch, attention, decoder_layers, input_feeding):
-    """Teacher-forced logits and all parameters' gradients through `scan_hoisted` equal plain
-    autodiff of the same scan (float32, tight tolerance: the model's initial feed is float32; the
-    two differ only in the order of float sums), for every attention type, one and two layers,
-    input feeding on and off."""
-    model, params = make_seq2seq(attention, decoder_layers, input_feeding)
-    src, src_len, tgt_in = seq2seq_batch()
-    weight = jnp.asarray(np.random.default_rng(4).normal(size=tgt_in.shape + (model.tgt_vocab_size,)), jnp.float32)
-
-    def loss(params):
-        logits = model.apply({"params": params}, src, src_len, tgt_in, fast_path_only=True)["logits"]
-        return jnp.sum(logits * weight)
-
-    hoisted = jax.value_and_grad(loss)(params)
-    monkeypatch.setattr(recurrence, "scan_hoisted", recurrence.scan_hoisted.fun)
-    plain = jax.value_and_grad(loss)(params)
-    for a, b in zip(jax.tree.leaves(hoisted), jax.tree.leaves(plain)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

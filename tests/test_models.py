@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from s2s_jax import BOS_ID, PAD_ID
-from s2s_jax.models import Encoder, Seq2Seq, reverse_padded
-from s2s_jax.recurrence import lstm_cell
+from s2s_jax.models import Encoder, Seq2Seq, lstm_cell, reverse_padded
 
 SRC_V, TGT_V, E, HE, HD, A = 11, 13, 6, 4, 8, 5  # vocabularies, embed, encoder/dir, decoder, concat
 
