@@ -182,11 +182,16 @@ class Decoder(nn.Module):
             self.attention, self.attention_params(), values)
         return attn.Memory(values, keys, attn.source_mask(src_len, values.shape[1]))
 
-    def embed_gates(self, tokens: jax.Array, train: bool, rng: jax.Array | None = None) -> jax.Array:
-        """tokens [...] -> embedding part of the first layer's gates [..., 4H] (+ bias)."""
+    def embed_gates(self, tokens: jax.Array, train: bool, rng: jax.Array | None = None,
+                    time_major: bool = False) -> jax.Array:
+        """tokens [...] -> embedding part of the first layer's gates [..., 4H] (+ bias).
+        `time_major` (static), tokens [B, T]: the gates come as [T, B, 4H], the scan's layout (the
+        embeddings, not the 4x wider gates, are transposed; dropout masks as without it)."""
         x = jnp.take(self.embedding, tokens, axis=0)
         if train and self.dropout_rate > 0:
             x = self._drop(x, rng)
+        if time_major:
+            x = x.swapaxes(0, 1)                                      # [T, B, E]
         return matmul(x, self.w_embed, self.dtype) + self.bias[0]
 
     def _drop(self, x: jax.Array, rng: jax.Array | None) -> jax.Array:
@@ -236,14 +241,14 @@ class Decoder(nn.Module):
         projection [B*T, H] x [H, V] after it. Returns logits [B, T, V] (or, with
         `return_vectors`, the projection's inputs [B, T, H]) and weights [B, T, S]."""
         w = self.weights()
-        gates = self.embed_gates(tgt_in, train)                       # [B, T, 4H], hoisted
+        gates = self.embed_gates(tgt_in, train, time_major=True)      # [T, B, 4H], hoisted
         state = jax.tree.map(lambda x: x[:, None], state)             # [B, 1, ...]
 
         def step(state, gates_t):
             vector, weights, state = self.cell(w, gates_t[:, None], state, memory)
             return state, (vector[:, 0], weights[:, 0])
 
-        _, (vectors, weights) = jax.lax.scan(step, state, gates.swapaxes(0, 1))
+        _, (vectors, weights) = jax.lax.scan(step, state, gates)
         vectors, weights = vectors.swapaxes(0, 1), weights.swapaxes(0, 1)  # [B, T, H], [B, T, S]
         if return_vectors:
             return self.output_inputs(vectors, train), weights
