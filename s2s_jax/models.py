@@ -3,6 +3,7 @@
 Modules declare parameters; the recurrences are pure functions run by `jax.lax.scan` over
 arrays read once outside the loop. Speed by design (docs/architecture.md, "Modules"):
   * input projections of all time steps are one matmul; the scan carries only the recurrence;
+  * the encoder's scan has its own backward pass (`recurrence.lstm_scan`): dW_h is one matmul;
   * padding never changes a carry (the carry is frozen past each sequence's length);
   * attention keys are projected once per batch (`Memory.keys`);
   * teacher forcing: states in the scan, one [B*T, H] x [H, V] output projection after it.
