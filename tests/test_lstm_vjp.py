@@ -73,8 +73,10 @@ def test_lstm_scan_gradient_matches_finite_differences():
 def test_lstm_scan_float32_matches_plain_autodiff():
     gates_in, valid, w_h, weights = jax.tree.map(
         lambda x: x.astype(jnp.float32) if x.dtype != bool else x, inputs(hidden=8, seed=2))
-    f = lambda scan: jax.grad(lambda g, w: jnp.sum(scan(g, valid, w)[0] * weights[0]), (0, 1))(gates_in, w_h)  # noqa: E731
-    for a, b in zip(jax.tree.leaves(f(recurrence.lstm_scan)), jax.tree.leaves(f(plain_scan))):
+    def grads(scan):
+        return jax.grad(lambda g, w: jnp.sum(scan(g, valid, w)[0] * weights[0]), (0, 1))(gates_in, w_h)
+
+    for a, b in zip(jax.tree.leaves(grads(recurrence.lstm_scan)), jax.tree.leaves(grads(plain_scan))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
