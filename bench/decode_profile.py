@@ -96,12 +96,12 @@ def matches(frame: str, member: str) -> bool:
     return wanted in names and (not text or (bool(source) and text in source))
 
 
-def category(functions: list[str]) -> str:
+def category(functions: list[str], rules=CATEGORIES, other: str = OTHER) -> str:
     """The category of an instruction with this call stack: the first rule with a member in it."""
-    for name, members in CATEGORIES:
+    for name, members in rules:
         if any(matches(frame, member) for frame in functions for member in members):
             return name
-    return OTHER
+    return other
 
 
 def trace_events(directory: str) -> list[dict]:

@@ -33,8 +33,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SYSTEMS = {"jax": "jax_reference", "torch": "pytorch_loop"}
 
 
-def bench_ours(cfg: dict, num_steps: int, dtype: str, output_chunk: int) -> tuple[float, float, float]:
-    """(seconds per step, loss, compile seconds) of s2s_jax's train_step on the references' shapes."""
+def setup_ours(cfg: dict, dtype: str, output_chunk: int):
+    """(train step with its static arguments bound, fresh state, batch): s2s_jax's `steps.train_step`
+    on the references' model and random full-length batch shape."""
     import jax
     import jax.numpy as jnp
     import ml_collections
@@ -47,18 +48,25 @@ def bench_ours(cfg: dict, num_steps: int, dtype: str, output_chunk: int) -> tupl
     model = Seq2Seq(V, V, embed_dim=E, encoder_hidden=H // 2, decoder_hidden=H, attention="general",
                     dropout_rate=0.0, dtype=jnp.dtype(dtype), output_chunk=output_chunk)
     opt = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=1, decay="constant", b1=0.9,
-                                         b2=0.999, clip_norm=0.0, label_smoothing=0.0))
-    config = ml_collections.ConfigDict(dict(seed=0, num_train_steps=1000, optimizer=opt,
-                                            data=dict(bucket_boundaries=(S,))))
-    state = steps.init_state(model, config.optimizer, config.num_train_steps, config.seed)
+                                         b2=0.999, clip_norm=0.0, label_smoothing=0.0,
+                                         plateau_factor=0.0, ema_decay=0.0))
+    state = steps.init_state(model, opt, 1000, 0)
     rng = np.random.default_rng(0)
     tgt = rng.integers(4, V, (B, T + 1)).astype(np.int32)
     batch = data.Batch(src=jnp.asarray(rng.integers(4, V, (B, S)), jnp.int32),
                        src_len=jnp.full((B,), S, jnp.int32), tgt_in=jnp.asarray(tgt[:, :-1]),
                        tgt_out=jnp.asarray(tgt[:, 1:]), index=jnp.arange(B, dtype=jnp.int32))
-    step = jax.jit(functools.partial(
-        steps.train_step, model=model, tf_schedule=schedules.make_schedule("constant"),
-        fast_path_only=True, label_smoothing=0.0, base_rng=jax.random.PRNGKey(0)), donate_argnums=0)
+    step = functools.partial(steps.train_step, model=model, tf_schedule=schedules.make_schedule("constant"),
+                             fast_path_only=True, label_smoothing=0.0, base_rng=jax.random.PRNGKey(0))
+    return step, state, batch
+
+
+def bench_ours(cfg: dict, num_steps: int, dtype: str, output_chunk: int) -> tuple[float, float, float]:
+    """(seconds per step, loss, compile seconds) of s2s_jax's train_step on the references' shapes."""
+    import jax
+
+    step, state, batch = setup_ours(cfg, dtype, output_chunk)
+    step = jax.jit(step, donate_argnums=0)
     t0 = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)

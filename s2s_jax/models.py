@@ -3,6 +3,7 @@
 Modules declare parameters; the recurrences are pure functions run by `jax.lax.scan` over
 arrays read once outside the loop. Speed by design (docs/architecture.md, "Modules"):
   * input projections of all time steps are one matmul; the scan carries only the recurrence;
+  * the encoder's scan has its own backward pass (`recurrence.lstm_scan`): dW_h is one matmul;
   * padding never changes a carry (the carry is frozen past each sequence's length);
   * attention keys are projected once per batch (`Memory.keys`);
   * teacher forcing: states in the scan, one [B*T, H] x [H, V] output projection after it.
@@ -24,8 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from s2s_jax import attention as attn
-from s2s_jax import initializers, output_layer
+from s2s_jax import initializers, output_layer, recurrence
 from s2s_jax.ops import matmul
+from s2s_jax.recurrence import lstm_cell
 
 State = dict[str, jax.Array]  # decoder state: h, c [B, K, L, H]; feed [B, K, H] (+ attention, coverage [B, K, S])
 
@@ -33,14 +35,6 @@ def lstm_bias_init(key, shape, dtype=jnp.float32):
     """Zero bias with forget-gate bias 1 (gate order i, f, g, o)."""
     hidden = shape[0] // 4
     return jnp.zeros(shape, dtype).at[hidden:2 * hidden].set(1.0)
-
-
-def lstm_cell(gates_in: jax.Array, h: jax.Array, c: jax.Array, w_h: jax.Array, dtype: Any):
-    """One LSTM step; `gates_in` [..., 4H] already holds W_i x + b."""
-    gates = gates_in + matmul(h, w_h, dtype)
-    i, f, g, o = jnp.split(gates, 4, axis=-1)
-    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-    return jax.nn.sigmoid(o) * jnp.tanh(c), c
 
 
 def reverse_padded(x: jax.Array, lengths: jax.Array) -> jax.Array:
@@ -74,20 +68,9 @@ class LSTMLayer(nn.Module):
         w_i = self.param("w_i", initializers.matrix(self.init_scale), (inputs.shape[-1], 4 * self.hidden))
         w_h = self.param("w_h", initializers.recurrent(self.init_scale), (self.hidden, 4 * self.hidden))
         bias = self.param("bias", lstm_bias_init, (4 * self.hidden,))
-        gates_in = matmul(inputs, w_i, self.dtype) + bias              # [B, S, 4H] in one matmul
-        valid = attn.source_mask(lengths, inputs.shape[1])            # [B, S]
-
-        def step(carry, xs):
-            gates_t, valid_t = xs                                     # [B, 4H], [B]
-            h, c = lstm_cell(gates_t, *carry, w_h, self.dtype)
-            keep = valid_t[:, None]
-            carry = (jnp.where(keep, h, carry[0]), jnp.where(keep, c, carry[1]))
-            return carry, jnp.where(keep, h, 0.0)
-
-        zeros = jnp.zeros((inputs.shape[0], self.hidden), jnp.float32)
-        final, outputs = jax.lax.scan(step, (zeros, zeros),
-                                      (gates_in.swapaxes(0, 1), valid.swapaxes(0, 1)),
-                                      reverse=self.reverse)
+        gates_in = matmul(inputs.swapaxes(0, 1), w_i, self.dtype) + bias  # [S, B, 4H] in one matmul
+        valid = attn.source_mask(lengths, inputs.shape[1]).swapaxes(0, 1)  # [S, B]
+        outputs, final = recurrence.lstm_scan(gates_in, valid, w_h, self.reverse, self.dtype)
         return outputs.swapaxes(0, 1), final                          # [B, S, H]
 
 
@@ -200,11 +183,16 @@ class Decoder(nn.Module):
             self.attention, self.attention_params(), values)
         return attn.Memory(values, keys, attn.source_mask(src_len, values.shape[1]))
 
-    def embed_gates(self, tokens: jax.Array, train: bool, rng: jax.Array | None = None) -> jax.Array:
-        """tokens [...] -> embedding part of the first layer's gates [..., 4H] (+ bias)."""
+    def embed_gates(self, tokens: jax.Array, train: bool, rng: jax.Array | None = None,
+                    time_major: bool = False) -> jax.Array:
+        """tokens [...] -> embedding part of the first layer's gates [..., 4H] (+ bias).
+        `time_major` (static), tokens [B, T]: the gates come as [T, B, 4H], the scan's layout (the
+        embeddings, not the 4x wider gates, are transposed; dropout masks as without it)."""
         x = jnp.take(self.embedding, tokens, axis=0)
         if train and self.dropout_rate > 0:
             x = self._drop(x, rng)
+        if time_major:
+            x = x.swapaxes(0, 1)                                      # [T, B, E]
         return matmul(x, self.w_embed, self.dtype) + self.bias[0]
 
     def _drop(self, x: jax.Array, rng: jax.Array | None) -> jax.Array:
@@ -254,14 +242,14 @@ class Decoder(nn.Module):
         projection [B*T, H] x [H, V] after it. Returns logits [B, T, V] (or, with
         `return_vectors`, the projection's inputs [B, T, H]) and weights [B, T, S]."""
         w = self.weights()
-        gates = self.embed_gates(tgt_in, train)                       # [B, T, 4H], hoisted
+        gates = self.embed_gates(tgt_in, train, time_major=True)      # [T, B, 4H], hoisted
         state = jax.tree.map(lambda x: x[:, None], state)             # [B, 1, ...]
 
         def step(state, gates_t):
             vector, weights, state = self.cell(w, gates_t[:, None], state, memory)
             return state, (vector[:, 0], weights[:, 0])
 
-        _, (vectors, weights) = jax.lax.scan(step, state, gates.swapaxes(0, 1))
+        _, (vectors, weights) = jax.lax.scan(step, state, gates)
         vectors, weights = vectors.swapaxes(0, 1), weights.swapaxes(0, 1)  # [B, T, H], [B, T, S]
         if return_vectors:
             return self.output_inputs(vectors, train), weights
