@@ -3,8 +3,8 @@
 Command:
   python train.py --config=configs/tiny.py --workdir=runs/tiny
 
-Expect (measured on 2 CPU cores): ~25 s including ~20 s of compilation; train loss 2.7 at step 50,
-0.11 at step 300; dev loss 0.135, dev BLEU 93 (sacrebleu on the id tokens).
+Expect (measured on 2 CPU cores, shared): ~40 s, most of it compilation; train loss 2.8 at step 50,
+0.11 at step 300; dev loss 0.04-0.12, dev BLEU 94-99 (sacrebleu on the id tokens) over seeds.
 """
 from configs import default
 
@@ -39,8 +39,8 @@ def get_config():
     config.model.init_scale = 0.0
     # No dropout: the task is deterministic.
     config.model.dropout = 0.0
-    # Higher learning rate for the small model.
-    config.optimizer.learning_rate = 3e-3
+    # Higher learning rate for the small model (3e-3 spiked late: dev loss 0.03 or 0.31 by float luck).
+    config.optimizer.learning_rate = 2e-3
     # Short warmup.
     config.optimizer.warmup_steps = 20
     # Dev decoding batch.
