@@ -20,6 +20,7 @@ VOCAB, ROWS, LENGTH, STEPS = 20, 16, 8, 4
 def setup():
     config = tiny.get_config()
     config.optimizer.warmup_steps = 0  # the full rate from the first step: the parameters move
+    config.optimizer.learning_rate = 3e-3  # far enough for the checks below
     model = make_model(config.model, VOCAB, VOCAB)
     src, tgt = data.synthetic_task("reverse", ROWS * 2, VOCAB, 2, LENGTH - 1, seed=0)
     # Rows of different lengths: the micro-batches hold different numbers of target tokens.

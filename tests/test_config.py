@@ -298,7 +298,7 @@ def test_trajectory_changes_are_refused_naming_each_key(tmp_path):
     assert str(info.value) == (
         f"{workdir}/config.json: this workdir was trained with other settings, and resuming would continue "
         "on another trajectory (data.batch_size: 32 → 16; data.bucket_boundaries: [8, 12] → [12]; "
-        "optimizer.learning_rate: 0.003 → 0.001; seed: 42 → 7); restore the old values or use a new --workdir")
+        "optimizer.learning_rate: 0.002 → 0.001; seed: 42 → 7); restore the old values or use a new --workdir")
 
 
 @pytest.mark.parametrize("key, value", [

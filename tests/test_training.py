@@ -69,6 +69,7 @@ def tiny_config():
 def small_config():
     config = tiny_config()
     config.optimizer.warmup_steps = 1  # learn from the first step
+    config.optimizer.learning_rate = 3e-3  # the fixed-batch checks below are written for this rate
     return config
 
 
