@@ -39,7 +39,7 @@ def test_processes_started_with_other_settings_are_refused(env, tmp_path):
     for output in outputs:
         assert_one_error_line(output, "started with other settings than process 0",
                               "num_train_steps (20 on process 0, 30 there)",
-                              "optimizer.learning_rate (0.003 on process 0, 0.03 there)")
+                              "optimizer.learning_rate (0.002 on process 0, 0.03 there)")
     assert not (tmp_path / "w" / "config.json").exists()
 
 
