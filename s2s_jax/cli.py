@@ -64,19 +64,24 @@ def define_workdir_flag(what: str) -> None:
 
 
 def define_compilation_cache_flag() -> None:
-    """--compilation_cache=DIR|off (see `use_compilation_cache`)."""
+    """--compilation_cache=DIR|off and --compilation_cache_max_gb (see `use_compilation_cache`)."""
     from absl import flags
+
+    from s2s_jax import compiled
     flags.DEFINE_string(
         "compilation_cache", None, "Directory of the compilation caches (JAX's persistent cache, and the "
         "compiled functions themselves under executables/), or 'off'. Default: $JAX_COMPILATION_CACHE_DIR "
         "if set, else $XDG_CACHE_HOME/s2s_jax/jax (~/.cache/s2s_jax/jax).")
+    flags.DEFINE_float("compilation_cache_max_gb", compiled.DEFAULT_MAX_BYTES / 2**30, "Cap of the compiled "
+                       "functions kept under executables/ (GiB): the least recently used go first.", lower_bound=0.0)
 
 
-def use_compilation_cache(directory: str | None) -> None:
+def use_compilation_cache(directory: str | None, max_gb: float | None = None) -> None:
     """Turns on both compilation caches (before anything is compiled): JAX's persistent cache in
     `directory` (XLA's backend step) and `compiled`'s executables under `directory`/executables
     (tracing and lowering too), so a rerun of the same shapes loads what an earlier run compiled.
-    None picks the default directory; "off" leaves both off."""
+    None picks the default directory; "off" leaves both off. `max_gb` caps the executables
+    (`compiled.configure`; None: its default)."""
     import jax
 
     from s2s_jax import compiled
@@ -88,7 +93,8 @@ def use_compilation_cache(directory: str | None) -> None:
     jax.config.update("jax_compilation_cache_dir", directory)
     # Every shape is worth keeping, also the ones that compile in under JAX's default 1 s.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
-    compiled.configure(os.path.join(directory, "executables"))
+    max_bytes = compiled.DEFAULT_MAX_BYTES if max_gb is None else int(max_gb * 2**30)
+    compiled.configure(os.path.join(directory, "executables"), max_bytes)
 
 
 def parsed_flags(program: str, argv: Sequence[str], hint: str = ""):
@@ -102,5 +108,5 @@ def parsed_flags(program: str, argv: Sequence[str], hint: str = ""):
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
     if "compilation_cache" in flags.FLAGS:  # every command that compiles (average does not)
-        use_compilation_cache(flags.FLAGS.compilation_cache)
+        use_compilation_cache(flags.FLAGS.compilation_cache, flags.FLAGS.compilation_cache_max_gb)
     return flags.FLAGS

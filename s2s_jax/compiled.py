@@ -17,7 +17,10 @@ show, e.g. the config of the optimizer inside a train state), the jax, jaxlib, f
 versions, the backend's platform and its version, and a hash of the s2s_jax source, so changed
 code never loads stale executables. Static arguments are passed by keyword (their names in `static_argnames`).
 
-A corrupt or unreadable entry is a miss: one warning, then compiled and written again. Without a
+The folder is capped (`configure(directory, max_bytes)`, 2 GiB by default): after each write the
+least recently used entries (a load refreshes an entry's time) are removed until the rest fit, so
+a cache that outlives many code versions cannot fill the disk. A corrupt or unreadable entry is a
+miss: one warning, then compiled and written again. Without a
 directory (library use, `--compilation_cache=off`), with several processes (an executable spans
 their devices), inside a trace, or for a function whose bound values have no stable description,
 executables are only kept in this process. Entries are pickles, loaded as trusted: the cache
@@ -25,6 +28,7 @@ directory is the user's own, like JAX's.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -50,12 +54,14 @@ logger = logging.getLogger(__name__)
 SUFFIX = ".exe"
 LOAD_EVENT = "/s2s_jax/executable_load_duration"  # seconds to look up and load an entry (logbook counts them)
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+|0x[0-9a-fA-F]{6,}")  # a repr naming a memory address is unstable
-_STATE: dict = {"directory": None}
+DEFAULT_MAX_BYTES = 2 << 30
+_STATE: dict = {"directory": None, "max_bytes": DEFAULT_MAX_BYTES}
 
 
-def configure(directory: str | None) -> None:
-    """Keeps executables under `directory` (created when first written); None: only in this process."""
-    _STATE["directory"] = directory
+def configure(directory: str | None, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    """Keeps executables under `directory` (created when first written), at most `max_bytes` of them
+    (the least recently used go first); None: only in this process."""
+    _STATE["directory"], _STATE["max_bytes"] = directory, max_bytes
 
 
 def directory() -> str | None:
@@ -111,7 +117,8 @@ class Cached:
         # of its kernels ("Function ... not found" when the entry is loaded): compile it afresh.
         with jax_config.enable_compilation_cache(False):
             executable = self.jitted.lower(*args, **kwargs).compile()
-        _store(path, executable, signature[0])
+        if _store(path, executable, signature[0]):
+            _prune(os.path.dirname(path), _STATE["max_bytes"], keep=path)
         return executable
 
     def _path(self, signature) -> str | None:
@@ -214,6 +221,8 @@ def _load(path: str, in_tree):
     try:
         with open(path, "rb") as f:
             entry = pickle.load(f)
+        with contextlib.suppress(OSError):  # recently used: the last to be pruned (a read-only cache stays as is)
+            os.utime(path)
         devices = {d.id: d for d in jax.devices()}
         out_tree = _TreeUnpickler(io.BytesIO(entry["out_tree"]), in_tree).load()
         return serialize_executable.deserialize_and_load(
@@ -226,10 +235,10 @@ def _load(path: str, in_tree):
         return None
 
 
-def _store(path: str, executable, in_tree) -> None:
+def _store(path: str, executable, in_tree) -> bool:
     """Writes `executable` (called with arguments of structure `in_tree`) to `path` whole or not at
-    all (a temporary file renamed into place); a failure is one warning: the run goes on with the
-    executable in memory."""
+    all (a temporary file renamed into place); True if written. A failure is one warning: the run
+    goes on with the executable in memory."""
     try:
         blob, _, out_tree = serialize_executable.serialize(executable)
         tree = io.BytesIO()
@@ -245,9 +254,45 @@ def _store(path: str, executable, in_tree) -> None:
         finally:
             if os.path.exists(temporary):
                 os.remove(temporary)
+        return True
     except Exception as error:  # noqa: BLE001 - e.g. disk full, or an output that cannot be pickled
         logger.warning("compiled functions: cannot write %s (%s: %s); kept in this process only",
                        path, type(error).__name__, error)
+        return False
+
+
+def _prune(folder: str, max_bytes: int, keep: str) -> None:
+    """Removes the least recently used entries of `folder` (oldest modification time first; never
+    `keep`) until the entries take at most `max_bytes`. Entries another process removes meanwhile
+    are skipped."""
+    entries, excess = [], -max_bytes  # (modification time, size, path) of the others; bytes over the cap
+    with os.scandir(folder) as listing:
+        for item in listing:
+            if not item.name.endswith(SUFFIX):
+                continue
+            try:
+                info = item.stat()
+            except FileNotFoundError:
+                continue
+            excess += info.st_size
+            if item.path != keep:
+                entries.append((info.st_mtime, info.st_size, item.path))
+    removed = 0
+    for _, size, path in sorted(entries):
+        if excess <= 0:
+            break
+        try:
+            os.remove(path)
+        except FileNotFoundError:  # removed by another process meanwhile
+            pass
+        except OSError:
+            continue
+        else:
+            removed += 1
+        excess -= size
+    if removed:
+        logger.info("compiled functions: removed the %d least recently used entries of %s (cap %d bytes)",
+                    removed, folder, max_bytes)
 
 
 def _node_metadata(treedef) -> list:

@@ -19,7 +19,8 @@ with 128 + the signal number.
 Compiled steps are kept in JAX's persistent compilation cache and, as whole executables, under
 its executables/ folder (`s2s_jax.compiled`), so a rerun with the same shapes starts in seconds:
 $JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/s2s_jax/jax (under $XDG_CACHE_HOME if set);
---compilation_cache=DIR picks another directory, --compilation_cache=off turns both off.
+--compilation_cache=DIR picks another directory, --compilation_cache=off turns both off;
+--compilation_cache_max_gb caps the executables (least recently used removed first).
 
 Several processes (one per host, each with the same command line plus its own
 --config.distributed.process_id, and --config.distributed.num_processes and
@@ -148,7 +149,7 @@ def _peer_lost(error: BaseException, command: str) -> None:
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.use_compilation_cache(FLAGS.compilation_cache)
+    cli.use_compilation_cache(FLAGS.compilation_cache, FLAGS.compilation_cache_max_gb)
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
     logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S", force=True)

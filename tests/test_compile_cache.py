@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +124,42 @@ def test_off_turns_both_caches_off():
     before = jax.config.jax_compilation_cache_dir
     cli.use_compilation_cache("off")
     assert compiled.directory() is None and jax.config.jax_compilation_cache_dir == before
+
+
+def test_over_the_cap_the_least_recently_used_entries_go(cache_dir):
+    """A load makes an entry recent; a write over the cap removes the oldest others, never itself."""
+    f = compiled.jit(_affine)
+    arrays = {n: jnp.ones(n, jnp.float32) for n in (3, 4, 5, 6)}
+    names = {}  # length -> its entry
+    cache_dir.mkdir()
+    for n in (3, 4, 5):
+        before = set(_entries(cache_dir))
+        f(arrays[n], arrays[n])
+        (names[n],) = set(_entries(cache_dir)) - before
+    now = time.time()
+    for age, n in zip((300, 200, 100), (3, 4, 5)):  # written long ago, 3 first
+        os.utime(cache_dir / names[n], (now - age, now - age))
+    compiled.jit(_affine)(arrays[3], arrays[3])  # a new process would load 3 from disk: now the most recent
+    largest = max(os.path.getsize(cache_dir / name) for name in names.values())
+    compiled.configure(str(cache_dir), max_bytes=int(2.5 * largest))
+    stats = logbook.CompileStats()
+    compiled.jit(_affine)(arrays[6], arrays[6])  # compiled and written: four entries, room for two
+    kept = set(_entries(cache_dir))
+    assert stats.count == 1 and len(kept) == 2
+    assert names[3] in kept and names[4] not in kept and names[5] not in kept
+
+
+def test_the_cap_flag_reaches_the_executables(tmp_path):
+    settings = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {name: getattr(jax.config, name) for name in settings}
+    cli.use_compilation_cache(str(tmp_path), max_gb=0.5)
+    try:
+        assert compiled.directory() == str(tmp_path / "executables")
+        assert compiled._STATE["max_bytes"] == 2**29
+    finally:
+        compiled.configure(None)
+        for name, value in before.items():
+            jax.config.update(name, value)
 
 
 def test_the_key_changes_with_the_source_and_the_libraries(cache_dir, monkeypatch):
