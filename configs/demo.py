@@ -36,10 +36,12 @@ def get_config():
     # Light dropout for a short run.
     config.model.dropout = 0.1
     # Peak learning rate.
+    config.model.tie_embeddings = False
     config.optimizer.learning_rate = 1e-3
     # Short warmup.
     config.optimizer.warmup_steps = 100
     # Constant peak, then linear to 0 over the last 700 steps: the run ends on a settled model
     # instead of wherever the last noisy steps left it (BUILD_NOTES.md, "Demo recipe").
     config.optimizer.decay = "wsd"
+    config.optimizer.label_smoothing = 0.0
     return config

@@ -37,8 +37,12 @@ def get_config():
     config.model.dropout = 0.3
     # bfloat16 matmuls (parameters stay float32).
     config.model.dtype = "bfloat16"
+    config.model.tie_embeddings = False
     # Longer warmup for the larger batch.
+    config.optimizer.learning_rate = 1e-3
     config.optimizer.warmup_steps = 1000
+    config.optimizer.decay = "constant"
+    config.optimizer.label_smoothing = 0.0
     # Evaluate with beam search too (greedy is always reported).
     config.eval.search = "beam"
     return config

@@ -153,8 +153,9 @@ def test_each_is_a_shape_key_on_resume(tmp_path, key):
     config = default.get_config()
     configuration.save(config, str(tmp_path))
     group, name = key.split(".")
-    config[group][name] = True
-    with pytest.raises(ConfigError, match=f"another model shape or vocabulary \\({key}: False there, True here\\)"):
+    saved = config[group][name]
+    config[group][name] = not saved
+    with pytest.raises(ConfigError, match=f"another model shape or vocabulary \\({key}: {saved} there, {not saved} here\\)"):
         configuration.check_workdir(config, str(tmp_path))
 
 
