@@ -35,13 +35,16 @@ def get_config():
     config.model.attention_dim = 128
     # Light dropout for a short run.
     config.model.dropout = 0.1
-    # Peak learning rate.
+    # Embeddings 128, decoder 256: the decoder's input embedding stays its own table.
     config.model.tie_embeddings = False
-    config.optimizer.learning_rate = 1e-3
+    # Peak learning rate: 2e-3 leaves the early plateau far sooner than 1e-3 did (BUILD_NOTES.md,
+    # "The demo at 2e-3 with label smoothing").
+    config.optimizer.learning_rate = 2e-3
     # Short warmup.
     config.optimizer.warmup_steps = 100
     # Constant peak, then linear to 0 over the last 700 steps: the run ends on a settled model
     # instead of wherever the last noisy steps left it (BUILD_NOTES.md, "Demo recipe").
     config.optimizer.decay = "wsd"
-    config.optimizer.label_smoothing = 0.0
+    # Label smoothing of the cross-entropy.
+    config.optimizer.label_smoothing = 0.1
     return config

@@ -74,6 +74,7 @@ def text_workdir(tmp_path_factory):
         config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = 1000
         config.log_every_steps = 100
         config.optimizer.learning_rate = 3e-3
+        config.optimizer.label_smoothing = 0.0
         config.eval.search = "beam"
         config.eval.batch_size = 64
         training.train_and_evaluate(config, workdir)
