@@ -5,8 +5,8 @@ Command:
 
 Expect (measured, BUILD_NOTES.md): 3,500 steps of 32 sentences at ~8,000 target tokens/s; the run
 ends after ~8 minutes on 2 idle CPU cores (compilation ~40 s included) with a line
-`final | step 3500 | dev loss 2.417 | dev BLEU 23.85 (greedy) | ...` (seeds 1 and 2: 25.36 and
-23.88). The JoeyNMT
+`final | step 3500 | dev loss 2.117 | dev BLEU 30.51 (greedy) | ...` (seeds 1 and 2: 30.30 and
+30.75). The JoeyNMT
 anchor needs 30 minutes for BLEU 2.80 on the same machine. Architecture: the anchor's (bidirectional
 LSTM encoder, LSTM decoder, Luong general attention, input feeding), smaller.
 """
