@@ -301,15 +301,17 @@ class Decoder(nn.Module):
         `scheduled_sampling`'s coin (the same draw from the same `rng`) says so, else the
         prediction of the previous position. With `passes` >= T these are the tokens that
         `scheduled_sampling` without dropout feeds. `coins` [B, T]: as in `scheduled_sampling`.
-        `chunk` > 0: the argmax is taken `chunk` tokens at a time, never writing [B, T, V] logits
-        (`output_layer.argmax`)."""
+        `chunk` > 0: the argmax is taken `chunk` tokens at a time, never writing [B, T, V] logits,
+        and only where the next position reads it (`output_layer.argmax`)."""
         use_gold = self.gold_coins(rng, tf_ratio, tgt_in.shape) if coins is None else coins  # [B, T]
         tokens = tgt_in
         for _ in range(passes):
             vectors, _ = self.teacher_forced(tokens, state, memory, train=False, return_vectors=True)
             vectors = jax.lax.stop_gradient(vectors)                                     # [B, T, H]
             if chunk:
-                predicted = output_layer.argmax(vectors, self.w_out, self.b_out, chunk, self.dtype)
+                # Only positions whose next position reads a prediction need one.
+                needed = jnp.pad(~use_gold[:, 1:], ((0, 0), (0, 1)))                      # [B, T]
+                predicted = output_layer.argmax(vectors, self.w_out, self.b_out, chunk, self.dtype, needed)
             else:
                 predicted = jnp.argmax(self.logits(vectors, train=False), -1)
             predicted = predicted.astype(tgt_in.dtype)                                   # [B, T]

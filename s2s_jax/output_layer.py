@@ -43,12 +43,25 @@ def cross_entropy(vectors: jax.Array, w: jax.Array, b: jax.Array, targets: jax.A
     return _fused(float(label_smoothing), jnp.dtype(dtype), x, w, b, y)
 
 
-def argmax(vectors: jax.Array, w: jax.Array, b: jax.Array, chunk: int = 512, dtype: Any = jnp.float32) -> jax.Array:
-    """vectors [..., H] -> argmax of (vectors @ w + b) [...] (int32), `chunk` tokens at a time (a
-    `lax.scan`), so only [chunk, V] logits exist: parallel scheduled sampling's prediction pass."""
-    x = _chunks(vectors.reshape(-1, vectors.shape[-1]), chunk, 0)              # [C, chunk, H]
-    _, best = jax.lax.scan(lambda _, x_c: (None, jnp.argmax(matmul(x_c, w, dtype) + b, -1)), None, x)
-    return best.reshape(-1)[:vectors.size // vectors.shape[-1]].reshape(vectors.shape[:-1]).astype(jnp.int32)
+def argmax(vectors: jax.Array, w: jax.Array, b: jax.Array, chunk: int = 512, dtype: Any = jnp.float32,
+           needed: jax.Array | None = None) -> jax.Array:
+    """vectors [..., H] -> argmax of (vectors @ w + b) [...] (int32), `chunk` tokens at a time, so
+    only [chunk, V] logits exist: parallel scheduled sampling's prediction pass.
+
+    `needed` [...] bool: only these tokens are projected (the others read 0). They are gathered to
+    the front, and the loop stops after the last chunk that holds one of them, so the cost follows
+    their count, not the batch's size."""
+    rows = vectors.reshape(-1, vectors.shape[-1])                               # [N, H]
+    if needed is None:
+        needed = jnp.ones(rows.shape[0], bool)
+    order = jnp.argsort(~needed.reshape(-1), stable=True)                     # needed rows first
+    x = _chunks(rows[order], chunk, 0)                                          # [C, c, H]
+    chunks_needed = -(-jnp.sum(needed) // x.shape[1])
+    best = jax.lax.fori_loop(0, chunks_needed,
+                             lambda i, best: best.at[i].set(jnp.argmax(matmul(x[i], w, dtype) + b, -1)),
+                             jnp.zeros(x.shape[:2], jnp.int32))                 # [C, c]
+    unsorted = jnp.zeros(rows.shape[0], jnp.int32).at[order].set(best.reshape(-1)[:rows.shape[0]])
+    return jnp.where(needed.reshape(-1), unsorted, 0).reshape(vectors.shape[:-1])
 
 
 def _chunks(rows: jax.Array, chunk: int, fill) -> jax.Array:

@@ -72,6 +72,21 @@ def test_chunked_argmax_equals_the_argmax_of_the_logits(chunk):
     np.testing.assert_array_equal(np.asarray(best), reference)
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+def test_argmax_of_needed_tokens_only(chunk):
+    """`needed`: those tokens get the logits' argmax, wherever they are; the others read 0 (the
+    reference's argmax is never 0 here, so a token projected by mistake would show)."""
+    rng = np.random.default_rng(4)
+    vectors = jnp.asarray(rng.normal(size=(3, 7, 16)), jnp.float32)
+    w, b = jnp.asarray(rng.normal(size=(16, 50)), jnp.float32), jnp.asarray(rng.normal(size=(50,)), jnp.float32)
+    b = b.at[0].set(-1e4)
+    reference = (np.asarray(vectors, np.float64) @ np.asarray(w, np.float64) + np.asarray(b, np.float64)).argmax(-1)
+    for needed in (rng.random((3, 7)) < 0.4, np.zeros((3, 7), bool), np.ones((3, 7), bool)):
+        best = np.asarray(jax.jit(output_layer.argmax, static_argnums=(3, 4))(vectors, w, b, chunk, jnp.float32,
+                                                                          jnp.asarray(needed)))
+        np.testing.assert_array_equal(best, np.where(needed, reference, 0))
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_fused_gradients_match_finite_differences(label_smoothing):
     with jax.enable_x64(True):
