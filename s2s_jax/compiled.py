@@ -46,6 +46,7 @@ import jax
 import numpy as np
 from jax._src import config as jax_config
 from jax.experimental import serialize_executable
+from jax.experimental.compilation_cache.compilation_cache import reset_cache
 
 from s2s_jax import files
 
@@ -113,9 +114,7 @@ class Cached:
                 return executable
         if path is None:
             return self.jitted.lower(*args, **kwargs).compile()
-        # An executable that JAX loaded from its own persistent cache serialises without the code
-        # of its kernels ("Function ... not found" when the entry is loaded): compile it afresh.
-        with jax_config.enable_compilation_cache(False):
+        with _without_jax_cache():
             executable = self.jitted.lower(*args, **kwargs).compile()
         if _store(path, executable, signature[0]):
             _prune(os.path.dirname(path), _STATE["max_bytes"], keep=path)
@@ -213,6 +212,20 @@ def source_hash() -> str:
             with open(path, "rb") as f:
                 digest.update(f.read())
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _without_jax_cache():
+    """Compilations in this thread neither read nor write JAX's persistent cache: an executable that
+    JAX loaded from it serialises without the code of its kernels ("Function ... not found" when
+    such an entry is called). JAX decides once per process whether its cache is used, at the first
+    compilation, so that decision is reset on the way in and out."""
+    with jax_config.enable_compilation_cache(False):
+        reset_cache()
+        try:
+            yield
+        finally:
+            reset_cache()
 
 
 def _load(path: str, in_tree):

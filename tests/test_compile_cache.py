@@ -255,6 +255,8 @@ import numpy as np
 from s2s_jax import cli, logbook
 from s2s_jax.translate import Translator
 cli.use_compilation_cache(sys.argv[2])
+import jax
+jax.jit(lambda x: x + 1)(np.ones(3))  # JAX settles whether its cache is used at the first compilation
 translator = Translator.from_workdir(sys.argv[1])
 stats = logbook.CompileStats()
 hyps = translator.hypotheses(["4 5 6 7", "9 3 12", "5 5 8 10 11 3"], search="beam", beam_size=3, n_best=2,
