@@ -3,13 +3,14 @@
     python bench/decode_speed.py                      # random-init demo-sized model (~3 min, 2 CPU cores)
     python bench/decode_speed.py --workdir=runs/demo  # a trained model on its dev sentences
     python bench/decode_speed.py --model=joeynmt      # the JoeyNMT anchor's size, against its figures
+    python bench/decode_speed.py --model=joeynmt --decode_dtype=bfloat16  # bfloat16 matmuls, float32 sums
 
 Per configuration: compile time (jit lower + XLA compile, ahead of time), then one untimed warm-up
 batch, then sentences/s and output tokens/s (best hypothesis, EOS counted) over the timed batches
 (the fastest of --repeats passes), and the achieved GFLOP/s: the matmul FLOPs of each call
 (`call_flops`: the encoder once, then per step the LSTM gates, attention and output projection,
 for the longest best hypothesis's steps) over the time, against two dense float32 matmuls measured
-in the same run before and after the rows (`matmul_ceilings`).
+in the same run before and after the rows (`matmul_ceilings`), in --decode_dtype.
 All sources are padded to one length so each configuration compiles exactly once.
 
 Without --workdir the model is NOT trained: embed 128, bidirectional LSTM encoder 128 per
@@ -27,6 +28,7 @@ measured 2,252 and 475 target tokens/s (greedy and beam 5; JOEYNMT_TOKENS_PER_S 
 Writes bench/results/decode_speed.json next to this file.
 """
 import argparse
+import functools
 import json
 import os
 import platform
@@ -60,7 +62,7 @@ JOEYNMT_TOKENS_PER_S = {1: 2252, 5: 475}
 def random_setup(args):
     """A randomly initialised model of --model's size and random sources padded to one length."""
     sizes, (low, high), source_len, max_len = MODELS[args.model]
-    model = Seq2Seq(**sizes)
+    model = Seq2Seq(**sizes, dtype=jnp.dtype(args.decode_dtype))
     rng = np.random.default_rng(args.seed)
     lengths = rng.integers(low, high + 1, size=args.sentences)          # source pieces, EOS excluded
     src_ids = [rng.integers(4, sizes["src_vocab_size"], size=n).tolist() for n in lengths]
@@ -75,7 +77,7 @@ def random_setup(args):
 def workdir_setup(args):
     """A trained workdir and its dev sentences (or data/bible-es-en/dev.es)."""
     from s2s_jax.translate import Translator
-    translator = Translator.from_workdir(args.workdir)
+    translator = Translator.from_workdir(args.workdir, decoding={"decode_dtype": args.decode_dtype})
     cfg = translator.config.data
     if cfg.task == "files":
         path = f"{cfg.dev_prefix}.{cfg.src_lang}"
@@ -146,15 +148,15 @@ def call_flops(model, batch: int, beam: int, source_len: int, steps: int) -> flo
 
 
 def matmul_ceilings(model, batch: int, repeats: int = 5) -> dict[str, float]:
-    """GFLOP/s of two dense float32 matmuls measured now: the output projection's shape at `batch`
-    rows ([batch, H] x [H, V]) and a large square one ([2048, 2048] x [2048, 2048]); the fastest of
-    `repeats` runs."""
+    """GFLOP/s of two dense matmuls in the model's dtype (float32 sums) measured now: the output
+    projection's shape at `batch` rows ([batch, H] x [H, V]) and a large square one ([2048, 2048] x
+    [2048, 2048]); the fastest of `repeats` runs."""
     shapes = {f"[{batch},{model.decoder_hidden}]x[{model.decoder_hidden},{model.tgt_vocab_size}]":
               (batch, model.decoder_hidden, model.tgt_vocab_size), "[2048,2048]x[2048,2048]": (2048, 2048, 2048)}
     ceilings = {}
     for name, (m, k, n) in shapes.items():
-        a, b = jnp.ones((m, k), jnp.float32), jnp.full((k, n), 0.5, jnp.float32)
-        product = jax.jit(jnp.matmul)
+        a, b = jnp.ones((m, k), model.dtype), jnp.full((k, n), 0.5, model.dtype)
+        product = jax.jit(functools.partial(jnp.matmul, preferred_element_type=jnp.float32))
         jax.block_until_ready(product(a, b))
         best = float("inf")
         for _ in range(repeats):
@@ -218,6 +220,8 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.6)
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per configuration; the fastest counts")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--decode_dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="matmul dtype of the decoding calls (config.eval.decode_dtype); sums stay float32")
     args = parser.parse_args()
     if args.model == "joeynmt" and not args.workdir:
         args.beams, args.batches, args.sentences = "1,5", "64", 617
@@ -230,7 +234,7 @@ def main() -> None:
     print(f"model: {description}")
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores, "
           f"load average {os.getloadavg()[0]:.1f}; source length {source_len} (padded), output limit "
-          f"{max_len}, alpha {args.alpha}")
+          f"{max_len}, alpha {args.alpha}, matmuls in {args.decode_dtype}")
 
     ceilings = matmul_ceilings(model, max(batch_sizes))
     rows = []
@@ -266,7 +270,7 @@ def main() -> None:
 
     result = dict(command=" ".join([Path(sys.executable).name] + sys.argv), model=description,
                   mode="workdir" if args.workdir else "random-init", source_len=source_len, max_len=max_len,
-                  alpha=args.alpha, repeats=args.repeats, rows=rows, per_sentence_cost_ratio_vs_smallest_batch=ratios,
+                  alpha=args.alpha, decode_dtype=args.decode_dtype, repeats=args.repeats, rows=rows, per_sentence_cost_ratio_vs_smallest_batch=ratios,
                   joeynmt_tokens_per_s=JOEYNMT_TOKENS_PER_S if against_joeynmt else None,
                   ratio_vs_joeynmt=against_joeynmt or None, matmul_ceilings_gflop_per_s=ceilings,
                   total_s=total_s, device=jax.devices()[0].device_kind, backend=jax.default_backend(),

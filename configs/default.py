@@ -181,6 +181,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Source buckets of decoding calls, () = data.bucket_boundaries. Fewer, wider buckets let a
     # server decode concurrent requests in fewer calls (s2s_jax.serve --decode_buckets).
     ev.decode_buckets = ()
+    # Matmul dtype of decoding calls, "" = model.dtype. "bfloat16" (float32 sums) decodes a float32
+    # model ~1.3-1.5x faster on CPUs with AVX512-BF16 or AMX and on accelerators; the last digits move.
+    ev.decode_dtype = ""
     # Compiled output limit, in pieces: min(max_decode_len, 2 * source bucket length + 10).
     ev.max_decode_len = 128
     # Per-sentence output limit max_len_a * source pieces + max_len_b (fairseq's rule), within that.

@@ -32,20 +32,23 @@ def option_values(parsed, names: Sequence[str]) -> dict:
 
 
 def define_decoding_flags() -> None:
-    """--decode_buckets and --decode_rows: the shapes of the decoding calls instead of the workdir's
-    config.eval.decode_buckets and decode_rows (configuration.with_decoding checks them)."""
+    """--decode_buckets, --decode_rows and --decode_dtype: the shapes and matmul dtype of the decoding
+    calls instead of the workdir's config.eval keys of those names (configuration.with_decoding checks
+    them)."""
     from absl import flags
     flags.DEFINE_list("decode_buckets", None, "Source buckets of the decoding calls, e.g. 65 (one bucket: "
                       "concurrent sentences of any length share calls); default: the workdir's "
                       "config.eval.decode_buckets, else its training buckets.")
     flags.DEFINE_integer("decode_rows", None, "Rows of every decoding call; default: the workdir's "
                          "config.eval.decode_rows.")
+    flags.DEFINE_enum("decode_dtype", None, ["float32", "bfloat16"], "Matmul dtype of the decoding calls "
+                      "(sums stay float32); default: the workdir's config.eval.decode_dtype, else model.dtype.")
 
 
 def decoding_values(parsed) -> dict:
-    """{key: value} of the decoding-shape flags that were given; ValueError for a bucket that is not
-    an integer."""
-    values = {} if parsed.decode_rows is None else {"decode_rows": parsed.decode_rows}
+    """{key: value} of the decoding flags that were given; ValueError for a bucket that is not an
+    integer."""
+    values = {name: parsed[name].value for name in ("decode_rows", "decode_dtype") if parsed[name].value is not None}
     if parsed.decode_buckets is not None:
         try:
             values["decode_buckets"] = tuple(int(b) for b in parsed.decode_buckets)

@@ -129,6 +129,8 @@ KEYS = {
     # Decoding call shapes (issues 21, 22); older workdirs decoded 32 rows in the training buckets.
     "eval.decode_rows": Key(int, ">= 1", FREE, older=32),
     "eval.decode_buckets": Key(tuple, None, FREE, older=()),
+    # The decoding calls' matmul dtype, "" = model.dtype (issue 22); older workdirs decoded as trained.
+    "eval.decode_dtype": Key(str, ("", "float32", "bfloat16"), FREE, older=""),
     "eval.max_decode_len": Key(int, ">= 1", FREE),
     "eval.max_len_a": Key(float, ">= 0", FREE, older=2.0),
     "eval.max_len_b": Key(int, ">= 0", FREE, older=10),
@@ -455,8 +457,9 @@ def load(workdir: str) -> ml_collections.ConfigDict:
     return config
 
 
-# The keys of a decoding call's shape that a command may set for itself (--decode_buckets, --decode_rows).
-DECODING_KEYS = ("decode_buckets", "decode_rows")
+# The decoding calls' settings that a command may set for itself (--decode_buckets, --decode_rows,
+# --decode_dtype).
+DECODING_KEYS = ("decode_buckets", "decode_rows", "decode_dtype")
 
 
 def with_decoding(config: ml_collections.ConfigDict, decoding: dict | None) -> ml_collections.ConfigDict:

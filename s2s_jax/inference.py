@@ -178,7 +178,12 @@ class CorpusDecoder:
     @classmethod
     def from_config(cls, model: Seq2Seq | tuple[Seq2Seq, ...], src_tokenizer, tgt_tokenizer, eval_cfg, data_cfg,
                     mesh: Mesh | None = None) -> CorpusDecoder:
-        """The decoder of a run's config.eval and config.data: its decode buckets and rows."""
+        """The decoder of a run's config.eval and config.data: its decode buckets, rows and dtype (the
+        model's members compute their matmuls in eval.decode_dtype when it is set)."""
+        if eval_cfg.decode_dtype:
+            dtype = jnp.dtype(eval_cfg.decode_dtype)
+            models = tuple(m.clone(dtype=dtype) for m in members(model, None)[0])
+            model = models if isinstance(model, tuple) else models[0]
         return cls(model, src_tokenizer, tgt_tokenizer, boundaries=eval_cfg.decode_buckets or data_cfg.bucket_boundaries,
                    max_source_len=data_cfg.max_len, max_decode_len=eval_cfg.max_decode_len,
                    rows=eval_cfg.decode_rows, mesh=mesh)

@@ -138,8 +138,8 @@ def load_model(workdirs: str | None, export_path: str | None, decoding: dict | N
     if bool(workdirs) == bool(export_path):
         raise ValueError("give either --workdir (one or more, comma-separated) or --export")
     if export_path and decoding:
-        raise ValueError("--decode_buckets / --decode_rows apply to --workdir; an exported artifact keeps "
-                         "the shapes it was exported with (export --decode_buckets)")
+        raise ValueError("--decode_buckets / --decode_rows / --decode_dtype apply to --workdir; an exported "
+                         "artifact keeps the settings it was exported with (export --decode_buckets)")
     if export_path:
         from s2s_jax import export
         return ExportModel(export.load(export_path), export_path)

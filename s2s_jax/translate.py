@@ -84,12 +84,13 @@ class Translator:
     def __init__(self, config, model: Seq2Seq | tuple[Seq2Seq, ...], params, src_tokenizer, tgt_tokenizer,
                  workdir: str | None = None):
         mesh = parallel.local_mesh()
-        self.config, self.model = config, model
+        self.config = config
         self.params = jax.device_put(params, parallel.replicated(mesh))
         self.src_tokenizer, self.tgt_tokenizer = src_tokenizer, tgt_tokenizer
         self.workdir = workdir
         self.decoder = inference.CorpusDecoder.from_config(model, src_tokenizer, tgt_tokenizer, config.eval,
                                                            config.data, mesh)
+        self.model = self.decoder.model  # in config.eval.decode_dtype: decoding, scoring, attention, export
         self.boundaries = self.decoder.boundaries
         self.max_source_len = self.decoder.max_source_len
         self.steps: tuple[int, ...] = ()  # the checkpoint step of each member (from_workdir(s))

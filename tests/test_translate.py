@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -350,6 +351,33 @@ def test_cli_decode_shape_flags(tiny_workdir, tmp_path):
                     "--decode_buckets=8,x: give comma-separated integers")
     _one_line_error(_cli(f"--workdir={tiny_workdir}", f"--input={src}", "--decode_buckets=6,8"),
                     "eval.decode_buckets=", "6, 8", "must be a non-empty, strictly increasing")
+
+
+def test_decode_dtype_sets_the_matmuls_of_decoding_and_scoring(tiny_workdir, translator, sentences):
+    """decoding={"decode_dtype": "bfloat16"}: the float32 model decodes and scores with bfloat16
+    matmuls (float32 sums): a target's log-probability moves by bfloat16's rounding, no more."""
+    fast = Translator.from_workdir(tiny_workdir, decoding={"decode_dtype": "bfloat16"})
+    assert fast.model.dtype == jnp.bfloat16 and translator.model.dtype == jnp.float32
+    real = [s for s in sentences if s]
+    targets = [hyps[0].ids for hyps in translator.hypotheses(real)]
+    want = np.array([s.log_prob for s in translator.score(real, targets)])
+    got = np.array([s.log_prob for s in fast.score(real, targets)])
+    assert np.any(got != want), "bfloat16 matmuls changed no score: the dtype did not reach the calls"
+    np.testing.assert_allclose(got, want, atol=0.1)  # sentences of up to 12 pieces
+    assert np.mean(np.abs(got - want)) < 0.02
+    assert [h[0].ids for h in fast.hypotheses(real)] == targets  # the tiny model's choices are clear
+    with pytest.raises(ValueError, match="eval.decode_dtype='float16' is not one of"):
+        Translator.from_workdir(tiny_workdir, decoding={"decode_dtype": "float16"})
+
+
+def test_cli_decode_dtype_flag(tiny_workdir, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("4 5 6 7\n9 8 7 6 5\n", encoding="utf-8")
+    result = _cli(f"--workdir={tiny_workdir}", f"--input={src}", "--decode_dtype=bfloat16")
+    assert result.returncode == 0 and result.stdout == "7 6 5 4\n5 6 7 8 9\n", result.stderr
+    wrong = _cli(f"--workdir={tiny_workdir}", f"--input={src}", "--decode_dtype=float16")
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr, wrong.stderr
+    assert "flag --decode_dtype=float16: value should be one of <float32|bfloat16>" in wrong.stderr
 
 
 def test_sampling_returns_n_samples_reproducibly(translator, sentences):
