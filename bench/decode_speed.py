@@ -9,8 +9,8 @@ Per configuration: compile time (jit lower + XLA compile, ahead of time), then o
 batch, then sentences/s and output tokens/s (best hypothesis, EOS counted) over the timed batches
 (the fastest of --repeats passes), and the achieved GFLOP/s: the matmul FLOPs of each call
 (`call_flops`: the encoder once, then per step the LSTM gates, attention and output projection,
-for the longest best hypothesis's steps) over the time, against two dense float32 matmuls measured
-in the same run before and after the rows (`matmul_ceilings`), in --decode_dtype.
+for the longest best hypothesis's steps) over the time, against two dense matmuls in --decode_dtype
+(float32 sums) measured in the same run before and after the rows (`matmul_ceilings`).
 All sources are padded to one length so each configuration compiles exactly once.
 
 Without --workdir the model is NOT trained: embed 128, bidirectional LSTM encoder 128 per
@@ -270,7 +270,8 @@ def main() -> None:
 
     result = dict(command=" ".join([Path(sys.executable).name] + sys.argv), model=description,
                   mode="workdir" if args.workdir else "random-init", source_len=source_len, max_len=max_len,
-                  alpha=args.alpha, decode_dtype=args.decode_dtype, repeats=args.repeats, rows=rows, per_sentence_cost_ratio_vs_smallest_batch=ratios,
+                  alpha=args.alpha, decode_dtype=args.decode_dtype, repeats=args.repeats, rows=rows,
+                  per_sentence_cost_ratio_vs_smallest_batch=ratios,
                   joeynmt_tokens_per_s=JOEYNMT_TOKENS_PER_S if against_joeynmt else None,
                   ratio_vs_joeynmt=against_joeynmt or None, matmul_ceilings_gflop_per_s=ceilings,
                   total_s=total_s, device=jax.devices()[0].device_kind, backend=jax.default_backend(),
