@@ -121,8 +121,10 @@ class Translator:
             raise ValueError(f"from_workdirs takes a non-empty list of workdirs, got {workdirs!r}")
         if not all(workdirs):
             raise ValueError(f"empty workdir (e.g. a stray comma) in {list(workdirs)}: name each workdir")
-        loaded = [cls.from_workdir(w, decoding=decoding) for w in workdirs]
-        first = loaded[0]
+        first = cls.from_workdir(workdirs[0], decoding=decoding)
+        # The members' models come in the first workdir's decode dtype, whatever their own configs say.
+        same_dtype = dict(decoding or {}, decode_dtype=first.config.eval.decode_dtype)
+        loaded = [first] + [cls.from_workdir(w, decoding=same_dtype) for w in workdirs[1:]]
         for other in loaded[1:]:
             if _tokenizer_key(other) != _tokenizer_key(first):
                 raise ValueError(

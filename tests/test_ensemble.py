@@ -5,8 +5,11 @@ The ensemble's distribution is the mean of its members' probabilities: log p = l
 - log M, computed here independently in numpy float64.
 """
 import functools
+import json
+import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -113,6 +116,20 @@ def test_ensemble_refuses_different_tokenizers(tiny_workdir, single, monkeypatch
     message = str(error.value)
     assert "\n" not in message and single.workdir in message and "other_workdir" in message
     assert "target 20" in message and "target 30" in message
+
+
+def test_members_decode_in_the_first_workdirs_dtype(tiny_workdir, tmp_path):
+    """config.eval.decode_dtype: the ensemble's, i.e. the first workdir's (or `decoding`'s), for every
+    member, whatever the other members' configs say."""
+    other = tmp_path / "bfloat16"
+    shutil.copytree(tiny_workdir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["eval"]["decode_dtype"] = "bfloat16"
+    (other / "config.json").write_text(json.dumps(config))
+    dtypes = lambda workdirs, decoding=None: [m.dtype for m in Translator.from_workdirs(workdirs, decoding).model]  # noqa: E731
+    assert dtypes([tiny_workdir, str(other)]) == [jnp.float32] * 2
+    assert dtypes([str(other), tiny_workdir]) == [jnp.bfloat16] * 2
+    assert dtypes([str(other), tiny_workdir], {"decode_dtype": "float32"}) == [jnp.float32] * 2
 
 
 def test_cli_ensemble_with_coverage(tiny_workdir):
