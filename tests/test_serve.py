@@ -144,7 +144,7 @@ def test_one_decode_bucket_decodes_a_round_of_any_lengths_in_one_call(text_workd
     assert model.calls[-1:] == [16] and shapes == [(32, last)]
     for body, (status, answer, _) in zip(requests, answers):
         assert status == 200 and answer == {"translations": model.translator.translate(body["sentences"], search="greedy")}
-    with pytest.raises(ValueError, match="an exported artifact keeps the shapes it was exported with"):
+    with pytest.raises(ValueError, match="an exported artifact keeps the settings it was exported with"):
         serve.load_model(None, "model.zip", {"decode_rows": 8})
 
 
