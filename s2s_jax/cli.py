@@ -75,16 +75,18 @@ def define_compilation_cache_flag() -> None:
         "compilation_cache", None, "Directory of the compilation caches (JAX's persistent cache, and the "
         "compiled functions themselves under executables/), or 'off'. Default: $JAX_COMPILATION_CACHE_DIR "
         "if set, else $XDG_CACHE_HOME/s2s_jax/jax (~/.cache/s2s_jax/jax).")
-    flags.DEFINE_float("compilation_cache_max_gb", compiled.DEFAULT_MAX_BYTES / 2**30, "Cap of the compiled "
-                       "functions kept under executables/ (GiB): the least recently used go first.", lower_bound=0.0)
+    flags.DEFINE_float("compilation_cache_max_gb", compiled.DEFAULT_MAX_BYTES / 2**30, "Cap of the cache "
+                       "folder (GiB): three quarters for the compiled functions under executables/, one quarter "
+                       "for JAX's XLA binaries; the least recently used go first.", lower_bound=0.0)
 
 
 def use_compilation_cache(directory: str | None, max_gb: float | None = None) -> None:
     """Turns on both compilation caches (before anything is compiled): JAX's persistent cache in
     `directory` (XLA's backend step) and `compiled`'s executables under `directory`/executables
     (tracing and lowering too), so a rerun of the same shapes loads what an earlier run compiled.
-    None picks the default directory; "off" leaves both off. `max_gb` caps the executables
-    (`compiled.configure`; None: its default)."""
+    None picks the default directory; "off" leaves both off. `max_gb` caps the folder (None:
+    `compiled.DEFAULT_MAX_BYTES`): a quarter for JAX's cache (`jax_compilation_cache_max_size`,
+    ~15% of the folder in use), the rest for the executables (`compiled.configure`)."""
     import jax
 
     from s2s_jax import compiled
@@ -97,7 +99,24 @@ def use_compilation_cache(directory: str | None, max_gb: float | None = None) ->
     # Every shape is worth keeping, also the ones that compile in under JAX's default 1 s.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     max_bytes = compiled.DEFAULT_MAX_BYTES if max_gb is None else int(max_gb * 2**30)
-    compiled.configure(os.path.join(directory, "executables"), max_bytes)
+    _date_jax_cache_entries(directory)
+    jax.config.update("jax_compilation_cache_max_size", max_bytes // 4)
+    compiled.configure(os.path.join(directory, "executables"), max_bytes - max_bytes // 4)
+
+
+def _date_jax_cache_entries(directory: str) -> None:
+    """Gives each entry of JAX's cache that has no access-time file (written without a size cap, as
+    by earlier versions) one from its modification time: JAX's eviction reads that file for every
+    entry, and would fail on the first write without it."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if name.endswith("-cache"):
+            atime = os.path.join(directory, name.removesuffix("-cache") + "-atime")
+            if not os.path.exists(atime):
+                mtime_ns = os.stat(os.path.join(directory, name)).st_mtime_ns
+                with open(atime, "wb") as f:
+                    f.write(mtime_ns.to_bytes(8, "little"))
 
 
 def parsed_flags(program: str, argv: Sequence[str], hint: str = ""):

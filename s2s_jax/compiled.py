@@ -17,7 +17,8 @@ show, e.g. the config of the optimizer inside a train state), the jax, jaxlib, f
 versions, the backend's platform and its version, and a hash of the s2s_jax source, so changed
 code never loads stale executables. Static arguments are passed by keyword (their names in `static_argnames`).
 
-The folder is capped (`configure(directory, max_bytes)`, 2 GiB by default): after each write the
+The folder is capped (`configure(directory, max_bytes)`; the commands give it three quarters of
+`--compilation_cache_max_gb`, 2 GiB by default, and JAX's cache the rest): after each write the
 least recently used entries (a load refreshes an entry's time) are removed until the rest fit, so
 a cache that outlives many code versions cannot fill the disk. A corrupt or unreadable entry is a
 miss: one warning, then compiled and written again. Without a

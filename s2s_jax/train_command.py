@@ -20,7 +20,8 @@ Compiled steps are kept in JAX's persistent compilation cache and, as whole exec
 its executables/ folder (`s2s_jax.compiled`), so a rerun with the same shapes starts in seconds:
 $JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/s2s_jax/jax (under $XDG_CACHE_HOME if set);
 --compilation_cache=DIR picks another directory, --compilation_cache=off turns both off;
---compilation_cache_max_gb caps the executables (least recently used removed first).
+--compilation_cache_max_gb caps the folder (3/4 executables, 1/4 JAX's cache; least recently used
+removed first).
 
 Several processes (one per host, each with the same command line plus its own
 --config.distributed.process_id, and --config.distributed.num_processes and

@@ -149,17 +149,46 @@ def test_over_the_cap_the_least_recently_used_entries_go(cache_dir):
     assert names[3] in kept and names[4] not in kept and names[5] not in kept
 
 
-def test_the_cap_flag_reaches_the_executables(tmp_path):
-    settings = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+def test_the_cap_flag_reaches_both_caches(tmp_path):
+    settings = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                "jax_compilation_cache_max_size")
     before = {name: getattr(jax.config, name) for name in settings}
     cli.use_compilation_cache(str(tmp_path), max_gb=0.5)
     try:
         assert compiled.directory() == str(tmp_path / "executables")
-        assert compiled._STATE["max_bytes"] == 2**29
+        assert compiled._STATE["max_bytes"] == 3 * 2**27 and jax.config.jax_compilation_cache_max_size == 2**27
     finally:
         compiled.configure(None)
         for name, value in before.items():
             jax.config.update(name, value)
+
+
+JAX_CACHE_CAP = """
+import sys, jax, jax.numpy as jnp
+from s2s_jax import cli
+cli.use_compilation_cache(sys.argv[1], max_gb=float(sys.argv[2]))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+for n in range(1, 9):
+    jax.jit(lambda x, n=n: jnp.sin(x) * n)(jnp.ones(n)).block_until_ready()
+"""
+
+
+def test_jax_cache_keeps_to_its_quarter_of_the_cap(tmp_path):
+    """JAX's own cache holds at most a quarter of --compilation_cache_max_gb, least recently used
+    out first; entries of an uncapped cache (no access-time files, as earlier versions wrote them)
+    are dated by their modification time, so they count and go first."""
+    share = 64_000
+    old = [tmp_path / f"jit_old{i}-{i:064x}-cache" for i in range(2)]
+    for path in old:
+        path.write_bytes(b"x" * 30_000)
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    run = subprocess.run([sys.executable, "-c", JAX_CACHE_CAP, str(tmp_path), str(4 * share / 2**30)],
+                         check=False, cwd=REPO, env=_env(), capture_output=True, text=True)
+    assert run.returncode == 0 and "Error writing persistent compilation cache" not in run.stderr, run.stderr[-2000:]
+    entries = [p for p in tmp_path.iterdir() if p.name.endswith("-cache")]
+    assert not any(path.exists() for path in old)
+    assert len(entries) >= 2 and sum(p.stat().st_size for p in entries) <= share
+    assert all(p.with_name(p.name.removesuffix("-cache") + "-atime").exists() for p in entries)
 
 
 def test_the_key_changes_with_the_source_and_the_libraries(cache_dir, monkeypatch):
