@@ -17,7 +17,6 @@ import numpy as np
 import optax
 import pytest
 
-from configs import tiny
 from s2s_jax import BOS_ID, PAD_ID, checkpoints, configuration, data, steps, training
 from s2s_jax.models import make_model
 from s2s_jax.schedules import make_schedule
@@ -536,18 +535,3 @@ def test_compile_stats_count_only_their_own_compilations():
     assert before_second >= 1 and second.count == 0 and second.seconds == 0.0
     jax.jit(lambda x: x * 5 - 2)(jnp.ones(9))
     assert second.count >= 1 and first.count == before_second + second.count
-
-
-@pytest.mark.parametrize("init_scale", [0.1, 0.0])
-def test_initial_parameters_compiled_in_one_call_equal_op_by_op_ones(init_scale):
-    """init_state's one jitted initialisation gives the bits of Flax's eager `init`: uniform U(-s, s)
-    and Glorot / orthogonal (init_scale 0), so a run's trajectory does not depend on it."""
-    config = tiny.get_config()
-    config.model.init_scale = init_scale
-    model = make_model(config.model, 40, 30)
-    state = steps.init_state(model, config.optimizer, config.num_train_steps, seed=7)
-    dummy = jnp.ones((1, 1), jnp.int32)
-    eager = model.init(jax.random.PRNGKey(7), dummy, jnp.ones((1,), jnp.int32), dummy, fast_path_only=True)["params"]
-    assert jax.tree.structure(state.params) == jax.tree.structure(eager)
-    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(eager)):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
