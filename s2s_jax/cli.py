@@ -48,7 +48,7 @@ def define_decoding_flags() -> None:
 def decoding_values(parsed) -> dict:
     """{key: value} of the decoding flags that were given; ValueError for a bucket that is not an
     integer."""
-    values = {name: parsed[name].value for name in ("decode_rows", "decode_dtype") if parsed[name].value is not None}
+    values = option_values(parsed, ("decode_rows", "decode_dtype"))
     if parsed.decode_buckets is not None:
         try:
             values["decode_buckets"] = tuple(int(b) for b in parsed.decode_buckets)
