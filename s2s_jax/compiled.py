@@ -26,6 +26,11 @@ directory (library use, `--compilation_cache=off`), with several processes (an e
 their devices), inside a trace, or for a function whose bound values have no stable description,
 executables are only kept in this process. Entries are pickles, loaded as trusted: the cache
 directory is the user's own, like JAX's.
+
+An executable that calls LAPACK (e.g. the QR of an orthogonal initialiser) reads function pointers
+that jaxlib fills only when a LAPACK call is lowered; loaded into a fresh process it would crash
+(segmentation fault) when called. Such entries are marked when written, and loading one first
+lowers a tiny QR once per process (`_prepare_lapack`).
 """
 from __future__ import annotations
 
@@ -57,6 +62,7 @@ SUFFIX = ".exe"
 LOAD_EVENT = "/s2s_jax/executable_load_duration"  # seconds to look up and load an entry (logbook counts them)
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+|0x[0-9a-fA-F]{6,}")  # a repr naming a memory address is unstable
 DEFAULT_MAX_BYTES = 2 << 30
+LAPACK_TARGET = 'custom_call_target="lapack_'  # in the HLO of an executable that calls LAPACK
 _STATE: dict = {"directory": None, "max_bytes": DEFAULT_MAX_BYTES}
 
 
@@ -237,6 +243,8 @@ def _load(path: str, in_tree):
             entry = pickle.load(f)
         with contextlib.suppress(OSError):  # recently used: the last to be pruned (a read-only cache stays as is)
             os.utime(path)
+        if entry.get("lapack"):
+            _prepare_lapack()
         devices = {d.id: d for d in jax.devices()}
         out_tree = _TreeUnpickler(io.BytesIO(entry["out_tree"]), in_tree).load()
         return serialize_executable.deserialize_and_load(
@@ -249,6 +257,12 @@ def _load(path: str, in_tree):
         return None
 
 
+@functools.cache
+def _prepare_lapack() -> None:
+    """Has jaxlib fill its LAPACK function pointers, as lowering any LAPACK call does."""
+    jax.jit(jax.numpy.linalg.qr).lower(np.eye(2, dtype=np.float32))
+
+
 def _store(path: str, executable, in_tree) -> bool:
     """Writes `executable` (called with arguments of structure `in_tree`) to `path` whole or not at
     all (a temporary file renamed into place); True if written. A failure is one warning: the run
@@ -258,7 +272,8 @@ def _store(path: str, executable, in_tree) -> bool:
         tree = io.BytesIO()
         _TreePickler(tree, in_tree).dump(out_tree)
         devices = [d.id for d in executable.runtime_executable().local_devices()]
-        content = pickle.dumps(dict(executable=blob, out_tree=tree.getvalue(), devices=devices))
+        content = pickle.dumps(dict(executable=blob, out_tree=tree.getvalue(), devices=devices,
+                                    lapack=LAPACK_TARGET in executable.as_text()))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, temporary = tempfile.mkstemp(prefix=".", suffix=".partial", dir=os.path.dirname(path))
         try:

@@ -313,3 +313,29 @@ def test_a_hit_in_a_fresh_process_gives_the_bits_of_the_miss(tiny_workdir, tmp_p
     assert decode()["hypotheses"] == miss["hypotheses"]
     hit = decode()
     assert hit["compilations"] == 0 and hit["hypotheses"] == miss["hypotheses"]
+
+
+QR_THEN_LOWER = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from s2s_jax import compiled, logbook
+compiled.configure(sys.argv[1])
+stats = logbook.CompileStats()
+q = compiled.jit(lambda x: jnp.linalg.qr(jnp.outer(x, x) + jnp.eye(3))[0])(np.arange(3, dtype=np.float32))
+after = jax.jit(lambda x: x * 2 + 1)(q)  # a lowering after the load
+print(stats.count, np.asarray(q).tobytes().hex(), np.asarray(after).tobytes().hex())
+"""
+
+
+def test_an_executable_calling_lapack_loads_in_a_fresh_process(tmp_path):
+    """The QR's executable, loaded from disk in a process that lowered no LAPACK call itself, runs
+    and gives the miss's bits (without preparing LAPACK first, the call crashed the process)."""
+    def run() -> list[str]:
+        done = subprocess.run([sys.executable, "-c", QR_THEN_LOWER, str(tmp_path / "executables")],
+                              check=False, cwd=REPO, env=_env(), capture_output=True, text=True)
+        assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+        return done.stdout.split()
+
+    miss, hit = run(), run()
+    assert len(_entries(tmp_path / "executables")) == 1
+    assert int(hit[0]) < int(miss[0]) and hit[1:] == miss[1:]
