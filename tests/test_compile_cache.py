@@ -231,9 +231,9 @@ def _train_rows(workdir) -> list[dict]:
 @pytest.mark.slow
 def test_second_run_compiles_far_less_and_trains_the_same_bits(tmp_path):
     """The train step, eval step and dev decoding loaded from the cache give the first run's
-    numbers exactly. What is left compiling in the repeat is mostly parameter initialisation's
-    eager ops (many small compilations, ~2-3 s): on this tiny run it is ~15% of the first run's
-    seconds (the demo: BUILD_NOTES.md)."""
+    numbers exactly (parameter initialisation too: one cached call). What is left compiling in the
+    repeat is the optimizer state's eager ops (zeros, copies; ~1 s of ~14 s on this tiny run, the
+    demo: BUILD_NOTES.md)."""
     cache_dir = tmp_path / "cache"
     first = run_tiny(tmp_path / "first", cache_dir)
     assert _entries(cache_dir / "executables")
