@@ -147,6 +147,11 @@ def load_model(workdirs: str | None, export_path: str | None, decoding: dict | N
     return WorkdirModel(Translator.from_workdirs(workdirs.split(","), decoding))
 
 
+# The searches with the server's default options, plain and with attention: the page's first
+# request (the default search, beam size and n-best, with attention) is among them.
+DEFAULT_WARMUP = ["greedy", "beam", "greedy+attention", "beam+attention"]
+
+
 class _PieceCounts:
     """A warm-up source tokenizer: the sentence "n" is n pieces, so there is one for every bucket."""
 
@@ -357,8 +362,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("export", None, "An exported artifact (python -m s2s_jax.export) to serve instead.")
     flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
     flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port, named in the log).")
-    flags.DEFINE_list("warmup", ["greedy", "beam", "beam+attention"], "Searches compiled for every source bucket "
-                      "before listening ('+attention': the search that returns attention).")
+    flags.DEFINE_list("warmup", DEFAULT_WARMUP, "Searches compiled for every source bucket before listening "
+                      "('+attention': the search that returns attention, as the page asks for).")
     cli.define_decoding_flags()
     for name, value in Limits()._asdict().items():
         define = flags.DEFINE_integer if isinstance(value, int) else flags.DEFINE_float

@@ -48,10 +48,11 @@ class Recording(serve.WorkdirModel):
 
     def __init__(self, translator):
         super().__init__(translator)
-        self.calls = []
+        self.calls, self.searches = [], []  # sentences per call; (options, return_attention) per call
 
     def hypotheses(self, sentences, options, prefixes, return_attention):
         self.calls.append(len(sentences))
+        self.searches.append((options, return_attention))
         return super().hypotheses(sentences, options, prefixes, return_attention)
 
 
@@ -301,21 +302,28 @@ def _listening_port(process: subprocess.Popen) -> int:
 
 # ----------------------------------------------------------------------------- the page
 def test_page_in_headless_chromium(server, translator, dev_sentences, tmp_path):
-    """Type a sentence, click Translate, read the translation and the n-best list from the page,
-    hover a target piece and see its source pieces lit; saves a screenshot."""
+    """Type a sentence, click Translate with the page's defaults (a search the default warm-up
+    compiles), then with n-best 3: read the translation and the n-best list from the page, hover a
+    target piece and see its source pieces lit; saves a screenshot."""
     sentence = dev_sentences[3]
     screenshot = tmp_path / "page.png"
-    shown = drive_page(f"http://127.0.0.1:{server.port}/", sentence, str(screenshot))
-    expected = translator.hypotheses([sentence], n_best=3, return_attention=True)[0]  # the page's defaults
+    server.service.model.searches.clear()
+    first, shown = drive_page(f"http://127.0.0.1:{server.port}/", sentence, str(screenshot), n_best=3)
+    (options, attention), _ = server.service.model.searches
+    default_search = translator.options().search
+    assert f"{default_search}+attention" in serve.DEFAULT_WARMUP
+    assert (options, attention) == (server.service.model.warmup_options(default_search, True), True)
+    assert first["translation"] == translator.hypotheses([sentence], return_attention=True)[0][0].text
+    expected = translator.hypotheses([sentence], n_best=3, return_attention=True)[0]
     assert shown["translation"] == expected[0].text
     assert shown["nbest"] == [h.text for h in expected]
     assert shown["rows"] == len(expected[0].attention) and shown["lit"] >= 1
     assert screenshot.read_bytes().startswith(b"\x89PNG")
 
 
-def drive_page(url: str, sentence: str, screenshot: str) -> dict:
+def drive_page(url: str, sentence: str, screenshot: str, n_best: int) -> tuple[dict, dict]:
     """Drives the page in the distribution's headless Chromium (skipping the test, naming what is
-    missing, without it): what the page shows for `sentence`."""
+    missing, without it): what the page shows for `sentence` with its defaults, then with `n_best`."""
     missing = [name for name in ("chromium", "chromedriver") if not shutil.which(name)]
     try:
         from selenium import webdriver
@@ -336,8 +344,10 @@ def drive_page(url: str, sentence: str, screenshot: str) -> dict:
         browser.get(url)
         WebDriverWait(browser, 30).until(lambda b: "vocabularies" in b.find_element(By.ID, "model").text)
         browser.find_element(By.ID, "sentences").send_keys(sentence)
-        browser.find_element(By.ID, "translate").click()
-        WebDriverWait(browser, 120).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".result .translation"))
+        first = translate(browser)
+        browser.find_element(By.ID, "n_best").clear()
+        browser.find_element(By.ID, "n_best").send_keys(str(n_best))
+        translate(browser)
         rows = browser.find_elements(By.CSS_SELECTOR, "table.heatmap tbody tr")
         ActionChains(browser).move_to_element(rows[0].find_element(By.TAG_NAME, "th")).perform()
         shown = {"translation": browser.find_element(By.CSS_SELECTOR, ".result .translation").text,
@@ -345,6 +355,16 @@ def drive_page(url: str, sentence: str, screenshot: str) -> dict:
                      "return [...document.querySelectorAll('.nbest li')].map(li => li.firstChild.textContent)"),
                  "rows": len(rows), "lit": len(browser.find_elements(By.CSS_SELECTOR, "table.heatmap thead th.lit"))}
         browser.save_screenshot(screenshot)
-        return shown
+        return first, shown
     finally:
         browser.quit()
+
+
+def translate(browser) -> dict:
+    """Clicks Translate and waits for the answer: what the page shows of the first result."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    browser.execute_script("document.getElementById('results').replaceChildren()")
+    browser.find_element(By.ID, "translate").click()
+    WebDriverWait(browser, 120).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".result .translation"))
+    return {"translation": browser.find_element(By.CSS_SELECTOR, ".result .translation").text}
