@@ -2,6 +2,7 @@
 
     python bench/decode_profile.py                    # JoeyNMT-sized random-init model, greedy and beam 5
     python bench/decode_profile.py --beams 5 --calls 5
+    python bench/decode_profile.py --decode_dtype=bfloat16   # bfloat16 matmuls, float32 sums
 
 Method: `inference.decode_batch` is compiled ahead of time for one batch of bench/decode_speed.py's
 `--model` sources (batch 64, output limit 34), run once untimed, `--calls` times timed, then
@@ -171,11 +172,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--calls", type=int, default=3, help="traced calls per search")
     parser.add_argument("--max_len", type=int, default=0, help="output limit; 0: the model's bench default")
+    parser.add_argument("--decode_dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="matmul dtype (config.eval.decode_dtype); sums stay float32")
     args = parser.parse_args()
-    setup = argparse.Namespace(model=args.model, seed=0, sentences=args.batch, max_len=args.max_len)
+    setup = argparse.Namespace(model=args.model, seed=0, sentences=args.batch, max_len=args.max_len,
+                               decode_dtype=args.decode_dtype)
     model, params, src_ids, source_len, max_len, description = decode_speed.random_setup(setup)
     src, src_len, _ = decode_speed.batches(src_ids, args.batch, source_len)[0]
     print(f"{description}\nbatch {args.batch}, source length {source_len}, output limit {max_len}, "
+          f"matmuls in {args.decode_dtype}, "
           f"load average {os.getloadavg()[0]:.1f}, {args.calls} traced calls")
     for beam in (int(b) for b in args.beams.split(",")):
         compiled = inference.decode_batch.lower(model, params, src, src_len, search="beam", beam_size=beam,
