@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=617)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    setup = argparse.Namespace(model=args.model, seed=0, sentences=args.sentences, max_len=0)
+    setup = argparse.Namespace(model=args.model, seed=0, sentences=args.sentences, max_len=0, decode_dtype="float32")
     model, params, src_ids, source_len, max_len, description = decode_speed.random_setup(setup)
     work = decode_speed.batches(src_ids, args.batch, source_len)
     sizes = decode_speed.MODELS[args.model][0]
