@@ -385,6 +385,19 @@ def _check_batch_rows(meta: dict, inputs: _Inputs, max_tokens: int, directory: s
         f"device count times optimizer.accumulate_steps): resume on {meta['devices']} devices or use a new --workdir")
 
 
+def _starting_state(config, inputs, restored, start, directory: str):
+    """(train state on the mesh, throughput window, checkpoint metadata) to start from: the restored
+    checkpoint, else fresh from the seed (warm start: `start`'s parameters, a fresh optimizer and step)."""
+    if restored is not None:  # on the mesh already
+        state, meta = restored
+        logger.info("resumed from %s at step %d", directory, int(state.step))
+        return state, logbook.Window(**meta["window"]), meta
+    fresh = steps.init_state(inputs.model, config.optimizer, config.num_train_steps, config.seed)
+    if start is not None:
+        fresh = fresh.replace(params=start)
+    return parallel.replicate(fresh, inputs.mesh), logbook.Window(), {}
+
+
 def _train_in(config, workdir: str) -> dict:
     stats = logbook.CompileStats()
     started = time.time()
@@ -396,16 +409,7 @@ def _train_in(config, workdir: str) -> dict:
         if writer:
             data.save_tokenizers(inputs.corpus, workdir)
             configuration.save(config, workdir)
-        if restored is None:
-            fresh = steps.init_state(inputs.model, config.optimizer, config.num_train_steps, config.seed)
-            if start is not None:  # warm start: its parameters, a fresh optimizer and step
-                fresh = fresh.replace(params=start)
-            state = parallel.replicate(fresh, inputs.mesh)
-            window, meta = logbook.Window(), {}
-        else:  # on the mesh already
-            state, meta = restored
-            window = logbook.Window(**meta["window"])
-            logger.info("resumed from %s at step %d", store.directory, int(state.step))
+        state, window, meta = _starting_state(config, inputs, restored, start, store.directory)
         tracker = stopping.Tracker(config.early_stopping, config.optimizer, meta.get("early_stopping"))
         origin = _origin(inputs.warm, meta)
         done = int(state.step) >= config.num_train_steps or tracker.stopped is not None
