@@ -344,10 +344,10 @@ def drive_page(url: str, sentence: str, screenshot: str, n_best: int) -> tuple[d
         browser.get(url)
         WebDriverWait(browser, 30).until(lambda b: "vocabularies" in b.find_element(By.ID, "model").text)
         browser.find_element(By.ID, "sentences").send_keys(sentence)
-        first = translate(browser)
+        first = click_translate(browser)
         browser.find_element(By.ID, "n_best").clear()
         browser.find_element(By.ID, "n_best").send_keys(str(n_best))
-        translate(browser)
+        click_translate(browser)
         rows = browser.find_elements(By.CSS_SELECTOR, "table.heatmap tbody tr")
         ActionChains(browser).move_to_element(rows[0].find_element(By.TAG_NAME, "th")).perform()
         shown = {"translation": browser.find_element(By.CSS_SELECTOR, ".result .translation").text,
@@ -360,7 +360,7 @@ def drive_page(url: str, sentence: str, screenshot: str, n_best: int) -> tuple[d
         browser.quit()
 
 
-def translate(browser) -> dict:
+def click_translate(browser) -> dict:
     """Clicks Translate and waits for the answer: what the page shows of the first result."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
