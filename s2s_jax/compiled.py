@@ -17,6 +17,9 @@ show, e.g. the config of the optimizer inside a train state), the jax, jaxlib, f
 versions, the backend's platform and its version, and a hash of the s2s_jax source, so changed
 code never loads stale executables. Static arguments are passed by keyword (their names in `static_argnames`).
 
+`stored(parts, make)` keeps other bytes that take long to make in the same way, by a key of their
+description (`export` keeps its `jax.export` serialisations so).
+
 The folder is capped (`configure(directory, max_bytes)`; the commands give it three quarters of
 `--compilation_cache_max_gb`, 2 GiB by default, and JAX's cache the rest): after each write the
 least recently used entries (a load refreshes an entry's time) are removed until the rest fit, so
@@ -47,6 +50,7 @@ import re
 import tempfile
 import time
 import types
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -123,8 +127,7 @@ class Cached:
             return self.jitted.lower(*args, **kwargs).compile()
         with _without_jax_cache():
             executable = self.jitted.lower(*args, **kwargs).compile()
-        if _store(path, executable, signature[0]):
-            _prune(os.path.dirname(path), _STATE["max_bytes"], keep=path)
+        _store(path, executable, signature[0])
         return executable
 
     def _path(self, signature) -> str | None:
@@ -137,6 +140,27 @@ class Cached:
             logger.warning("compiled functions: %s is kept in this process only (%s)", _name(self.fun), error)
             return None
         return os.path.join(directory(), key + SUFFIX)
+
+
+def stored(what, make: Callable[[], bytes]) -> bytes:
+    """`make()`: bytes that depend on nothing but `what` (any value `describe` takes), the library
+    versions and the package source, e.g. a `jax.export` serialisation. Kept beside the executables
+    (the same folder and cap) and read from there by a later call; without a directory, with
+    several processes, or for a `what` without a stable description, `make()`."""
+    if directory() is None or jax.process_count() > 1:
+        return make()
+    try:
+        key = hashlib.sha256("\n".join([describe(what), library_versions(), source_hash()]).encode()).hexdigest()
+    except Unstable as error:
+        logger.warning("compiled functions: not kept on disk (%s)", error)
+        return make()
+    path = os.path.join(directory(), key + SUFFIX)
+    entry = _read(path)
+    if entry is not None:
+        return entry["bytes"]
+    blob = make()
+    _write(path, lambda: pickle.dumps({"bytes": blob}))
+    return blob
 
 
 def _leaf_signature(leaf) -> tuple:
@@ -238,23 +262,40 @@ def _without_jax_cache():
 def _load(path: str, in_tree):
     """The executable stored at `path`, called with arguments of structure `in_tree`; None if there
     is none, or (with a warning) if it is unreadable."""
+    entry = _read(path)
+    if entry is None:
+        return None
     try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f)
-        with contextlib.suppress(OSError):  # recently used: the last to be pruned (a read-only cache stays as is)
-            os.utime(path)
         if entry.get("lapack"):
             _prepare_lapack()
         devices = {d.id: d for d in jax.devices()}
         out_tree = _TreeUnpickler(io.BytesIO(entry["out_tree"]), in_tree).load()
         return serialize_executable.deserialize_and_load(
             entry["executable"], in_tree, out_tree, execution_devices=[devices[i] for i in entry["devices"]])
+    except Exception as error:  # noqa: BLE001 - any damage is a miss: compiled and written again
+        _unreadable(path, error)
+        return None
+
+
+def _read(path: str) -> dict | None:
+    """The entry stored at `path` (now the most recently used), or None if there is none or (with a
+    warning) if it is unreadable."""
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f)
     except FileNotFoundError:
         return None
-    except Exception as error:  # noqa: BLE001 - any damage is a miss: compiled and written again
-        logger.warning("compiled functions: %s is unreadable (%s: %s); compiling it again",
-                       path, type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
+    except Exception as error:  # noqa: BLE001 - any damage is a miss
+        _unreadable(path, error)
         return None
+    with contextlib.suppress(OSError):  # recently used: the last to be pruned (a read-only cache stays as is)
+        os.utime(path)
+    return entry
+
+
+def _unreadable(path: str, error: Exception) -> None:
+    logger.warning("compiled functions: %s is unreadable (%s: %s); compiling it again",
+                   path, type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
 
 
 @functools.cache
@@ -264,30 +305,38 @@ def _prepare_lapack() -> None:
 
 
 def _store(path: str, executable, in_tree) -> bool:
-    """Writes `executable` (called with arguments of structure `in_tree`) to `path` whole or not at
-    all (a temporary file renamed into place); True if written. A failure is one warning: the run
-    goes on with the executable in memory."""
-    try:
+    """Writes `executable` (called with arguments of structure `in_tree`) to `path` (`_write`)."""
+    def content() -> bytes:
         blob, _, out_tree = serialize_executable.serialize(executable)
         tree = io.BytesIO()
         _TreePickler(tree, in_tree).dump(out_tree)
         devices = [d.id for d in executable.runtime_executable().local_devices()]
-        content = pickle.dumps(dict(executable=blob, out_tree=tree.getvalue(), devices=devices,
-                                    lapack=LAPACK_TARGET in executable.as_text()))
+        return pickle.dumps(dict(executable=blob, out_tree=tree.getvalue(), devices=devices,
+                                 lapack=LAPACK_TARGET in executable.as_text()))
+    return _write(path, content)
+
+
+def _write(path: str, content: Callable[[], bytes]) -> bool:
+    """Writes `content()` to `path` whole or not at all (a temporary file renamed into place), then
+    prunes the folder to its cap; True if written. A failure is one warning: the caller goes on
+    with what it has in memory."""
+    try:
+        data = content()
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, temporary = tempfile.mkstemp(prefix=".", suffix=".partial", dir=os.path.dirname(path))
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(content)
+                f.write(data)
             files.replace(temporary, path)
         finally:
             if os.path.exists(temporary):
                 os.remove(temporary)
-        return True
     except Exception as error:  # noqa: BLE001 - e.g. disk full, or an output that cannot be pickled
         logger.warning("compiled functions: cannot write %s (%s: %s); kept in this process only",
                        path, type(error).__name__, error)
         return False
+    _prune(os.path.dirname(path), _STATE["max_bytes"], keep=path)
+    return True
 
 
 def _prune(folder: str, max_bytes: int, keep: str) -> None:

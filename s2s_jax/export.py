@@ -54,7 +54,7 @@ import jax
 import numpy as np
 import sentencepiece as spm
 
-from s2s_jax import data
+from s2s_jax import compiled, data
 from s2s_jax.driver import CallInputs, Driver, output_limits
 from s2s_jax.hypotheses import Hypothesis
 from s2s_jax.options import SearchOptions, check_option
@@ -141,6 +141,7 @@ def _functions(translator, base: SearchOptions, limits: dict[int, int], sizes: l
     (with `attention`) attention or not, the platforms they were lowered for)."""
     from s2s_jax import inference
 
+    platforms = list(platforms or [jax.export.default_export_platform()])
     leaves, treedef = jax.tree.flatten(translator.params)
     leaf_specs = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in leaves]
     batch = jax.export.symbolic_shape("b")[0]
@@ -155,10 +156,14 @@ def _functions(translator, base: SearchOptions, limits: dict[int, int], sizes: l
                                                  **base._replace(n_best=n).static())
                     return (*out[0], out[1]) if tracks else tuple(out)
 
-                exported = jax.export.export(jax.jit(decode), platforms=platforms)(
-                    leaf_specs, jax.ShapeDtypeStruct((batch, length), np.int32), vector, vector)
-                functions[_function_path(length, n, tracks)] = exported.serialize()
-    return functions, list(exported.platforms)
+                def serialised(decode=decode, length=length) -> bytes:
+                    return jax.export.export(jax.jit(decode), platforms=platforms)(
+                        leaf_specs, jax.ShapeDtypeStruct((batch, length), np.int32), vector, vector).serialize()
+
+                what = ("s2s_jax.export", translator.model, base._replace(n_best=n), length, cap, tracks, leaf_specs,
+                        str(treedef), platforms)
+                functions[_function_path(length, n, tracks)] = compiled.stored(what, serialised)
+    return functions, platforms
 
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for

@@ -205,3 +205,29 @@ def test_cli_refuses_bad_places_and_flags_up_front(tiny_workdir, tmp_path, flags
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and lines[-1].startswith("export: ") and named in lines[-1], result.stderr
     assert "Traceback" not in result.stderr and os.listdir(tmp_path) == []
+
+
+def _functions(path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as archive:
+        return {name: archive.read(name) for name in archive.namelist() if name.startswith("decode/")}
+
+
+def test_a_second_export_reads_its_functions_from_the_cache(tiny_workdir, tmp_path, monkeypatch):
+    """With a compilation cache, exporting the same workdir again lowers nothing and writes the same
+    functions; another n-best size is lowered anew."""
+    from s2s_jax import compiled, export
+    lowered, export_function = [], jax.export.export
+    monkeypatch.setattr(jax.export, "export", lambda *a, **k: lowered.append(1) or export_function(*a, **k))
+    compiled.configure(str(tmp_path / "executables"))
+    counts = []
+    try:
+        for name, n_best in (("a", 1), ("b", 1), ("c", 2)):
+            before = len(lowered)
+            export.export(tiny_workdir, str(tmp_path / f"{name}.zip"), n_best=[n_best], attention=False)
+            counts.append(len(lowered) - before)
+    finally:
+        compiled.configure(None)
+    assert counts[0] > 0 and counts == [counts[0], 0, counts[0]]
+    first = _functions(tmp_path / "a.zip")
+    assert _functions(tmp_path / "b.zip") == first
+    assert set(_functions(tmp_path / "c.zip").values()).isdisjoint(first.values())
