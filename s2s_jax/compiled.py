@@ -132,14 +132,7 @@ class Cached:
 
     def _path(self, signature) -> str | None:
         """The entry of `signature` on disk, or None where executables stay in this process."""
-        if directory() is None or jax.process_count() > 1:
-            return None
-        try:
-            key = _key(self.fun, self.jit_kwargs, self.context, signature)
-        except Unstable as error:
-            logger.warning("compiled functions: %s is kept in this process only (%s)", _name(self.fun), error)
-            return None
-        return os.path.join(directory(), key + SUFFIX)
+        return _entry_path(lambda: _key(self.fun, self.jit_kwargs, self.context, signature), _name(self.fun))
 
 
 def stored(what, make: Callable[[], bytes]) -> bytes:
@@ -147,20 +140,28 @@ def stored(what, make: Callable[[], bytes]) -> bytes:
     versions and the package source, e.g. a `jax.export` serialisation. Kept beside the executables
     (the same folder and cap) and read from there by a later call; without a directory, with
     several processes, or for a `what` without a stable description, `make()`."""
-    if directory() is None or jax.process_count() > 1:
+    path = _entry_path(lambda: hashlib.sha256(
+        "\n".join([describe(what), library_versions(), source_hash()]).encode()).hexdigest(), "a stored value")
+    if path is None:
         return make()
-    try:
-        key = hashlib.sha256("\n".join([describe(what), library_versions(), source_hash()]).encode()).hexdigest()
-    except Unstable as error:
-        logger.warning("compiled functions: not kept on disk (%s)", error)
-        return make()
-    path = os.path.join(directory(), key + SUFFIX)
     entry = _read(path)
     if entry is not None:
         return entry["bytes"]
     blob = make()
     _write(path, lambda: pickle.dumps({"bytes": blob}))
     return blob
+
+
+def _entry_path(key: Callable[[], str], name: str) -> str | None:
+    """The file of the entry named `key()`, or None where `name` stays in this process: no directory,
+    several processes, or a key without a stable description (`Unstable`: one warning)."""
+    if directory() is None or jax.process_count() > 1:
+        return None
+    try:
+        return os.path.join(directory(), key() + SUFFIX)
+    except Unstable as error:
+        logger.warning("compiled functions: %s is kept in this process only (%s)", name, error)
+        return None
 
 
 def _leaf_signature(leaf) -> tuple:
@@ -304,7 +305,7 @@ def _prepare_lapack() -> None:
     jax.jit(jax.numpy.linalg.qr).lower(np.eye(2, dtype=np.float32))
 
 
-def _store(path: str, executable, in_tree) -> bool:
+def _store(path: str, executable, in_tree) -> None:
     """Writes `executable` (called with arguments of structure `in_tree`) to `path` (`_write`)."""
     def content() -> bytes:
         blob, _, out_tree = serialize_executable.serialize(executable)
@@ -313,12 +314,12 @@ def _store(path: str, executable, in_tree) -> bool:
         devices = [d.id for d in executable.runtime_executable().local_devices()]
         return pickle.dumps(dict(executable=blob, out_tree=tree.getvalue(), devices=devices,
                                  lapack=LAPACK_TARGET in executable.as_text()))
-    return _write(path, content)
+    _write(path, content)
 
 
-def _write(path: str, content: Callable[[], bytes]) -> bool:
+def _write(path: str, content: Callable[[], bytes]) -> None:
     """Writes `content()` to `path` whole or not at all (a temporary file renamed into place), then
-    prunes the folder to its cap; True if written. A failure is one warning: the caller goes on
+    prunes the folder to its cap. A failure is one warning: the caller goes on
     with what it has in memory."""
     try:
         data = content()
@@ -334,9 +335,8 @@ def _write(path: str, content: Callable[[], bytes]) -> bool:
     except Exception as error:  # noqa: BLE001 - e.g. disk full, or an output that cannot be pickled
         logger.warning("compiled functions: cannot write %s (%s: %s); kept in this process only",
                        path, type(error).__name__, error)
-        return False
-    _prune(os.path.dirname(path), _STATE["max_bytes"], keep=path)
-    return True
+    else:
+        _prune(os.path.dirname(path), _STATE["max_bytes"], keep=path)
 
 
 def _prune(folder: str, max_bytes: int, keep: str) -> None:
