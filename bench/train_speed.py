@@ -9,7 +9,12 @@ system runs in its own child process, so that its peak memory is its own. Speeds
 comparable as ratios within one run.
 
   python bench/train_speed.py [--configs small,large] [--steps 10] [--references jax,torch]
-                              [--output-chunks 512,0] [--json PATH]
+                              [--output-chunks 512,0] [--rounds 1] [--json PATH]
+
+`--rounds R` runs every system R times, the order rotated each round, because this machine's speed
+comes in phases of tens of seconds (a step took ~430 or ~500 ms for runs of steps, 2026-12-05): a
+row's figures come from its median step time over the rounds, and the ratios printed below the
+table are the medians of per-round ratios, each between two systems of one round.
 
 Prints a table and writes --json (default bench/results/train_speed.json): one row per system and
 config with config, system (s2s_jax | jax_reference | pytorch_loop), device, tokens_per_s,
@@ -23,6 +28,7 @@ import importlib.util
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -128,6 +134,45 @@ def run_child(args, config: str, system: str, output_chunk: int = 0) -> dict:
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
+def systems(args) -> list[tuple[str, int]]:
+    """(system, output chunk) of every row of one config: ours per chunk, then the references."""
+    chosen = [("s2s_jax", int(chunk)) for chunk in args.output_chunks.split(",")]
+    for impl in args.references.split(","):
+        if impl == "torch" and importlib.util.find_spec("torch") is None:
+            print("# PyTorch reference skipped: torch is not installed (pip install -e '.[bench]')",
+                  file=sys.stderr)
+            continue
+        chosen.append((SYSTEMS[impl], 0))
+    return chosen
+
+
+def run_rounds(args, config: str, chosen: list[tuple[str, int]]) -> list[dict]:
+    """One row per system: `args.rounds` child runs each, round r starting at system r (mod n); the
+    row of the median step time (the lower one for an even count), with every round's step time in
+    `round_step_s`."""
+    runs = {system: [] for system in chosen}
+    for r in range(args.rounds):
+        for system, chunk in chosen[r % len(chosen):] + chosen[:r % len(chosen)]:
+            runs[(system, chunk)].append(run_child(args, config, system, chunk))
+    rows = []
+    for row_runs in runs.values():
+        row = sorted(row_runs, key=lambda run: run["step_s"])[(len(row_runs) - 1) // 2]
+        rows.append(dict(row, round_step_s=[run["step_s"] for run in row_runs]))
+    return rows
+
+
+def print_ratios(rows: list[dict]) -> None:
+    """Per config: the first s2s_jax row against every other row, as the median of per-round
+    ratios of tokens/s (reference step time / ours, within each round)."""
+    for config in dict.fromkeys(row["config"] for row in rows):
+        ours, *others = [row for row in rows if row["config"] == config]
+        for other in others:
+            ratios = sorted(b / a for a, b in zip(ours["round_step_s"], other["round_step_s"]))  # tokens/s
+            print(f"# {config}: s2s_jax (chunk {ours['output_chunk']}) / {other['system']}"
+                  f"{'' if other['output_chunk'] is None else ' chunk ' + str(other['output_chunk'])}: "
+                  f"median {statistics.median(ratios):.3f}x, rounds {' '.join(f'{r:.3f}' for r in ratios)}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="small")
@@ -136,6 +181,7 @@ def main():
     ap.add_argument("--dtype", default="float32", help="our matmul dtype (bfloat16 on accelerators)")
     ap.add_argument("--output-chunks", default="512,0",
                     help="s2s_jax rows, one per model.output_chunk (0 = plain output layer)")
+    ap.add_argument("--rounds", type=int, default=1, help="runs per system, the order rotated each round")
     ap.add_argument("--json", "--out", dest="json", default=os.path.join(HERE, "results", "train_speed.json"))
     ap.add_argument("--child", choices=("s2s_jax",) + tuple(SYSTEMS.values()), help=argparse.SUPPRESS)
     ap.add_argument("--output-chunk", type=int, default=0, help=argparse.SUPPRESS)
@@ -146,14 +192,7 @@ def main():
         return
     rows = []
     for config in args.configs.split(","):
-        for chunk in args.output_chunks.split(","):
-            rows.append(run_child(args, config, "s2s_jax", int(chunk)))
-        for impl in args.references.split(","):
-            if impl == "torch" and importlib.util.find_spec("torch") is None:
-                print("# PyTorch reference skipped: torch is not installed (pip install -e '.[bench]')",
-                      file=sys.stderr)
-                continue
-            rows.append(run_child(args, config, SYSTEMS[impl]))
+        rows += run_rounds(args, config, systems(args))
     print(f"{'config':8} {'system':14} {'chunk':>5} {'device':6} {'step s':>8} {'tokens/s':>10} "
           f"{'GFLOP/s':>8} {'ceiling':>8} {'compile s':>9} {'peak MiB':>9}")
     for row in rows:
@@ -162,6 +201,8 @@ def main():
         print(f"{row['config']:8} {row['system']:14} {chunk:>5} {row['device']:6} {row['step_s']:8.4f} "
               f"{row['tokens_per_s']:10,.0f} {row['achieved_gflops']:8.1f} {row['ceiling_gflops']:8.1f} "
               f"{compile_s:>9} {row['peak_mem_mb']:9.0f}")
+    if args.rounds > 1:
+        print_ratios(rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump(rows, f, indent=2)
