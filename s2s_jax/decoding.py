@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from s2s_jax import NEG_INF
+from s2s_jax import NEG_INF, ops
 from s2s_jax.validate import check_int
 
 __all__ = ["Beams", "NEG_INF", "beam_search", "ensemble_step_fn", "greedy_search", "length_limits",
@@ -219,31 +219,6 @@ def _check_beam_width(beam_size: int, vocab: int, max_len: int) -> None:
             f"{vocab} ** max_len = {vocab ** max_len} sequences; use a beam_size at most that")
 
 
-def _chunk_width(n: int, k: int) -> int:
-    """The chunk width of `_top_k` over n entries (a divisor of n in [32, 128], nearest 64), or 0
-    when a plain top-k is as good (n too small for k, or no such divisor)."""
-    widths = sorted((w for w in range(32, 129) if n % w == 0), key=lambda w: abs(w - 64))
-    return widths[0] if widths and n // widths[0] > 4 * k else 0
-
-
-def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """`jax.lax.top_k` of x [..., n] (no NaN) on its last axis, exactly (ties: lower index first).
-
-    For large n, in two cheap passes instead of one partial sort: the k largest entries lie in the
-    k chunks (of `_chunk_width` entries) with the largest maxima, ties to the lower chunk, so a top-k
-    of the chunk maxima picks those chunks and a top-k over their entries, kept in index order,
-    picks the k entries (XLA:CPU's top-k over [64, 5, 8000] costs ~6x the two passes)."""
-    n, width = x.shape[-1], _chunk_width(x.shape[-1], k)
-    if not width:
-        return jax.lax.top_k(x, k)
-    blocks = x.reshape(x.shape[:-1] + (n // width, width))                 # [..., chunks, width]
-    _, chunks = jax.lax.top_k(jnp.max(blocks, axis=-1), k)                 # [..., k]
-    chunks = jnp.sort(chunks, axis=-1)  # in index order, so equal entries keep their order
-    entries = jnp.take_along_axis(blocks, chunks[..., None], axis=-2)      # [..., k, width]
-    values, position = jax.lax.top_k(entries.reshape(x.shape[:-1] + (k * width,)), k)  # [..., k]
-    return values, jnp.take_along_axis(chunks, position // width, axis=-1) * width + position % width
-
-
 def _beam_select(beam_size: int, max_len: int):
     """Keeps the `beam_size` valid extensions with the highest summed log-prob (ties: lower index)."""
 
@@ -254,7 +229,7 @@ def _beam_select(beam_size: int, max_len: int):
         key = jnp.where(cand_valid, cand_sum, _EMPTY)  # [batch, beam, vocab]
         # Two-stage top-k (exact): the best beam_size overall are among each beam's best beam_size.
         per_beam = min(beam_size, vocab)
-        beam_best, beam_tokens = _top_k(key, per_beam)  # [batch, beam, per_beam]
+        beam_best, beam_tokens = ops.top_k(key, per_beam)  # [batch, beam, per_beam]
         _, flat = jax.lax.top_k(beam_best.reshape(batch, beam_size * per_beam), beam_size)  # [batch, beam]
         tokens = jnp.take_along_axis(beam_tokens.reshape(batch, beam_size * per_beam), flat, axis=1)
         return flat // per_beam, tokens
@@ -281,7 +256,7 @@ def _sample_select(rng: jax.Array, temperature, top_k: int, top_p):
         logits = jnp.where(cand_valid, log_probs / temperature, _EMPTY)  # [batch, sample, vocab]
         if (top_k and top_k < vocab) or nucleus:
             width = top_k if 0 < top_k < vocab else vocab
-            top_logits, top_ids = _top_k(logits, width)  # [batch, sample, width], descending
+            top_logits, top_ids = ops.top_k(logits, width)  # [batch, sample, width], descending
             if nucleus:
                 top_logits = _nucleus(top_logits, top_p)
             choice = _categorical(rng, step, top_logits)  # [batch, sample]

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from s2s_jax import attention as attn
-from s2s_jax import initializers, output_layer, recurrence
+from s2s_jax import initializers, ops, output_layer, recurrence
 from s2s_jax.ops import matmul
 from s2s_jax.recurrence import lstm_cell
 
@@ -276,7 +276,7 @@ class Decoder(nn.Module):
             gates_t = self.embed_gates(token, train, embed_rng)
             vector, weights, state = self.cell(w, gates_t[:, None], state, memory)
             logits_t = self.logits(vector[:, 0], train, out_rng)      # [B, V]
-            predicted = jnp.argmax(logits_t, -1).astype(tgt_in.dtype)
+            predicted = ops.argmax(logits_t).astype(tgt_in.dtype)
             return (state, predicted), (logits_t, weights[:, 0], token)
 
         xs = (tgt_in.swapaxes(0, 1), use_gold.swapaxes(0, 1), step_rngs)
@@ -313,7 +313,7 @@ class Decoder(nn.Module):
                 needed = jnp.pad(~use_gold[:, 1:], ((0, 0), (0, 1)))                      # [B, T]
                 predicted = output_layer.argmax(vectors, self.w_out, self.b_out, chunk, self.dtype, needed)
             else:
-                predicted = jnp.argmax(self.logits(vectors, train=False), -1)
+                predicted = ops.argmax(self.logits(vectors, train=False))
             predicted = predicted.astype(tgt_in.dtype)                                   # [B, T]
             # Position t reads the prediction made at t - 1; position 0 is always gold.
             tokens = jnp.where(use_gold, tgt_in, jnp.roll(predicted, 1, axis=1))

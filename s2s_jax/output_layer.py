@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from s2s_jax import PAD_ID
+from s2s_jax import PAD_ID, ops
 from s2s_jax.ops import NEVER_TARGETS, matmul
 
 
@@ -58,7 +58,7 @@ def argmax(vectors: jax.Array, w: jax.Array, b: jax.Array, chunk: int = 512, dty
     x = _chunks(rows[order], chunk, 0)                                          # [C, c, H]
     chunks_needed = -(-jnp.sum(needed) // x.shape[1])
     best = jax.lax.fori_loop(0, chunks_needed,
-                             lambda i, best: best.at[i].set(jnp.argmax(matmul(x[i], w, dtype) + b, -1)),
+                             lambda i, best: best.at[i].set(ops.argmax(matmul(x[i], w, dtype) + b)),
                              jnp.zeros(x.shape[:2], jnp.int32))                 # [C, c]
     unsorted = jnp.zeros(rows.shape[0], jnp.int32).at[order].set(best.reshape(-1)[:rows.shape[0]])
     return jnp.where(needed.reshape(-1), unsorted, 0).reshape(vectors.shape[:-1])

@@ -652,33 +652,8 @@ def test_integer_log_probs_and_unfillable_beams_are_refused():
 
 
 # --------------------------------------------------------------------------------------------
-# The top-k in chunks (large vocabularies)
+# The top-k in chunks (large vocabularies): ops.top_k, tested in tests/test_ops.py
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("n,k", [(8000, 1), (8000, 5), (4096, 8), (4000, 5), (4099, 3), (640, 5)])
-def test_top_k_in_chunks_equals_lax_top_k(n, k):
-    """Same values and indices as jax.lax.top_k, ties (lower index first) included: many equal
-    entries (few distinct values), distinct ones, and _EMPTY / NEG_INF blocks."""
-    rng = np.random.default_rng(n + k)
-    ties = rng.integers(0, 4, size=(3, 2, n)).astype(np.float32)
-    distinct = rng.normal(size=(3, 2, n)).astype(np.float32)
-    masked = np.where(rng.random((3, 2, n)) < 0.98, decoding._EMPTY, distinct).astype(np.float32)
-    masked[0, 0] = decoding._EMPTY  # a row of nothing but empty slots
-    masked[1, 1, : n // 2] = NEG_INF
-    top_k = jax.jit(decoding._top_k, static_argnums=1)
-    for x in (ties, distinct, masked):
-        want_values, want_ids = jax.lax.top_k(jnp.asarray(x), k)
-        got_values, got_ids = top_k(jnp.asarray(x), k)
-        np.testing.assert_array_equal(np.asarray(got_ids), np.asarray(want_ids))
-        np.testing.assert_array_equal(np.asarray(got_values), np.asarray(want_values))
-
-
-def test_chunk_width():
-    assert decoding._chunk_width(8000, 5) == 64
-    assert decoding._chunk_width(4000, 5) in (50, 80)
-    assert decoding._chunk_width(4099, 3) == 0  # prime: a plain top-k
-    assert decoding._chunk_width(640, 5) == 0   # 10 chunks: too few for k = 5
 
 
 def test_narrow_beam_on_a_large_vocabulary_equals_reference():
