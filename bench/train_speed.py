@@ -150,7 +150,7 @@ def run_rounds(args, config: str, chosen: list[tuple[str, int]]) -> list[dict]:
     """One row per system: `args.rounds` child runs each, round r starting at system r (mod n); the
     row of the median step time (the lower one for an even count), with every round's step time in
     `round_step_s`."""
-    runs = {system: [] for system in chosen}
+    runs = {choice: [] for choice in chosen}
     for r in range(args.rounds):
         for system, chunk in chosen[r % len(chosen):] + chosen[:r % len(chosen)]:
             runs[(system, chunk)].append(run_child(args, config, system, chunk))
@@ -167,7 +167,8 @@ def print_ratios(rows: list[dict]) -> None:
     for config in dict.fromkeys(row["config"] for row in rows):
         ours, *others = [row for row in rows if row["config"] == config]
         for other in others:
-            ratios = sorted(b / a for a, b in zip(ours["round_step_s"], other["round_step_s"]))  # tokens/s
+            # ours in tokens/s over theirs = their step time over ours, round by round
+            ratios = sorted(b / a for a, b in zip(ours["round_step_s"], other["round_step_s"]))
             print(f"# {config}: s2s_jax (chunk {ours['output_chunk']}) / {other['system']}"
                   f"{'' if other['output_chunk'] is None else ' chunk ' + str(other['output_chunk'])}: "
                   f"median {statistics.median(ratios):.3f}x, rounds {' '.join(f'{r:.3f}' for r in ratios)}")
